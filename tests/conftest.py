@@ -1,0 +1,93 @@
+"""Fixtures shared by the tests: real servers in temporary folders, and the script configured for them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import fetch_memos  # noqa: E402
+from runner import Result, run_script, script_env  # noqa: E402
+from servers.doorkeeper import BrowserPerson, DoorkeeperServer, require_ruby_stack  # noqa: E402
+
+
+class Client:
+    """fetch_memos.py configured for one test server, with its own token file and an empty .env."""
+
+    def __init__(self, server: Any, folder: Path, person: Any) -> None:
+        self.server = server
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.token_file = folder / "token.pickle"
+        self.env_file = folder / "empty.env"
+        self.env_file.write_text("")
+        self.person = person
+        self.extra_env: dict[str, str] = {}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        values = {
+            "CLIENT_ID": self.server.client_id,
+            "CLIENT_SECRET": self.server.client_secret,
+            "OAUTH_SERVER_URL": self.server.base_url,
+            "OAUTH_TOKEN_FILE": str(self.token_file),
+            "OAUTH_TIMEOUT": "10",
+        }
+        values.update(self.extra_env)
+        values.update(extra)
+        return script_env({key: value for key, value in values.items() if value is not None})
+
+    def run(self, *args: str, person: Callable[[str], object] | None = None, env: dict[str, str] | None = None,
+            **kwargs: Any) -> Result:
+        """Run the script; by default the person approves in the browser and pastes the code."""
+        return run_script("--env-file", str(self.env_file), *args, env=env or self.env(),
+                          person=person if person is not None else self.approve, **kwargs)
+
+    def approve(self, url: str) -> str:
+        return self.person.authorize(url)
+
+    def token(self) -> dict[str, Any]:
+        """The token file as the script itself reads it (the safe unpickler)."""
+        return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
+
+
+@pytest.fixture
+def doorkeeper_factory(tmp_path: Path) -> Iterator[Callable[..., DoorkeeperServer]]:
+    """Start real Doorkeeper servers (each in its own folder); all are stopped after the test."""
+    require_ruby_stack()
+    servers: list[DoorkeeperServer] = []
+
+    def start(**options: Any) -> DoorkeeperServer:
+        server = DoorkeeperServer(tmp_path / f"doorkeeper-{len(servers)}", **options)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def doorkeeper(doorkeeper_factory: Callable[..., DoorkeeperServer]) -> DoorkeeperServer:
+    return doorkeeper_factory()
+
+
+@pytest.fixture
+def client(doorkeeper: DoorkeeperServer, tmp_path: Path) -> Iterator[Client]:
+    person = BrowserPerson.for_server(doorkeeper)
+    yield Client(doorkeeper, tmp_path / "client", person)
+    person.close()
+
+
+@pytest.fixture
+def authorized(client: Client) -> Client:
+    """A client whose first run has completed: a token is stored."""
+    result = client.run()
+    assert result.exit_code == 0, result.output
+    return client
