@@ -1140,9 +1140,8 @@ def api_json(response: requests.Response, url: str) -> Any:
         raise ServerError(f"the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL and the "
                           "server's token settings.")
     if status == 403:
-        hint = " (the token lacks the scope it needs; set OAUTH_SCOPE and log out and in)" if _insufficient_scope(
-            response) else ""
-        raise ServerError(f"the API at {url} refused access (403 Forbidden){hint}.")
+        raise ServerError(f"the API at {url} refused access (403 Forbidden) even with a fresh token: the account or "
+                          "the token's scope lacks permission (check OAUTH_SCOPE, then --logout and run again).")
     if status >= 400:
         raise ServerError(f"the API at {url} answered {status} {response.reason or ''}".rstrip() + ".")
     if not response.content.strip():

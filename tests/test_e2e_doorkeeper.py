@@ -15,7 +15,6 @@ import pytest
 import requests
 from oauthlib.oauth2.rfc6749.tokens import OAuth2Token
 
-import fetch_memos
 from runner import EOF_AT_PROMPT
 
 MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
@@ -58,7 +57,8 @@ def token_works(server, access_token) -> bool:
 
 
 def refresh_works(server, refresh_token) -> bool:
-    response = requests.post(server.token_endpoint, data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    response = requests.post(server.token_endpoint, data=data,
                              auth=(server.client_id, server.client_secret), timeout=10)
     return response.status_code == 200
 
@@ -283,7 +283,7 @@ def test_token_file_of_the_original_script_loads_and_keeps_working(authorized):
     authorized.token_file.write_bytes(pickle.dumps(OAuth2Token(authorized.token(), old_scope=["read"]), protocol=5))
     result = authorized.run(tty=False)
     assert result.exit_code == 0, result.output
-    assert isinstance(pickle.loads(authorized.token_file.read_bytes()), dict)  # rewritten in our own format  # noqa: S301
+    assert isinstance(pickle.loads(authorized.token_file.read_bytes()), dict)  # rewritten in our own format
 
 
 class _Exploit:

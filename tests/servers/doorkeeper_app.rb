@@ -1,0 +1,492 @@
+# frozen_string_literal: true
+
+# A real OAuth 2.0 authorization server for tests: Rails + Devise + Doorkeeper
+# in one file, booted without Bundler from Debian's packages (ruby-rails,
+# ruby-devise, ruby-doorkeeper, ruby-sqlite3, ruby-webrick). It serves the
+# gems' own HTML pages (Devise sign-in, Doorkeeper consent and out-of-band
+# code page), the real /oauth/token and /oauth/revoke endpoints, and a small
+# protected JSON API, so a client is tested against real server behaviour.
+#
+# Environment:
+#   PORT                    TCP port on 127.0.0.1 (required)
+#   STATE_DIR               folder for db.sqlite3, access.log, rails.log,
+#                           webrick.log, secret_key_base, views/ (required)
+#   ACCESS_TOKEN_TTL        access token lifetime in seconds (default 7200)
+#   PREVIOUS_REFRESH_TOKEN  1|0 (default 1): whether oauth_access_tokens has
+#                           the previous_refresh_token column. With it
+#                           (Doorkeeper's default) the old refresh and access
+#                           token stay valid after a refresh until the new
+#                           access token is first used; without it they are
+#                           revoked at once. Toggling it across restarts adds
+#                           or drops the column.
+#   CLIENT_ID, CLIENT_SECRET  uid/secret of the seeded confidential app
+#                           (default test values below); redirect URI
+#                           urn:ietf:wg:oauth:2.0:oob, scopes "read"
+#   REDIRECT_URIS           extra redirect URIs (newline or space separated),
+#                           e.g. http://127.0.0.1:8765/callback
+#   DEMO_EMAIL, DEMO_PASSWORD  the seeded Devise user
+#   PARENT_PID              optional: exit when this process is gone
+#   RAILS_LOG_LEVEL         level of $STATE_DIR/rails.log (default "warn")
+#
+# Output: nothing on stdout but one line "READY http://127.0.0.1:PORT" once
+# the listening socket is bound. $STATE_DIR/access.log gets one JSON object
+# per request (see AccessLogMiddleware); tokens, codes and secrets are never
+# written there (sensitive query values are replaced with "[FILTERED]").
+#
+# Test-only endpoints (unauthenticated, loopback only):
+#   POST /__test__/age_tokens?seconds=N  move created_at of every access
+#                                        token N seconds into the past
+#   POST /__test__/reset                 delete all grants and tokens
+#   GET  /__test__/tokens                summary of the token rows
+
+$stdout.sync = true
+
+PORT = Integer(ENV.fetch("PORT") { abort "doorkeeper_app.rb: PORT is required" })
+STATE_DIR = File.expand_path(ENV.fetch("STATE_DIR") { abort "doorkeeper_app.rb: STATE_DIR is required" })
+ACCESS_TOKEN_TTL = Integer(ENV.fetch("ACCESS_TOKEN_TTL", "7200"))
+PREVIOUS_REFRESH_TOKEN = !%w[0 false no off].include?(ENV.fetch("PREVIOUS_REFRESH_TOKEN", "1").strip.downcase)
+CLIENT_ID = ENV.fetch("CLIENT_ID", "memo-cli-test-client")
+CLIENT_SECRET = ENV.fetch("CLIENT_SECRET", "memo-cli-test-secret")
+OOB_URI = "urn:ietf:wg:oauth:2.0:oob"
+REDIRECT_URIS = [OOB_URI, *ENV.fetch("REDIRECT_URIS", "").split(/\s+/).reject(&:empty?)].uniq
+DEMO_EMAIL = ENV.fetch("DEMO_EMAIL", "demo@example.com")
+DEMO_PASSWORD = ENV.fetch("DEMO_PASSWORD", "demo-password-123")
+MEMO_MESSAGE = "ふじ"
+
+require "fileutils"
+require "json"
+require "logger"
+require "securerandom"
+require "ipaddr"
+
+FileUtils.mkdir_p(STATE_DIR)
+
+# A stable secret across restarts keeps the browser's session cookie valid.
+secret_file = File.join(STATE_DIR, "secret_key_base")
+File.write(secret_file, SecureRandom.hex(64)) unless File.exist?(secret_file)
+ENV["SECRET_KEY_BASE"] = File.read(secret_file).strip
+ENV["RAILS_ENV"] = "production"
+ENV["RACK_ENV"] = "production"
+ENV["DATABASE_URL"] = "sqlite3:#{File.join(STATE_DIR, 'db.sqlite3')}?pool=10&timeout=5000"
+
+require "rails"
+require "active_record/railtie"
+require "action_controller/railtie"
+require "action_view/railtie"
+require "devise"
+require "devise/orm/active_record"
+require "doorkeeper"
+require "webrick"
+
+# WEBrick's Rack env has no REMOTE_PORT; the access log needs it to count TCP
+# connections (one client port per connection).
+module RemotePortMetaVars
+  def meta_vars
+    meta = super
+    meta["REMOTE_PORT"] = @peeraddr[1].to_s if @peeraddr
+    meta
+  end
+end
+WEBrick::HTTPRequest.prepend(RemotePortMetaVars)
+
+# One JSON line per request, written before the response is handed back to
+# the server (so a client that got its response finds the line in the file).
+class AccessLogMiddleware
+  SENSITIVE = %w[
+    code access_token refresh_token token id_token client_secret code_verifier
+    password bearer_token authenticity_token
+  ].freeze
+
+  def initialize(app, path)
+    @app = app
+    @io = File.open(path, "a")
+    @io.sync = true
+    @mutex = Mutex.new
+  end
+
+  def call(env)
+    started = Time.now.to_f
+    # Warden's failure app and the router rewrite PATH_INFO: keep the originals.
+    request = {
+      method: env["REQUEST_METHOD"].to_s.dup,
+      path: "#{env['SCRIPT_NAME']}#{env['PATH_INFO']}",
+      query: env["QUERY_STRING"].to_s.dup,
+      authorization: env["HTTP_AUTHORIZATION"].to_s.dup,
+    }
+    status = 500
+    begin
+      status, headers, body = @app.call(env)
+      [status, headers, body]
+    ensure
+      write_line(env, request, started, status)
+    end
+  end
+
+  private
+
+  def write_line(env, request, started, status)
+    method = request[:method]
+    path = request[:path]
+    line = {
+      t: started,
+      method: method,
+      path: path,
+      query: filter_query(request[:query]),
+      status: status.to_i,
+      remote_port: env["REMOTE_PORT"]&.to_i,
+      grant_type: method == "POST" && path.chomp("/") == "/oauth/token" ? grant_type(env) : nil,
+      auth: auth_kind(request[:authorization]),
+    }
+    @mutex.synchronize { @io.write("#{JSON.generate(line)}\n") }
+  rescue StandardError => e
+    warn "access log: #{e.class}: #{e.message}"
+  end
+
+  def filter_query(query)
+    query.split("&").map do |pair|
+      key, value = pair.split("=", 2)
+      name = Rack::Utils.unescape(key.to_s)
+      if value && SENSITIVE.include?(name)
+        "#{key}=[FILTERED]"
+      else
+        pair
+      end
+    end.join("&")
+  end
+
+  def grant_type(env)
+    params = env["action_dispatch.request.request_parameters"] || env["rack.request.form_hash"]
+    value = params.is_a?(Hash) ? params["grant_type"] : nil
+    value&.to_s
+  end
+
+  def auth_kind(header)
+    case header.to_s
+    when /\ABearer\s/i then "bearer"
+    when /\ABasic\s/i then "basic"
+    end
+  end
+end
+
+# Views the gems don't ship: a layout that shows Devise's flash messages.
+VIEWS_DIR = File.join(STATE_DIR, "views")
+FileUtils.mkdir_p(File.join(VIEWS_DIR, "layouts"))
+File.write(File.join(VIEWS_DIR, "layouts", "application.html.erb"), <<~ERB)
+  <!DOCTYPE html>
+  <html>
+    <head>
+      <meta charset="utf-8">
+      <title>Memo server</title>
+      <%= csrf_meta_tags %>
+    </head>
+    <body>
+      <% flash.each do |kind, message| %>
+        <p class="flash <%= kind %>" id="flash_<%= kind %>"><%= message %></p>
+      <% end %>
+      <%= yield %>
+    </body>
+  </html>
+ERB
+
+# What a real app puts in config/locales: the consent page names each scope.
+LOCALE_FILE = File.join(STATE_DIR, "locales", "en.yml")
+FileUtils.mkdir_p(File.dirname(LOCALE_FILE))
+File.write(LOCALE_FILE, <<~YAML)
+  en:
+    doorkeeper:
+      scopes:
+        read: "Read your memos"
+        write: "Change your memos"
+YAML
+
+class DoorkeeperTestApp < Rails::Application
+  if respond_to?(:load_defaults)
+    config.load_defaults(Rails::VERSION::STRING.to_f)
+  end
+  config.root = STATE_DIR
+  config.eager_load = false
+  config.consider_all_requests_local = false
+  config.logger = Logger.new(File.join(STATE_DIR, "rails.log"))
+  config.log_level = ENV.fetch("RAILS_LOG_LEVEL", "warn").to_sym
+  config.active_support.deprecation = :silence
+  config.active_support.report_deprecations = false if Rails::VERSION::MAJOR >= 7
+  config.hosts.clear if config.respond_to?(:hosts)
+  rails_version = Gem::Version.new(Rails::VERSION::STRING)
+  # Rails 7 refuses redirects to other hosts by default; Doorkeeper must
+  # redirect to the client's loopback listener.
+  config.action_controller.raise_on_open_redirects = false if rails_version >= Gem::Version.new("7.0")
+  config.active_record.sqlite3_production_warning = false if rails_version >= Gem::Version.new("7.1")
+  config.i18n.load_path << LOCALE_FILE
+  config.session_store :cookie_store, key: "_memo_server_session"
+  config.filter_parameters += %i[
+    password token code secret refresh_token code_verifier client_secret access_token authenticity_token
+  ]
+  config.filter_redirect << /[?&#](code|access_token|refresh_token)=/ if config.respond_to?(:filter_redirect)
+  config.middleware.insert_before 0, AccessLogMiddleware, File.join(STATE_DIR, "access.log")
+  # One request at a time, like a single-threaded app server; keeps SQLite
+  # free of lock contention.
+  config.middleware.insert_after AccessLogMiddleware, Rack::Lock
+
+  # What a real app keeps in config/initializers/*.rb and app/models.
+  initializer "memo_server.setup", after: :load_config_initializers do |app|
+    Devise.setup do |devise|
+      devise.secret_key = app.secret_key_base
+      devise.mailer_sender = "noreply@example.com"
+      devise.stretches = 4 # the bcrypt minimum: fast test logins
+      devise.sign_out_via = :delete
+      devise.navigational_formats = ["*/*", :html] if devise.respond_to?(:navigational_formats=)
+      devise.skip_session_storage = [:http_auth]
+    end
+
+    Doorkeeper.configure do
+      orm :active_record
+      resource_owner_authenticator do
+        current_user || warden.authenticate!(scope: :user)
+      end
+      admin_authenticator do
+        head :forbidden
+      end
+      access_token_expires_in ACCESS_TOKEN_TTL.seconds
+      use_refresh_token
+      default_scopes :read
+      optional_scopes :write
+      grant_flows %w[authorization_code]
+      force_ssl_in_redirect_uri false
+    end
+
+    define_models
+  end
+
+  initializer "memo_server.routes" do |app|
+    app.routes.prepend do
+      devise_for :users
+      use_doorkeeper
+      scope :api, module: :api do
+        # Rails matches these with or without the trailing slash.
+        get "memos", to: "memos#index"
+        get "admin", to: "admin#index"
+      end
+      post "__test__/age_tokens", to: "test_admin#age_tokens"
+      post "__test__/reset", to: "test_admin#reset"
+      get "__test__/tokens", to: "test_admin#tokens"
+      root to: "home#index"
+    end
+  end
+end
+
+# Devise's routes need User, and the routes are drawn during initialize!, so
+# the model is defined from an initializer (named first, then configured).
+def define_models
+  Object.const_set(:User, Class.new(ActiveRecord::Base))
+  User.class_eval do
+    devise :database_authenticatable, :validatable
+  end
+
+  Object.const_set(:ApplicationController, Class.new(ActionController::Base))
+  ApplicationController.class_eval do
+    prepend_view_path VIEWS_DIR
+    layout "application"
+  end
+end
+
+API_BASE = defined?(ActionController::API) ? ActionController::API : ActionController::Base
+
+class HomeController < ActionController::Base
+  def index
+    text = user_signed_in? ? "Signed in as #{current_user.email}" : "Not signed in"
+    render html: "<!DOCTYPE html><html><body><p id=\"home\">#{ERB::Util.h(text)}</p></body></html>".html_safe
+  end
+end
+
+module Api
+  class MemosController < API_BASE
+    before_action -> { doorkeeper_authorize! :read }
+
+    def index
+      render json: { message: MEMO_MESSAGE }
+    end
+  end
+
+  class AdminController < API_BASE
+    before_action -> { doorkeeper_authorize! :admin }
+
+    def index
+      render json: { admin: true }
+    end
+  end
+end
+
+class TestAdminController < API_BASE
+  before_action :loopback_only
+
+  def age_tokens
+    seconds = Integer(params.fetch(:seconds))
+    count = 0
+    Doorkeeper::AccessToken.find_each do |token|
+      token.update_columns(created_at: token.created_at - seconds)
+      count += 1
+    end
+    render json: { aged: count, seconds: seconds }
+  end
+
+  def reset
+    tokens = Doorkeeper::AccessToken.delete_all
+    grants = Doorkeeper::AccessGrant.delete_all
+    render json: { tokens_deleted: tokens, grants_deleted: grants }
+  end
+
+  def tokens
+    has_previous = Doorkeeper::AccessToken.column_names.include?("previous_refresh_token")
+    rows = Doorkeeper::AccessToken.order(:id).map do |token|
+      {
+        id: token.id,
+        application_id: token.application_id,
+        resource_owner_id: token.resource_owner_id,
+        scopes: token.scopes.to_s,
+        created_at: token.created_at.utc.iso8601(3),
+        expires_in: token.expires_in,
+        expired: token.expired?,
+        revoked_at: token.revoked_at&.utc&.iso8601(3),
+        revoked: token.revoked?,
+        has_refresh_token: token.refresh_token.present?,
+        has_previous_refresh_token: has_previous ? token.previous_refresh_token.present? : nil,
+      }
+    end
+    render json: { previous_refresh_token_column: has_previous, tokens: rows }
+  end
+
+  private
+
+  def loopback_only
+    ip = IPAddr.new(request.remote_addr.to_s)
+    head :forbidden unless ip.loopback?
+  rescue IPAddr::InvalidAddressError
+    head :forbidden
+  end
+end
+
+Rails.application.initialize!
+
+# The tables Doorkeeper's install + PKCE generators make, and Devise's users.
+def build_schema
+  connection = ActiveRecord::Base.connection
+  ActiveRecord::Schema.verbose = false
+  ActiveRecord::Schema.define do
+    unless connection.table_exists?(:users)
+      create_table :users do |t|
+        t.string :email, null: false, default: ""
+        t.string :encrypted_password, null: false, default: ""
+        t.timestamps null: false
+      end
+      add_index :users, :email, unique: true
+    end
+
+    unless connection.table_exists?(:oauth_applications)
+      create_table :oauth_applications do |t|
+        t.string :name, null: false
+        t.string :uid, null: false
+        t.string :secret, null: false
+        t.text :redirect_uri, null: false
+        t.string :scopes, null: false, default: ""
+        t.boolean :confidential, null: false, default: true
+        t.timestamps null: false
+      end
+      add_index :oauth_applications, :uid, unique: true
+    end
+
+    unless connection.table_exists?(:oauth_access_grants)
+      create_table :oauth_access_grants do |t|
+        t.references :resource_owner, null: false
+        t.references :application, null: false, foreign_key: { to_table: :oauth_applications }
+        t.string :token, null: false
+        t.integer :expires_in, null: false
+        t.text :redirect_uri, null: false
+        t.datetime :created_at, null: false
+        t.datetime :revoked_at
+        t.string :scopes, null: false, default: ""
+        t.string :code_challenge, null: true
+        t.string :code_challenge_method, null: true
+      end
+      add_index :oauth_access_grants, :token, unique: true
+    end
+
+    unless connection.table_exists?(:oauth_access_tokens)
+      create_table :oauth_access_tokens do |t|
+        t.references :resource_owner, index: true
+        t.references :application, null: false, foreign_key: { to_table: :oauth_applications }
+        t.string :token, null: false
+        t.string :refresh_token
+        t.integer :expires_in
+        t.datetime :revoked_at
+        t.datetime :created_at, null: false
+        t.string :scopes
+      end
+      add_index :oauth_access_tokens, :token, unique: true
+      add_index :oauth_access_tokens, :refresh_token, unique: true
+    end
+
+    has_previous = connection.column_exists?(:oauth_access_tokens, :previous_refresh_token)
+    if PREVIOUS_REFRESH_TOKEN && !has_previous
+      add_column :oauth_access_tokens, :previous_refresh_token, :string, null: false, default: ""
+    elsif !PREVIOUS_REFRESH_TOKEN && has_previous
+      remove_column :oauth_access_tokens, :previous_refresh_token
+    end
+  end
+  [User, Doorkeeper::Application, Doorkeeper::AccessGrant, Doorkeeper::AccessToken].each(&:reset_column_information)
+end
+
+def seed
+  user = User.find_or_initialize_by(email: DEMO_EMAIL)
+  user.password = DEMO_PASSWORD
+  user.save!
+
+  app = Doorkeeper::Application.find_or_initialize_by(uid: CLIENT_ID)
+  app.name = "Memo CLI"
+  app.secret = CLIENT_SECRET
+  app.redirect_uri = REDIRECT_URIS.join("\n")
+  app.scopes = "read"
+  app.confidential = true
+  app.save!
+end
+
+build_schema
+seed
+
+if ENV["PARENT_PID"].to_s =~ /\A\d+\z/
+  parent = Integer(ENV["PARENT_PID"])
+  Thread.new do
+    loop do
+      sleep 1
+      begin
+        Process.kill(0, parent)
+      rescue Errno::ESRCH
+        Process.kill("TERM", Process.pid)
+        break
+      rescue Errno::EPERM
+        nil
+      end
+    end
+  end
+end
+
+handler =
+  begin
+    require "rackup/handler/webrick"
+    Rackup::Handler::WEBrick
+  rescue LoadError
+    require "rack/handler/webrick"
+    Rack::Handler::WEBrick
+  end
+
+server_log = File.open(File.join(STATE_DIR, "webrick.log"), "a")
+server_log.sync = true
+handler.run(
+  Rails.application,
+  Host: "127.0.0.1",
+  Port: PORT,
+  Logger: WEBrick::Log.new(server_log, WEBrick::Log::WARN),
+  AccessLog: [],
+  StartCallback: -> { puts "READY http://127.0.0.1:#{PORT}" },
+) do |server|
+  %w[INT TERM].each { |signal| trap(signal) { server.shutdown } }
+end
