@@ -434,10 +434,10 @@ class TokenStore:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def set_aside(self) -> Path:
-        """Keep a bad file for inspection under a new name instead of deleting it."""
+    def set_aside(self, label: str = "bad") -> Path:
+        """Keep a file we will not use under a new name instead of deleting it: nothing is lost."""
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}-{secrets.token_hex(2)}")
+        aside = self.path.with_name(f"{self.path.name}.{label}-{stamp}-{secrets.token_hex(2)}")
         try:
             os.replace(self.path, aside)
         except OSError as exc:
@@ -805,9 +805,30 @@ def _oauthlib_transport(settings: Settings) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
-def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
-    import requests
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
 
+
+def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
+    """Say in words what went wrong on the wire, naming the URL."""
+    import requests
+    from urllib3.exceptions import NameResolutionError
+
+    causes = list(_causes(exc))
+    if any(isinstance(c, (socket.gaierror, NameResolutionError)) for c in causes):
+        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"cannot reach {url}: connection refused (is the server running?)"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return f"could not connect to {url} within {timeout:g} s"
     if isinstance(exc, requests.exceptions.Timeout):
@@ -815,25 +836,22 @@ def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
     if isinstance(exc, requests.exceptions.SSLError):
         return f"the TLS connection to {url} failed (certificate problem?)"
     if isinstance(exc, requests.exceptions.ConnectionError):
-        text = str(exc)
-        if "Name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text:
-            return f"cannot resolve the host of {url} (DNS lookup failed)"
-        if "refused" in text.lower():
-            return f"cannot reach {url}: connection refused (is the server running?)"
-        if "Max retries exceeded" in text and "NewConnectionError" in text:
-            return f"cannot reach {url}"
+        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
+            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
+            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
+                return f"the connection to {url} was reset before an answer arrived"
+            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
         return f"the connection to {url} broke off before an answer arrived"
     return f"the request to {url} failed ({type(exc).__name__})"
 
 
 def _nothing_was_sent(exc: Exception) -> bool:
+    """True when the request cannot have reached the server, so nothing can have been used up there."""
     import requests
+    from urllib3.exceptions import NewConnectionError
 
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    text = str(exc)
-    return isinstance(exc, requests.exceptions.ConnectionError) and (
-        "NewConnectionError" in text or "Name or service not known" in text or "refused" in text.lower())
+    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
 
 
 def _check_token_response(response: requests.Response) -> requests.Response:
@@ -1082,14 +1100,18 @@ class Terminal:
     environ: Mapping[str, str]
 
 
-def stored_token(settings: Settings, store: TokenStore) -> dict[str, Any] | None:
+def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
     """The stored token if it may be used with these settings; otherwise say why and return None."""
     token = store.load()
     if token is None:
         return None
     reason = token_mismatch(token, settings)
     if reason:
-        say(f"Not using the stored token: {reason}.")
+        if not terminal.interactive:
+            raise AuthorizationError(f"the stored token cannot be used: {reason}. Authorizing needs a person at a "
+                                     "terminal: run fetch_memos.py interactively once.")
+        aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
+        say(f"Not using the stored token: {reason}. It was kept as {aside}.")
         return None
     return token
 
@@ -1105,7 +1127,7 @@ def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> An
     """Get the memos, authorizing first when there is no usable token and a person is here."""
     session = MemoSession(settings, store)
     try:
-        token = stored_token(settings, store)
+        token = stored_token(settings, store, terminal)
         if token is None:
             if not terminal.interactive:
                 raise AuthorizationError("no token is stored yet, and authorizing needs a person at a terminal: "
@@ -1156,9 +1178,12 @@ def api_json(response: requests.Response, url: str) -> Any:
 def print_json(data: Any) -> None:
     """UTF-8, not escaped, whatever the locale: stdout is for `| jq`."""
     text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
-    sys.stdout.flush()
-    sys.stdout.buffer.write(text.encode("utf-8"))
-    sys.stdout.buffer.flush()
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:  # `| head` closed the pipe: not an error; keep Python quiet at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def command_fetch(settings: Settings, store: TokenStore, terminal: Terminal) -> int:

@@ -386,3 +386,25 @@ def test_output_is_utf8_whatever_the_locale(authorized):
     result = authorized.run(tty=False, env=authorized.env(LANG="C", LC_ALL="C", PYTHONIOENCODING="ascii"))
     assert result.exit_code == 0, result.output
     assert result.stdout == MEMO_JSON
+
+
+def test_a_token_is_never_sent_to_another_server(authorized, doorkeeper_factory):
+    other = doorkeeper_factory()
+    from servers.doorkeeper import BrowserPerson
+
+    env = authorized.env(OAUTH_SERVER_URL=other.base_url)
+    first_token = authorized.token()
+
+    without_person = authorized.run(tty=False, env=env)
+    assert without_person.exit_code == 3
+    assert f"issued by {authorized.server.base_url}" in without_person.stderr
+    assert other.access_log() == []  # the token did not travel
+    assert authorized.token() == first_token
+
+    person = BrowserPerson.for_server(other)
+    result = authorized.run(env=env, person=person.authorize)
+    assert result.exit_code == 0, result.output
+    assert "It was kept as" in result.stderr
+    kept = list(authorized.token_file.parent.glob("token.pickle.other-server-*"))
+    assert len(kept) == 1
+    assert authorized.token()["fetch_memos"]["server_url"] == other.base_url
