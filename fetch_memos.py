@@ -725,8 +725,9 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
             say()
             say(f"    {url}")
             say()
-            say(f"Waiting for the browser on {listener.redirect_uri} ... (if the browser runs on another "
-                "machine, paste the address it ends up on here and press Enter)")
+            say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
+                "paste the address it ends up on here and press Enter:")
+            print("> ", end="", file=sys.stderr, flush=True)
             code = listener.wait(settings.login_timeout, read_terminal=True)
         finally:
             listener.close()
