@@ -188,6 +188,10 @@ def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
         raise ConfigError(f"{name}={value!r} is not a valid URL; expected something like https://memos.example.com.")
     if parts.fragment:
         raise ConfigError(f"{name}={value!r} must not contain a #fragment.")
+    if "@" in parts.netloc or "\\" in value:
+        # URL parsers disagree on user-info and backslashes (http://evil\@localhost/): refuse both, so the
+        # host we check is the host we connect to.
+        raise ConfigError(f"{name}={value!r} must not contain user information (@) or backslashes.")
     if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"{name}={value} uses plain http to {parts.hostname}, which is not this machine: tokens would "
@@ -199,11 +203,11 @@ def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
 def _check_redirect_uri(value: str) -> str:
     if value == OOB_REDIRECT_URI:
         return value
-    parts = urlsplit(value)
     try:
-        parts.port  # noqa: B018
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} has a port that is not a number.") from None
+        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL.") from None
     if parts.scheme != "http" or not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"OAUTH_REDIRECT_URI={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
@@ -231,9 +235,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     try:
         from dotenv import dotenv_values
 
-        values = dotenv_values(path)
+        # No ${VAR} interpolation: a secret may contain "$", and values must mean what they say.
+        values = dotenv_values(path, interpolate=False, encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -279,8 +286,11 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     scope = tuple(get("OAUTH_SCOPE", "read").replace(",", " ").split())
     if not scope:
         raise ConfigError("OAUTH_SCOPE is empty; set it to the scopes to ask for, e.g. read.")
-    token_file = Path(get("OAUTH_TOKEN_FILE")).expanduser() if get("OAUTH_TOKEN_FILE") else (
-        SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
+    try:
+        token_file = Path(get("OAUTH_TOKEN_FILE")).expanduser() if get("OAUTH_TOKEN_FILE") else (
+            SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
+    except RuntimeError as exc:  # ~user that does not exist
+        raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
     return Settings(
         client_id=get("CLIENT_ID"),
         client_secret=get("CLIENT_SECRET"),
@@ -333,12 +343,39 @@ class BadTokenFile(Exception):
     """The file is not a token this script can use; the store sets it aside."""
 
 
+MAX_MEMO_INDEX = 4096  # a token needs a few dozen memo slots
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Read the pickle's opcodes without running any, and refuse what a token never needs.
+
+    The C unpickler sizes its memo by the largest index a PUT names, so nine bytes could make it
+    allocate gigabytes; and REDUCE-like opcodes are how a pickle calls things.
+    """
+    import pickletools
+
+    try:
+        for opcode, arg, _pos in pickletools.genops(data):
+            if opcode.name in _REFUSED_OPCODES:
+                raise BadTokenFile(f"it is not a token file (it uses the {opcode.name} opcode)")
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and (
+                    not isinstance(arg, int) or arg > MAX_MEMO_INDEX):
+                raise BadTokenFile("it is damaged (an out-of-range memo index)")
+    except (ValueError, TypeError) as exc:
+        raise BadTokenFile(f"it is damaged or truncated ({exc})") from None
+
+
+_REFUSED_OPCODES = frozenset({"REDUCE", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
+                              "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"})
+
+
 def parse_token_bytes(data: bytes) -> dict[str, Any]:
     """Turn the file's bytes into a token dict, or raise BadTokenFile; never runs code from the file."""
     import io
 
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise BadTokenFile(f"it is {len(data)} bytes, far more than a token")
+    _check_opcodes(data)
     try:
         obj = _TokenUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:
@@ -440,6 +477,8 @@ class TokenStore:
         aside = self.path.with_name(f"{self.path.name}.{label}-{stamp}-{secrets.token_hex(2)}")
         try:
             os.replace(self.path, aside)
+            with contextlib.suppress(OSError):
+                os.chmod(aside, 0o600)  # it may still hold tokens
         except OSError as exc:
             raise ConfigError(f"the token file {self.path} is not usable and could not be set aside: "
                               f"{exc.strerror or exc}. Move it away by hand.") from None
@@ -530,6 +569,11 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 PROMPT_ATTEMPTS = 3
 
 
+def _same_text(a: str, b: str) -> bool:
+    """Constant-time comparison that also takes non-ASCII text (compare_digest refuses it as str)."""
+    return secrets.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
 def parse_pasted(text: str, expected_state: str) -> str:
     """The code from what a person pasted: a bare code, or the URL of the code page or of a redirect.
 
@@ -545,7 +589,11 @@ def parse_pasted(text: str, expected_state: str) -> str:
             raise AuthorizationError("that does not look like an authorization code; paste the code the "
                                      "server showed, or the whole address of that page.")
         return cleaned
-    query = urlsplit(cleaned).query or cleaned.partition("?")[2] or cleaned
+    try:
+        query = urlsplit(cleaned).query or cleaned.partition("?")[2] or cleaned
+    except ValueError:
+        raise AuthorizationError("that is neither a code nor an address that can be read; paste the code the "
+                                 "server showed, or the whole address of that page.") from None
     params = parse_qs(query, keep_blank_values=True)
     if params.get("error"):
         description = (params.get("error_description") or [""])[0]
@@ -555,7 +603,7 @@ def parse_pasted(text: str, expected_state: str) -> str:
                                      "Authorize to allow access.")
         raise AuthorizationError(f"the server refused the authorization: {params['error'][0]}{detail}.")
     state = params.get("state")
-    if state is not None and not secrets.compare_digest(state[0], expected_state):
+    if state is not None and not _same_text(state[0], expected_state):
         raise AuthorizationError("the pasted URL belongs to a different authorization request (its state "
                                  "does not match); run again and use the URL this run printed.")
     code = (params.get("code") or [""])[0]
@@ -639,7 +687,7 @@ class LoopbackListener:
             return 404, _page("Not found", "This address only receives the authorization redirect.")
         params = parse_qs(parts.query)
         state = (params.get("state") or [""])[0]
-        if not state or not secrets.compare_digest(state, self.expected_state):
+        if not state or not _same_text(state, self.expected_state):
             log.debug("refused a redirect whose state is missing or wrong")
             return 400, _page("Not accepted", "This request does not belong to the authorization in progress "
                                               "(its state is missing or wrong), so it was ignored.")
@@ -960,13 +1008,8 @@ class MemoSession:
         url = self.settings.token_url
         try:
             with _oauthlib_transport(self.settings):
-                token = self.oauth.fetch_token(url, code=code, client_secret=self.settings.client_secret,
-                                               timeout=self.settings.timeout)
-        except Warning as scope_change:  # oauthlib raises this when the server granted other scopes
-            token = getattr(scope_change, "token", None)
-            if token is None:
-                raise
-            log.debug("the server granted scope %s", token.get("scope"))
+                token = _granted(lambda: self.oauth.fetch_token(
+                    url, code=code, client_secret=self.settings.client_secret, timeout=self.settings.timeout))
         except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
             raise _token_request_error(exc, url, self.settings, during="exchange") from None
         token = dict(token)
@@ -991,8 +1034,8 @@ class MemoSession:
             url = self.settings.token_url
             try:
                 with _oauthlib_transport(self.settings):
-                    token = dict(self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
-                                                          auth=self._client_auth()))
+                    token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
+                                                                      auth=self._client_auth()))
             except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
                 raise _token_request_error(exc, url, self.settings, during="refresh") from None
             log.debug("refreshed the token at %s", url)
@@ -1052,6 +1095,22 @@ class MemoSession:
 
     def close(self) -> None:
         self.oauth.close()
+
+
+def _granted(token_request: Any) -> dict[str, Any]:
+    """The token a request returned, also when the server granted other scopes than asked.
+
+    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
+    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
+    """
+    try:
+        return dict(token_request())
+    except Warning as scope_change:
+        token = getattr(scope_change, "token", None)
+        if token is None:
+            raise
+        log.debug("the server granted scope %s", token.get("scope"))
+        return dict(token)
 
 
 def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
