@@ -184,14 +184,14 @@ def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as exc:
         raise ConfigError(f"{name}={value!r} is not a valid URL ({exc}).") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+    if parts.scheme not in ("http", "https") or not parts.hostname or not value.isprintable() or " " in value:
         raise ConfigError(f"{name}={value!r} is not a valid URL; expected something like https://memos.example.com.")
     if parts.fragment:
         raise ConfigError(f"{name}={value!r} must not contain a #fragment.")
     if "@" in parts.netloc or "\\" in value:
         # URL parsers disagree on user-info and backslashes (http://evil\@localhost/): refuse both, so the
-        # host we check is the host we connect to.
-        raise ConfigError(f"{name}={value!r} must not contain user information (@) or backslashes.")
+        # host we check is the host we connect to. The value is not repeated: it may hold a password.
+        raise ConfigError(f"{name} must not contain user information (user:password@) or backslashes.")
     if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"{name}={value} uses plain http to {parts.hostname}, which is not this machine: tokens would "
@@ -283,9 +283,9 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI") or OOB_REDIRECT_URI)
     if getattr(args, "loopback", None) is not None:
         redirect_uri = f"http://127.0.0.1:{args.loopback}/callback"
-    scope = tuple(get("OAUTH_SCOPE", "read").replace(",", " ").split())
+    scope = tuple((get("OAUTH_SCOPE") or "read").replace(",", " ").split())
     if not scope:
-        raise ConfigError("OAUTH_SCOPE is empty; set it to the scopes to ask for, e.g. read.")
+        raise ConfigError(f"OAUTH_SCOPE={get('OAUTH_SCOPE')!r} names no scope; set it to e.g. read.")
     try:
         token_file = Path(get("OAUTH_TOKEN_FILE")).expanduser() if get("OAUTH_TOKEN_FILE") else (
             SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
@@ -394,8 +394,19 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
     for key in ("expires_at", "expires_in"):
         if key in token and (isinstance(token[key], bool) or not isinstance(token[key], (int, float, type(None)))):
             raise BadTokenFile(f"its {key} is not a number")
-    if not isinstance(token.get(META_KEY, {}), dict):
+    for key in ("expires_at", "expires_in"):
+        if isinstance(token.get(key), (int, float)) and not -1e11 < token[key] < 1e11:
+            raise BadTokenFile(f"its {key} is not a usable number")
+    scope = token.get("scope")
+    if not (scope is None or isinstance(scope, str)
+            or (isinstance(scope, list) and all(isinstance(item, str) for item in scope))):
+        raise BadTokenFile("its scope is not text")
+    meta = token.get(META_KEY, {})
+    if not isinstance(meta, dict):
         raise BadTokenFile(f"its {META_KEY} entry is not a mapping")
+    for key in ("server_url", "token_url", "api_url", "client_id"):
+        if key in meta and not isinstance(meta[key], str):
+            raise BadTokenFile(f"its {META_KEY} {key} is not text")
     return token
 
 
@@ -518,7 +529,7 @@ class TokenStore:
                     if time.monotonic() > deadline:
                         handle.close()
                         raise ServerError(f"another fetch_memos run has held {self.lock_path} for over "
-                                          f"{wait:.0f} s; try again when it has finished.") from None
+                                          f"{wait:g} s; try again when it has finished.") from None
                     time.sleep(0.02)
         self._lock_depth = 1
         try:
@@ -558,8 +569,11 @@ def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or ""), parts.port
+    try:
+        parts = urlsplit(url)
+        return parts.scheme, (parts.hostname or ""), parts.port
+    except ValueError:  # not a URL we could have written: it matches nothing
+        return "", url, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +609,7 @@ def parse_pasted(text: str, expected_state: str) -> str:
         raise AuthorizationError("that is neither a code nor an address that can be read; paste the code the "
                                  "server showed, or the whole address of that page.") from None
     params = parse_qs(query, keep_blank_values=True)
-    if params.get("error"):
+    if params.get("error") and params["error"][0]:
         description = (params.get("error_description") or [""])[0]
         detail = f" ({description})" if description else ""
         if params["error"][0] == "access_denied":
@@ -665,6 +679,9 @@ class LoopbackListener:
         class Server(HTTPServer):
             address_family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
             timeout = 1
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                log.debug("the loopback listener could not answer a request", exc_info=True)
 
         try:
             self.server = Server((bind_host, parts.port or 0), Handler)
@@ -1036,6 +1053,7 @@ class MemoSession:
                 with _oauthlib_transport(self.settings):
                     token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
                                                                       auth=self._client_auth()))
+                token.setdefault("refresh_token", refresh_token)  # RFC 6749 section 6: kept unless replaced
             except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
                 raise _token_request_error(exc, url, self.settings, during="refresh") from None
             log.debug("refreshed the token at %s", url)
@@ -1136,7 +1154,7 @@ def _token_request_error(exc: Exception, url: str, settings: Settings, during: s
         return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
                                   "Run again to get a new one.")
     if isinstance(exc, oauth_errors.OAuth2Error):
-        description = f": {exc.description}" if exc.description else ""
+        description = f": {exc.description.rstrip('.')}" if exc.description else ""
         if exc.error in ("missing_token", "missing_token_type"):
             return ServerError(f"the token endpoint {url} answered without a token{description}.")
         if exc.error in ("server_error", "temporarily_unavailable"):
@@ -1222,8 +1240,8 @@ def api_json(response: requests.Response, url: str) -> Any:
         raise ServerError(f"the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL and the "
                           "server's token settings.")
     if status == 403:
-        raise ServerError(f"the API at {url} refused access (403 Forbidden) even with a fresh token: the account or "
-                          "the token's scope lacks permission (check OAUTH_SCOPE, then --logout and run again).")
+        raise ServerError(f"the API at {url} refused access (403 Forbidden): the account or the token's scope lacks "
+                          "permission (check OAUTH_SCOPE, then --logout and run again).")
     if status >= 400:
         raise ServerError(f"the API at {url} answered {status} {response.reason or ''}".rstrip() + ".")
     if not response.content.strip():
@@ -1406,6 +1424,8 @@ def configure_logging(debug: bool) -> None:
     """--debug shows our own and urllib3's request lines; requests-oauthlib's logs print secrets, so never those."""
     if not debug:
         return
+    if any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        return  # main() called again in one process
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RedactingFilter())
     handler.setFormatter(logging.Formatter("fetch_memos: debug: %(name)s: %(message)s"))
