@@ -457,6 +457,7 @@ class TokenStore:
         directory = self.path.parent
         tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         with self.locked():
+            self._remove_stale_temp_files()
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
@@ -477,6 +478,18 @@ class TokenStore:
             except OSError as exc:
                 raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
         self._last_saved = record
+
+    def _remove_stale_temp_files(self) -> None:
+        """A run killed while saving leaves its temp file, which holds a token: remove it once its writer is gone."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            try:
+                pid = int(stale.name[len(self.path.name) + 2:].split(".")[0])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            except (ValueError, OSError):
+                continue
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -588,6 +601,15 @@ def _same_text(a: str, b: str) -> bool:
     return secrets.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
+def _raise_authorization_error(error: str, description: str) -> None:
+    """Report an error the authorization endpoint sent back (RFC 6749 section 4.1.2.1)."""
+    detail = f" ({description})" if description else ""
+    if error == "access_denied":
+        raise AuthorizationError(f"authorization was denied at the server{detail}; run again and press "
+                                 "Authorize to allow access.")
+    raise AuthorizationError(f"the server refused the authorization: {error}{detail}.")
+
+
 def parse_pasted(text: str, expected_state: str) -> str:
     """The code from what a person pasted: a bare code, or the URL of the code page or of a redirect.
 
@@ -597,6 +619,13 @@ def parse_pasted(text: str, expected_state: str) -> str:
     cleaned = "".join(text.split()).strip("'\"<>`")
     if not cleaned:
         raise ValueError("empty")
+    if text.strip().startswith("{"):  # Doorkeeper's out-of-band Deny answers with a JSON error, not a page
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            _raise_authorization_error(answer["error"], str(answer.get("error_description") or ""))
     looks_like_url = "://" in cleaned or cleaned.startswith("/") or "?" in cleaned or "code=" in cleaned
     if not looks_like_url:
         if not all(0x21 <= ord(ch) <= 0x7E for ch in cleaned):
@@ -610,12 +639,7 @@ def parse_pasted(text: str, expected_state: str) -> str:
                                  "server showed, or the whole address of that page.") from None
     params = parse_qs(query, keep_blank_values=True)
     if params.get("error") and params["error"][0]:
-        description = (params.get("error_description") or [""])[0]
-        detail = f" ({description})" if description else ""
-        if params["error"][0] == "access_denied":
-            raise AuthorizationError(f"authorization was denied at the server{detail}; run again and press "
-                                     "Authorize to allow access.")
-        raise AuthorizationError(f"the server refused the authorization: {params['error'][0]}{detail}.")
+        _raise_authorization_error(params["error"][0], (params.get("error_description") or [""])[0])
     state = params.get("state")
     if state is not None and not _same_text(state[0], expected_state):
         raise AuthorizationError("the pasted URL belongs to a different authorization request (its state "
@@ -654,7 +678,7 @@ class LoopbackListener:
     """Catches the browser's redirect on 127.0.0.1 (RFC 8252 section 7.3), one request at a time."""
 
     def __init__(self, redirect_uri: str) -> None:
-        from http.server import BaseHTTPRequestHandler, HTTPServer
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         parts = urlsplit(redirect_uri)
         host = parts.hostname or "127.0.0.1"
@@ -663,6 +687,8 @@ class LoopbackListener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # a browser's idle pre-connection must not hold anything up
+
             def do_GET(self) -> None:
                 status, page = listener.handle(self.path)
                 body = page.encode("utf-8")
@@ -676,7 +702,9 @@ class LoopbackListener:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the query holds the code
                 log.debug("loopback listener answered a request")
 
-        class Server(HTTPServer):
+        class Server(ThreadingHTTPServer):
+            # One thread a connection: browsers open speculative connections that send nothing.
+            daemon_threads = True
             address_family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
             timeout = 1
 
@@ -696,6 +724,7 @@ class LoopbackListener:
         self.redirect_uri = f"http://{shown_host}:{port}{self.path}"
         self.expected_state = ""
         self.result: str | FetchMemosError | None = None
+        self.pasted = False
 
     def handle(self, request_path: str) -> tuple[int, str]:
         """Decide on one request: accept our code, report an error, or refuse a stranger's request."""
@@ -738,18 +767,21 @@ class LoopbackListener:
                 if remaining <= 0:
                     raise AuthorizationError(f"no authorization arrived within {timeout:.0f} s; run again "
                                              "(or raise OAUTH_LOGIN_TIMEOUT).")
-                for key, _events in selector.select(min(remaining, 1.0)):
+                for key, _events in selector.select(min(remaining, 0.2)):
                     if key.data == "server":
-                        self.server.handle_request()
+                        self.server.handle_request()  # hands the connection to a thread
                     else:
                         line = sys.stdin.readline()
                         if not line:
                             selector.unregister(sys.stdin)
                             continue
+                        self.pasted = True
                         with contextlib.suppress(ValueError):
                             self.result = parse_pasted(line, self.expected_state)
         finally:
             selector.close()
+            if read_terminal and not self.pasted:
+                say()  # end the open "> " prompt line before anything else is printed
         if isinstance(self.result, FetchMemosError):
             raise self.result
         return self.result
@@ -888,17 +920,19 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
     """Say in words what went wrong on the wire, naming the URL."""
     import requests
-    from urllib3.exceptions import NameResolutionError
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
 
     causes = list(_causes(exc))
     if any(isinstance(c, (socket.gaierror, NameResolutionError)) for c in causes):
         return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return f"cannot reach {url}: connection refused (is the server running?)"
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
         return f"could not connect to {url} within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.Timeout):
+    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
         return f"{url} did not answer within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"the connection to {url} broke off in the middle of the answer"
     if isinstance(exc, requests.exceptions.SSLError):
         return f"the TLS connection to {url} failed (certificate problem?)"
     if isinstance(exc, requests.exceptions.ConnectionError):
@@ -1065,19 +1099,25 @@ class MemoSession:
 
     def get(self, url: str) -> requests.Response:
         """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired."""
-        try:
-            with _oauthlib_transport(self.settings):
-                response = self.oauth.get(url, timeout=self.settings.timeout)
-        except FetchMemosError:
-            raise
-        except Exception as exc:
-            import requests
+        import requests
 
-            if isinstance(exc, requests.exceptions.RetryError):
+        for attempt in range(RETRY_ATTEMPTS + 1):
+            try:
+                with _oauthlib_transport(self.settings):
+                    response = self.oauth.get(url, timeout=self.settings.timeout)
+                    response.content  # noqa: B018 - read the body now, so a break in it is retried too
+                break
+            except requests.exceptions.ChunkedEncodingError as exc:
+                # urllib3's retries end when the headers arrive; a GET is idempotent, so try again here.
+                if attempt == RETRY_ATTEMPTS:
+                    raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+                time.sleep(RETRY_BACKOFF * 2 ** attempt)
+            except FetchMemosError:
+                raise
+            except requests.exceptions.RetryError:
                 raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; try again later.") from None
-            if isinstance(exc, requests.exceptions.RequestException):
+            except requests.exceptions.RequestException as exc:
                 raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
-            raise
         log.debug("GET %s -> %s", url, response.status_code)
         return response
 
