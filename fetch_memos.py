@@ -27,6 +27,7 @@ import selectors
 import socket
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -697,7 +698,12 @@ class LoopbackListener:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                finally:
+                    if listener.result is not None:
+                        listener.replied.set()  # the run may end now without cutting this page off
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the query holds the code
                 log.debug("loopback listener answered a request")
@@ -725,6 +731,7 @@ class LoopbackListener:
         self.expected_state = ""
         self.result: str | FetchMemosError | None = None
         self.pasted = False
+        self.replied = threading.Event()
 
     def handle(self, request_path: str) -> tuple[int, str]:
         """Decide on one request: accept our code, report an error, or refuse a stranger's request."""
@@ -780,6 +787,8 @@ class LoopbackListener:
                             self.result = parse_pasted(line, self.expected_state)
         finally:
             selector.close()
+            if self.result is not None and not self.pasted:
+                self.replied.wait(5)
             if read_terminal and not self.pasted:
                 say()  # end the open "> " prompt line before anything else is printed
         if isinstance(self.result, FetchMemosError):
@@ -788,6 +797,19 @@ class LoopbackListener:
 
     def close(self) -> None:
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Whatever a program started meanwhile (the browser) prints goes to stderr: stdout carries only the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _page(title: str, text: str) -> str:
@@ -815,7 +837,7 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
             if should_open_browser(settings, environ):
                 import webbrowser
 
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception), _stdout_to_stderr():
                     opened = webbrowser.open(url)
             say("Opened your browser to authorize fetch_memos." if opened
                 else "To authorize fetch_memos, open this URL in a browser, log in and press Authorize:")
