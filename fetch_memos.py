@@ -16,17 +16,13 @@ import contextlib
 import datetime as _dt
 import errno
 import functools
-import html
-import ipaddress
 import json
 import logging
 import os
 import pickle
 import secrets
-import selectors
 import socket
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -173,6 +169,8 @@ def is_loopback_host(host: str | None) -> bool:
         return False
     if host.lower() == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -658,6 +656,7 @@ def read_pasted_code(expected_state: str) -> str:
         print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:
+            say()  # end the "> " prompt line
             raise AuthorizationError("no code was entered (end of input); run again to authorize.")
         try:
             return parse_pasted(line, expected_state)
@@ -763,6 +762,8 @@ class LoopbackListener:
 
     def wait(self, timeout: float, read_terminal: bool) -> str:
         """Wait for the redirect; meanwhile a URL pasted at the terminal (from another machine's browser) works too."""
+        import selectors
+
         selector = selectors.DefaultSelector()
         selector.register(self.server.socket, selectors.EVENT_READ, "server")
         if read_terminal:
@@ -813,6 +814,8 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def _page(title: str, text: str) -> str:
+    import html
+
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(text)}</p></body></html>")
@@ -1120,26 +1123,40 @@ class MemoSession:
     # -- using tokens --------------------------------------------------------------------------
 
     def get(self, url: str) -> requests.Response:
-        """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired."""
+        """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired.
+
+        One budget of RETRY_ATTEMPTS extra tries covers urllib3's retries (connection errors and
+        502/503/504, before the headers arrive) and ours (a body that breaks off after them).
+        """
         import requests
 
-        for attempt in range(RETRY_ATTEMPTS + 1):
-            try:
-                with _oauthlib_transport(self.settings):
-                    response = self.oauth.get(url, timeout=self.settings.timeout)
+        adapter = self.oauth.get_adapter(url)
+        configured = adapter.max_retries
+        spent = 0
+        try:
+            while True:
+                left = RETRY_ATTEMPTS - spent
+                adapter.max_retries = configured.new(total=left, connect=left, read=left, status=left)
+                try:
+                    with _oauthlib_transport(self.settings):
+                        response = self.oauth.get(url, timeout=self.settings.timeout, stream=True)
+                    spent += len(response.raw.retries.history) if response.raw.retries else 0
                     response.content  # noqa: B018 - read the body now, so a break in it is retried too
-                break
-            except requests.exceptions.ChunkedEncodingError as exc:
-                # urllib3's retries end when the headers arrive; a GET is idempotent, so try again here.
-                if attempt == RETRY_ATTEMPTS:
+                    break
+                except requests.exceptions.ChunkedEncodingError as exc:
+                    if spent >= RETRY_ATTEMPTS:
+                        raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+                    spent += 1
+                    time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
+                except FetchMemosError:
+                    raise
+                except requests.exceptions.RetryError:
+                    raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; "
+                                      "try again later.") from None
+                except requests.exceptions.RequestException as exc:
                     raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
-                time.sleep(RETRY_BACKOFF * 2 ** attempt)
-            except FetchMemosError:
-                raise
-            except requests.exceptions.RetryError:
-                raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; try again later.") from None
-            except requests.exceptions.RequestException as exc:
-                raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+        finally:
+            adapter.max_retries = configured
         log.debug("GET %s -> %s", url, response.status_code)
         return response
 
@@ -1416,6 +1433,8 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
 # ---------------------------------------------------------------------------------------------
 
 def _settings_help() -> str:
+    import textwrap
+
     lines = ["configuration (a flag beats the environment, which beats .env beside the script):"]
     for key, (flag, text) in SETTINGS_HELP.items():
         lines.append(f"  {key}" + (f" / {flag}" if flag else ""))
@@ -1423,7 +1442,7 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
-EPILOG = _settings_help() + """
+EPILOG = """\
 
 first run:
   It prints a URL. Open it, log in, press Authorize; the server shows a code. Paste the code
@@ -1450,7 +1469,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fetch_memos.py",
         description="Fetch your memos from an OAuth 2.0 protected API (Doorkeeper, django-oauth-toolkit, ...) "
                     "and print them as JSON.",
-        epilog=EPILOG,
+        epilog=_settings_help() + "\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_mutually_exclusive_group()

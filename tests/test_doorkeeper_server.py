@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+
 from servers.doorkeeper import (
     MEMO_MESSAGE,
     OOB_REDIRECT_URI,

@@ -1,0 +1,360 @@
+"""A flaky network between fetch_memos.py and a real Doorkeeper server (tests/faultproxy.py in between).
+
+What is proven: idempotent API GETs are retried at most twice more, with backoff, on connection errors
+and 502/503/504, and a transient failure ends with the JSON; token requests (refresh, code exchange)
+are never replayed, and when a refresh's answer is lost the stored token is kept and the next run
+recovers. Every case ends with the JSON or one clear line, the documented exit code, and in bounded time.
+
+Fault scenarios, one test each (25; ids number the parametrized ones): 2 connection refused, 6 API GETs
+failing every try (hang, reset mid-head, 502, 503, 504, reset mid-body), 6 transient API failures,
+1 mix of failures against the retry budget, 1 slow path, 4 lost refresh answers, 4 failed
+refresh requests, 1 lost code exchange.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+import fetch_memos
+
+import faultproxy as fp
+from runner import Result, run_script, script_env
+from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair, require_ruby_stack
+
+pytestmark = pytest.mark.timeout(120)
+
+MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
+TIMEOUT = 2.0  # OAUTH_TIMEOUT for every run here
+BACKOFF = 0.5 + 1.0  # urllib3 sleeps 0 s before the first retry, then 2 * 0.5 s; generous on purpose
+STARTUP = 1.5  # a run's own time: interpreter, imports, one or two requests on a 2-core machine
+
+
+# --- servers, tokens, runs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rotation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
+    """Doorkeeper's default: after a refresh the old refresh token works until the new access token is used."""
+    require_ruby_stack()
+    with DoorkeeperServer(tmp_path_factory.mktemp("dk-rotation")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
+    """A used refresh token dies at once (no previous_refresh_token column)."""
+    require_ruby_stack()
+    with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
+        yield server
+
+
+class Rig:
+    """One server, one person, one token file; runs the script pointed at a given base URL (a proxy)."""
+
+    def __init__(self, server: DoorkeeperServer, folder: Path) -> None:
+        self.server = server
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.token_file = folder / "token.pickle"
+        self.env_file = folder / "empty.env"
+        self.env_file.write_text("")
+        # One person per server, logged in once (as a person's browser stays logged in).
+        if server.base_url not in _PEOPLE:
+            _PEOPLE[server.base_url] = BrowserPerson.for_server(server)
+        self.person = _PEOPLE[server.base_url]
+        self.issued: list[dict[str, Any]] = []
+
+    def env(self, base_url: str) -> dict[str, str]:
+        return script_env({"CLIENT_ID": self.server.client_id, "CLIENT_SECRET": self.server.client_secret,
+                           "OAUTH_SERVER_URL": base_url, "OAUTH_TOKEN_FILE": str(self.token_file),
+                           "OAUTH_TIMEOUT": str(TIMEOUT)})
+
+    def store_token(self, base_url: str, *, expired: bool = False) -> dict[str, Any]:
+        """Authorize directly at the server, then save the token as the script would have for base_url."""
+        verifier, challenge = pkce_pair()
+        code = self.person.authorize(self.server.authorize_url(code_challenge=challenge))
+        response = requests.post(self.server.token_endpoint, auth=(self.server.client_id, self.server.client_secret),
+                                 data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
+                                       "redirect_uri": OOB_REDIRECT_URI}, timeout=10)
+        assert response.status_code == 200, response.text
+        token = response.json()
+        token["scope"] = token["scope"].split()
+        token["expires_at"] = time.time() + token["expires_in"]
+        if expired:  # as time would: the client sees it expired, and so does the server
+            token["expires_at"] = time.time() - 60
+            self.server.age_tokens(token["expires_in"] + 60)
+        settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), self.env(base_url))
+        fetch_memos.TokenStore(self.token_file).save(token, fetch_memos.token_meta(settings))
+        self.issued.append(token)
+        return self.stored()
+
+    def stored(self) -> dict[str, Any]:
+        return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
+
+    def run(self, base_url: str, person: Any = None, **extra_env: str) -> Result:
+        return run_script("--env-file", str(self.env_file), env={**self.env(base_url), **extra_env},
+                          tty=person is not None, person=person, timeout=90)
+
+    def secrets(self) -> list[str]:
+        values = [self.server.client_secret]
+        for token in self.issued:
+            values += [token["access_token"], token.get("refresh_token") or ""]
+        if self.token_file.is_file():
+            stored = self.stored()
+            values += [stored["access_token"], stored.get("refresh_token") or ""]
+        return [value for value in values if value]
+
+
+
+_PEOPLE: dict[str, BrowserPerson] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_people() -> Iterator[None]:
+    yield
+    for person in _PEOPLE.values():
+        person.close()
+    _PEOPLE.clear()
+
+
+@pytest.fixture
+def rig(rotation: DoorkeeperServer, tmp_path: Path) -> Rig:
+    return Rig(rotation, tmp_path / "client")
+
+
+@pytest.fixture
+def proxy(rotation: DoorkeeperServer) -> Iterator[fp.FaultProxy]:
+    with fp.FaultProxy(rotation.base_url, slow_chunk=96, slow_delay=0.3) as proxy:
+        yield proxy
+
+
+def token_posts(server: DoorkeeperServer, mark: int, grant_type: str) -> list[dict[str, Any]]:
+    return [e for e in server.access_log(mark) if e["path"] == "/oauth/token" and e["grant_type"] == grant_type]
+
+
+def assert_json(result: Result, rig: Rig) -> None:
+    assert result.exit_code == 0, result.output
+    assert result.stdout == MEMO_JSON
+    assert json.loads(result.stdout) == {"message": "ふじ"}
+    assert_clean(result, rig)
+
+
+def assert_one_line(result: Result, rig: Rig, exit_code: int, *fragments: str) -> str:
+    """Nothing on stdout, one line on stderr naming the failure, the documented exit code."""
+    assert result.exit_code == exit_code, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fetch_memos: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert_clean(result, rig)
+    return lines[0]
+
+
+def assert_clean(result: Result, rig: Rig) -> None:
+    assert "Traceback" not in result.output, result.output
+    for secret in rig.secrets():
+        assert secret not in result.output, "a secret was printed"
+
+
+def same_grant(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["access_token"] == b["access_token"] and a["refresh_token"] == b["refresh_token"]
+
+
+# --- connection refused ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expired", [False, True], ids=["refused-1-api-get", "refused-2-refresh-post"])
+def test_connection_refused_is_one_line_and_exit_1(rig: Rig, expired: bool) -> None:
+    with fp.refusing_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        before = rig.store_token(url, expired=expired)
+        mark = rig.server.log_mark()
+        result = rig.run(url)
+    assert_one_line(result, rig, 1, "connection refused", url)
+    assert result.seconds < 3 * (STARTUP + BACKOFF)  # connects are retried (nothing was sent), with backoff
+    assert same_grant(rig.stored(), before)  # nothing was lost
+    assert rig.server.access_log(mark) == []
+
+
+# --- API GETs: bounded retries with backoff --------------------------------------------------------
+
+EXHAUSTING = [
+    pytest.param(fp.HANG, "did not answer within 2 s", id="api-fault-1-hang"),
+    pytest.param(fp.RESET, "was reset before an answer arrived", id="api-fault-2-reset-mid-head"),
+    pytest.param(fp.STATUS_502, "answered 502 Bad Gateway", id="api-fault-3-502-html"),
+    pytest.param(fp.STATUS_503, "answered 503 Service Unavailable", id="api-fault-4-503-html"),
+    pytest.param(fp.STATUS_504, "answered 504 Gateway Timeout", id="api-fault-5-504-html"),
+    pytest.param(fp.RESET_BODY, "broke off in the middle of the answer", id="api-fault-6-reset-mid-body"),
+]
+
+
+@pytest.mark.parametrize(("action", "message"), EXHAUSTING)
+def test_api_get_is_retried_twice_then_fails_in_one_line(rig: Rig, proxy: fp.FaultProxy, action: str,
+                                                         message: str) -> None:
+    before = rig.store_token(proxy.url)
+    proxy.rule = fp.always(action)
+    result = rig.run(proxy.url)
+
+    gets = proxy.attempts("GET", "/api/memos")
+    assert [s.action for s in gets] == [action] * 3  # the first try and at most 2 retries
+    assert proxy.attempts("POST") == []  # a failing API is no reason to refresh
+    per_try = TIMEOUT if action == fp.HANG else 0.0
+    # Between the first and the third try: two tries (each ended by OAUTH_TIMEOUT when hanging) and the
+    # backoff (urllib3 waits 0 s, then 2 x 0.5 s). Loose, as seen from the proxy's threads.
+    assert gets[2].t - gets[0].t >= 0.8 * (2 * per_try + 1.0)
+    assert result.seconds < 3 * (STARTUP + 3 * per_try + BACKOFF)
+    assert same_grant(rig.stored(), before)
+    assert_one_line(result, rig, 1, message, proxy.url + "/api/memos/")
+
+
+TRANSIENT = [
+    pytest.param(fp.HANG, 1, id="api-transient-1-hang-once"),
+    pytest.param(fp.RESET, 2, id="api-transient-2-reset-twice"),
+    pytest.param(fp.STATUS_502, 1, id="api-transient-3-502-once"),
+    pytest.param(fp.STATUS_503, 2, id="api-transient-4-503-twice"),
+    pytest.param(fp.STATUS_504, 2, id="api-transient-5-504-twice"),
+    pytest.param(fp.RESET_BODY, 1, id="api-transient-6-reset-mid-body-once"),
+]
+
+
+@pytest.mark.parametrize(("action", "failures"), TRANSIENT)
+def test_transient_api_failure_ends_with_the_json(rig: Rig, proxy: fp.FaultProxy, action: str,
+                                                  failures: int) -> None:
+    rig.store_token(proxy.url)
+    mark = rig.server.log_mark()
+    proxy.rule = fp.first(failures, action, method="GET")
+    result = rig.run(proxy.url)
+
+    assert_json(result, rig)
+    assert [s.action for s in proxy.attempts("GET", "/api/memos")] == [action] * failures + [fp.PASS]
+    assert token_posts(rig.server, mark, "refresh_token") == []
+    hung = TIMEOUT if action == fp.HANG else 0
+    assert result.seconds < 3 * (STARTUP + hung + BACKOFF)
+
+
+def test_mixed_failures_share_one_retry_budget(rig: Rig, proxy: fp.FaultProxy) -> None:
+    rig.store_token(proxy.url)
+    proxy.rule = fp.sequence(fp.RESET_BODY, fp.RESET, fp.RESET, fp.RESET_BODY, fp.RESET, fp.RESET, fp.RESET_BODY,
+                             fp.RESET, fp.RESET, method="GET")
+    result = rig.run(proxy.url)
+    assert len(proxy.attempts("GET")) <= 3, [s.action for s in proxy.attempts("GET")]
+    assert_one_line(result, rig, 1, proxy.url + "/api/memos/")
+
+
+def test_slow_refresh_and_slow_api_still_work(rig: Rig, proxy: fp.FaultProxy) -> None:
+    """Each answer dribbles in over more than OAUTH_TIMEOUT seconds, but never pauses that long: it works."""
+    rig.store_token(proxy.url, expired=True)
+    mark = rig.server.log_mark()
+    proxy.rule = fp.always(fp.SLOW)
+    result = rig.run(proxy.url)
+    assert_json(result, rig)
+    assert [(s.method, s.action) for s in proxy.seen] == [("POST", fp.SLOW), ("GET", fp.SLOW)]
+    assert [e["status"] for e in token_posts(rig.server, mark, "refresh_token")] == [200]
+    post, get = proxy.seen
+    assert get.t - post.t > TIMEOUT  # the refresh's answer alone took longer than OAUTH_TIMEOUT to arrive
+    assert not same_grant(rig.stored(), rig.issued[-1])  # the refreshed token was saved
+
+
+# --- token requests are never replayed ---------------------------------------------------------------
+
+LOST = [
+    pytest.param("rotation", fp.LOSE_ANSWER, "did not answer within 2 s", id="lost-refresh-1-rotation-timeout"),
+    pytest.param("rotation", fp.RESET, "was reset", id="lost-refresh-2-rotation-reset"),
+    pytest.param("rotation", fp.RESET_BODY, "", id="lost-refresh-3-rotation-reset-mid-body"),
+    pytest.param("immediate", fp.RESET, "was reset", id="lost-refresh-4-immediate-reset"),
+]
+
+
+@pytest.mark.parametrize(("mode", "action", "message"), LOST)
+def test_refresh_whose_answer_is_lost_is_not_replayed(request: pytest.FixtureRequest, tmp_path: Path, mode: str,
+                                                      action: str, message: str) -> None:
+    server: DoorkeeperServer = request.getfixturevalue(mode)
+    rig = Rig(server, tmp_path / "client")
+    with fp.FaultProxy(server.base_url) as proxy:
+        before = rig.store_token(proxy.url, expired=True)
+        mark = server.log_mark()
+        proxy.rule = fp.first(1, action, method="POST", path="/oauth/token")
+        result = rig.run(proxy.url)
+
+        # Exactly one refresh reached the server, and the server did it; the script did not try again.
+        assert [e["status"] for e in token_posts(server, mark, "refresh_token")] == [200]
+        assert len(proxy.attempts("POST")) == 1
+        assert proxy.attempts("GET") == []
+        line = assert_one_line(result, rig, 1, "while refreshing the token", "The stored token was kept")
+        assert message in line
+        assert result.seconds < 3 * (STARTUP + TIMEOUT)
+        assert same_grant(rig.stored(), before)  # kept, not deleted, not half-written
+
+        # The next run recovers.
+        mark = server.log_mark()
+        again = rig.run(proxy.url)
+        if mode == "rotation":  # the kept refresh token still works until the new access token is used
+            assert_json(again, rig)
+            assert [e["status"] for e in token_posts(server, mark, "refresh_token")] == [200]
+            assert not same_grant(rig.stored(), before)
+        else:  # the server used it up: say that authorization is needed, keep the file
+            assert_one_line(again, rig, 3, "no longer valid", "interactively")
+            assert [e["status"] for e in token_posts(server, mark, "refresh_token")] == [400]
+            assert same_grant(rig.stored(), before)
+            # With a person at the terminal, the run authorizes again and prints the JSON.
+            third = rig.run(proxy.url, person=rig.person.authorize)
+            assert third.exit_code == 0, third.output
+            assert third.stdout == MEMO_JSON
+            assert "Authorizing again" in third.stderr
+            assert not same_grant(rig.stored(), before)
+
+
+FAILED_REFRESH = [
+    pytest.param(fp.HANG, "did not answer within 2 s", id="refresh-fault-1-hang"),
+    pytest.param(fp.STATUS_502, "answered 502", id="refresh-fault-2-502-html"),
+    pytest.param(fp.STATUS_503, "answered 503", id="refresh-fault-3-503-html"),
+    pytest.param(fp.STATUS_504, "answered 504", id="refresh-fault-4-504-html"),
+]
+
+
+@pytest.mark.parametrize(("action", "message"), FAILED_REFRESH)
+def test_refresh_post_is_never_retried(rig: Rig, proxy: fp.FaultProxy, action: str, message: str) -> None:
+    """A refresh that never reached the server: one try only, one line, the token kept; the next run works."""
+    before = rig.store_token(proxy.url, expired=True)
+    mark = rig.server.log_mark()
+    proxy.rule = fp.first(1, action, method="POST")
+    result = rig.run(proxy.url)
+
+    assert [s.action for s in proxy.attempts("POST")] == [action]
+    assert token_posts(rig.server, mark, "refresh_token") == []
+    assert_one_line(result, rig, 1, message, "/oauth/token")
+    assert result.seconds < 3 * (STARTUP + (TIMEOUT if action == fp.HANG else 0))
+    assert same_grant(rig.stored(), before)
+
+    again = rig.run(proxy.url)
+    assert_json(again, rig)
+    assert [e["status"] for e in token_posts(rig.server, mark, "refresh_token")] == [200]
+
+
+def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Rig, proxy: fp.FaultProxy) -> None:
+    """The code is single-use: its exchange is sent once; nothing is saved; the next run authorizes again."""
+    mark = rig.server.log_mark()
+    proxy.rule = fp.first(1, fp.LOSE_ANSWER, method="POST", path="/oauth/token")
+    result = rig.run(proxy.url, person=rig.person.authorize)
+
+    assert [e["status"] for e in token_posts(rig.server, mark, "authorization_code")] == [200]
+    assert len(proxy.attempts("POST", "/oauth/token")) == 1
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith("fetch_memos: ")
+    assert "did not answer within 2 s" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.output and rig.server.client_secret not in result.output
+    assert not rig.token_file.exists()
+
+    again = rig.run(proxy.url, person=rig.person.authorize)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == MEMO_JSON
+    assert rig.stored()["access_token"]
