@@ -75,6 +75,23 @@ def doorkeeper_factory(tmp_path: Path) -> Iterator[Callable[..., DoorkeeperServe
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def rotation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
+    """One server per test module, in Doorkeeper's default mode: after a refresh the old refresh token
+    works until the new access token is first used (the previous_refresh_token column)."""
+    require_ruby_stack()
+    with DoorkeeperServer(tmp_path_factory.mktemp("dk-rotation")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
+    """One server per test module in the other mode: a used refresh token dies at once."""
+    require_ruby_stack()
+    with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
+        yield server
+
+
 @pytest.fixture
 def doorkeeper(doorkeeper_factory: Callable[..., DoorkeeperServer]) -> DoorkeeperServer:
     return doorkeeper_factory()

@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import requests
 import fetch_memos
 
 from runner import SCRIPT, script_env
-from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair, require_ruby_stack
+from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -53,20 +52,6 @@ while not os.path.exists(sys.argv[2]):
     time.sleep(0.002)
 sys.exit(fetch_memos.main(sys.argv[3:]))
 """
-
-
-@pytest.fixture(scope="module")
-def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def rotation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-rotation")) as server:
-        yield server
 
 
 @dataclass

@@ -26,7 +26,7 @@ import fetch_memos
 
 import faultproxy as fp
 from runner import Result, run_script, script_env
-from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair, require_ruby_stack
+from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,22 +37,6 @@ STARTUP = 1.5  # a run's own time: interpreter, imports, one or two requests on 
 
 
 # --- servers, tokens, runs ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rotation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    """Doorkeeper's default: after a refresh the old refresh token works until the new access token is used."""
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-rotation")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    """A used refresh token dies at once (no previous_refresh_token column)."""
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
-        yield server
 
 
 class Rig:

@@ -30,7 +30,7 @@ import requests
 import fetch_memos
 
 from runner import SCRIPT, Result, run_script, script_env
-from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair, require_ruby_stack
+from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,20 +69,6 @@ with fetch_memos.TokenStore(Path(sys.argv[1])).locked():
 
 OUTCOMES: dict[int, tuple[str, str, int]] = {}  # moment -> (function killed in, "old"/"new" in the file, next exit)
 SWEEP: list[str] = []  # "old"/"new" after each kill of the line-by-line sweep of TokenStore.save()
-
-
-@pytest.fixture(scope="module")
-def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def rotation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-rotation")) as server:
-        yield server
 
 
 _PEOPLE: dict[str, BrowserPerson] = {}
