@@ -1020,7 +1020,6 @@ class MemoSession:
 
         self.settings = settings
         self.store = store
-        self.save_warning: str | None = None
         self.oauth: OAuth2Session = _oauth2_session_class()(
             client_id=settings.client_id,
             redirect_uri=settings.redirect_uri,
@@ -1064,8 +1063,7 @@ class MemoSession:
             self.store.save(token, token_meta(self.settings))
         except TokenNotSaved as exc:
             # The run can still succeed; say so, since the next run cannot reuse this token.
-            self.save_warning = f"{exc}. The next run will have to authorize again."
-            warn(self.save_warning)
+            warn(f"{exc}. The next run will have to authorize again.")
 
     # -- getting tokens ------------------------------------------------------------------------
 
