@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-required=(ruby-rails ruby-devise ruby-doorkeeper ruby-sqlite3 ruby-webrick)
+required=(ruby-rails ruby-doorkeeper ruby-sqlite3 ruby-webrick ruby-bcrypt)
 python3 -c 'import ensurepip' 2>/dev/null || required+=(python3-venv)
 optional=()  # the browser tests need it; they are skipped without it (and fail under CI=true)
 [[ "${FETCH_MEMOS_NO_BROWSER:-0}" == 1 ]] || optional+=(chromium)
@@ -19,8 +19,12 @@ sudo=()
 [[ "$(id -u)" == 0 ]] || sudo=(sudo)
 mapfile -t need < <(missing "${required[@]}")
 mapfile -t want < <(missing "${optional[@]}")
-if ((${#need[@]} + ${#want[@]})); then
+mapfile -t devise < <(missing ruby-devise)  # Debian 12 has Devise; Debian 13 has none (the app then falls back)
+if ((${#need[@]} + ${#want[@]} + ${#devise[@]})); then
   "${sudo[@]}" apt-get update -qq
+fi
+if ((${#devise[@]})) && apt-cache show ruby-devise >/dev/null 2>&1; then
+  need+=(ruby-devise)
 fi
 if ((${#need[@]})); then
   echo "setup: installing Debian packages: ${need[*]}" >&2

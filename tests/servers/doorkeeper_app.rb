@@ -27,6 +27,12 @@
 #   DEMO_EMAIL, DEMO_PASSWORD  the seeded Devise user
 #   PARENT_PID              optional: exit when this process is gone
 #   RAILS_LOG_LEVEL         level of $STATE_DIR/rails.log (default "warn")
+#   NO_DEVISE               1: use the built-in sign-in even if Devise loads
+#
+# Devise is used when it loads. Debian 13 has no ruby-devise (nor ruby-warden,
+# ruby-responders), so without it a small built-in stand-in (BuiltinAuth,
+# UserSessionsController below) serves the same routes, form fields, flash
+# messages and bcrypt password column as the part of Devise used here.
 #
 # Output: nothing on stdout but one line "READY http://127.0.0.1:PORT" once
 # the listening socket is bound. $STATE_DIR/access.log gets one JSON object
@@ -73,8 +79,19 @@ require "rails"
 require "active_record/railtie"
 require "action_controller/railtie"
 require "action_view/railtie"
-require "devise"
-require "devise/orm/active_record"
+DEVISE =
+  if %w[1 true yes on].include?(ENV.fetch("NO_DEVISE", "").strip.downcase)
+    false
+  else
+    begin
+      require "devise"
+      require "devise/orm/active_record"
+      true
+    rescue LoadError
+      false
+    end
+  end
+require "bcrypt"
 require "doorkeeper"
 require "webrick"
 
@@ -229,19 +246,25 @@ class DoorkeeperTestApp < Rails::Application
 
   # What a real app keeps in config/initializers/*.rb and app/models.
   initializer "memo_server.setup", after: :load_config_initializers do |app|
-    Devise.setup do |devise|
-      devise.secret_key = app.secret_key_base
-      devise.mailer_sender = "noreply@example.com"
-      devise.stretches = 4 # the bcrypt minimum: fast test logins
-      devise.sign_out_via = :delete
-      devise.navigational_formats = ["*/*", :html] if devise.respond_to?(:navigational_formats=)
-      devise.skip_session_storage = [:http_auth]
+    if DEVISE
+      Devise.setup do |devise|
+        devise.secret_key = app.secret_key_base
+        devise.mailer_sender = "noreply@example.com"
+        devise.stretches = BCRYPT_COST
+        devise.sign_out_via = :delete
+        devise.navigational_formats = ["*/*", :html] if devise.respond_to?(:navigational_formats=)
+        devise.skip_session_storage = [:http_auth]
+      end
     end
 
     Doorkeeper.configure do
       orm :active_record
       resource_owner_authenticator do
-        current_user || warden.authenticate!(scope: :user)
+        if DEVISE
+          current_user || warden.authenticate!(scope: :user)
+        else
+          authenticate_user!
+        end
       end
       admin_authenticator do
         head :forbidden
@@ -259,7 +282,13 @@ class DoorkeeperTestApp < Rails::Application
 
   initializer "memo_server.routes" do |app|
     app.routes.prepend do
-      devise_for :users
+      if DEVISE
+        devise_for :users
+      else
+        get "users/sign_in", to: "user_sessions#new", as: :new_user_session
+        post "users/sign_in", to: "user_sessions#create", as: :user_session
+        delete "users/sign_out", to: "user_sessions#destroy", as: :destroy_user_session
+      end
       use_doorkeeper
       scope :api, module: :api do
         # Rails matches these with or without the trailing slash.
@@ -278,14 +307,125 @@ end
 # the model is defined from an initializer (named first, then configured).
 def define_models
   Object.const_set(:User, Class.new(ActiveRecord::Base))
-  User.class_eval do
-    devise :database_authenticatable, :validatable
+  if DEVISE
+    User.class_eval do
+      devise :database_authenticatable, :validatable
+    end
+  else
+    User.include(BuiltinAuth::Model)
   end
+end
 
+# Devise's controllers inherit from it. Made once initialize! is done: a
+# subclass of ActionController::Base includes every engine helper, and Rails 7
+# cannot autoload those (Doorkeeper::DashboardHelper) from an initializer.
+def define_application_controller
   Object.const_set(:ApplicationController, Class.new(ActionController::Base))
   ApplicationController.class_eval do
     prepend_view_path VIEWS_DIR
     layout "application"
+  end
+end
+
+BCRYPT_COST = 4 # the bcrypt minimum: fast test logins
+
+# The part of Devise (database_authenticatable, validatable, sessions) this app
+# uses, for when Devise is not installed. Same routes, form field names, flash
+# texts and password hashes (bcrypt in users.encrypted_password) as Devise.
+module BuiltinAuth
+  SIGN_IN_PATH = "/users/sign_in"
+
+  module Model
+    def self.included(base)
+      base.attr_reader :password
+      base.before_validation { self.email = email.to_s.strip.downcase }
+      base.validates :email, presence: true, uniqueness: { case_sensitive: true },
+                             format: { with: /\A[^@\s]+@[^@\s]+\z/ }
+      base.validates :password, presence: true, confirmation: true, length: { within: 6..128 },
+                                if: -> { new_record? || !password.nil? }
+    end
+
+    def password=(value)
+      @password = value
+      self.encrypted_password = value.nil? ? "" : BCrypt::Password.create(value, cost: BCRYPT_COST).to_s
+    end
+
+    def valid_password?(value)
+      encrypted_password.present? && BCrypt::Password.new(encrypted_password).is_password?(value.to_s)
+    rescue BCrypt::Errors::InvalidHash
+      false
+    end
+  end
+
+  # Mixed into ActionController::Base, like Devise's helpers.
+  module Controller
+    def self.included(base)
+      base.helper_method :current_user, :user_signed_in? if base.respond_to?(:helper_method)
+    end
+
+    def current_user
+      return @current_user if defined?(@current_user)
+
+      @current_user = session[:user_id] ? User.find_by(id: session[:user_id]) : nil
+    end
+
+    def user_signed_in?
+      !current_user.nil?
+    end
+
+    # Like warden.authenticate!: the user, or a redirect to the sign-in page (nil).
+    def authenticate_user!
+      return current_user if current_user
+
+      session[:user_return_to] = request.fullpath if request.get?
+      redirect_to SIGN_IN_PATH
+      nil
+    end
+  end
+
+  SIGN_IN_PAGE = <<~ERB
+    <h2>Log in</h2>
+    <%= form_with scope: :user, url: BuiltinAuth::SIGN_IN_PATH, local: true do |f| %>
+      <div class="field"><%= f.label :email %><br><%= f.email_field :email, value: @email, autofocus: true, autocomplete: "email" %></div>
+      <div class="field"><%= f.label :password %><br><%= f.password_field :password, autocomplete: "current-password" %></div>
+      <div class="actions"><%= f.submit "Log in" %></div>
+    <% end %>
+  ERB
+end
+
+unless DEVISE
+  ActiveSupport.on_load(:action_controller_base) { include BuiltinAuth::Controller }
+
+  # Devise's SessionsController: sign-in form, sign in, sign out.
+  class UserSessionsController < ActionController::Base
+    prepend_view_path VIEWS_DIR
+    layout "application"
+
+    def new
+      render inline: BuiltinAuth::SIGN_IN_PAGE, layout: "application"
+    end
+
+    def create
+      credentials = params.fetch(:user, {})
+      @email = credentials[:email].to_s.strip.downcase
+      user = User.find_by(email: @email)
+      if user&.valid_password?(credentials[:password].to_s)
+        return_to = session[:user_return_to]
+        reset_session # a new session id on sign-in, as Devise does
+        session[:user_id] = user.id
+        flash[:notice] = "Signed in successfully."
+        redirect_to return_to.presence || "/"
+      else
+        flash.now[:alert] = "Invalid Email or password."
+        render inline: BuiltinAuth::SIGN_IN_PAGE, layout: "application"
+      end
+    end
+
+    def destroy
+      reset_session
+      flash[:notice] = "Signed out successfully."
+      redirect_to "/", status: :see_other
+    end
   end
 end
 
@@ -366,6 +506,7 @@ class TestAdminController < API_BASE
 end
 
 Rails.application.initialize!
+define_application_controller
 
 # The tables Doorkeeper's install + PKCE generators make, and Devise's users.
 def build_schema
