@@ -106,6 +106,11 @@ def say(message: str = "") -> None:
     print(redact(message), file=sys.stderr, flush=True)
 
 
+def prompt() -> None:
+    """The "> " the person types after; the line stays open for their answer."""
+    print("> ", end="", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Settings: defaults, then .env, then the environment, then flags; validated here, once.
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +663,7 @@ def read_pasted_code(expected_state: str) -> str:
     """Ask at the terminal until something usable is pasted; end of input means nobody will."""
     for _attempt in range(PROMPT_ATTEMPTS):
         say("Paste the code (or the whole address of the page showing it) and press Enter:")
-        print("> ", end="", file=sys.stderr, flush=True)
+        prompt()
         line = sys.stdin.readline()
         if not line:
             say()  # end the "> " prompt line
@@ -826,14 +831,20 @@ def _page(title: str, text: str) -> str:
             f"<p>{html.escape(text)}</p></body></html>")
 
 
+def show_authorization_url(url: str, *, opened: bool) -> None:
+    """The URL is printed in every mode, also when a browser was opened: the person may want it elsewhere."""
+    say("Opened your browser to authorize fetch_memos." if opened
+        else "To authorize fetch_memos, open this URL in a browser, log in and press Authorize:")
+    say()
+    say(f"    {url}")
+    say()
+
+
 def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
     """Run the authorization code grant with a person: get a code one way or the other, then exchange it."""
     if settings.is_oob:
         url, state = session.authorization_url(settings.authorize_url)
-        say("To authorize fetch_memos, open this URL in a browser, log in and press Authorize:")
-        say()
-        say(f"    {url}")
-        say()
+        show_authorization_url(url, opened=False)
         code = read_pasted_code(state)
     else:
         listener = LoopbackListener(settings.redirect_uri)
@@ -847,14 +858,10 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
 
                 with contextlib.suppress(Exception), _stdout_to_stderr():
                     opened = webbrowser.open(url)
-            say("Opened your browser to authorize fetch_memos." if opened
-                else "To authorize fetch_memos, open this URL in a browser, log in and press Authorize:")
-            say()
-            say(f"    {url}")
-            say()
+            show_authorization_url(url, opened=opened)
             say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
                 "paste the address it ends up on here and press Enter:")
-            print("> ", end="", file=sys.stderr, flush=True)
+            prompt()
             code = listener.wait(settings.login_timeout, read_terminal=True)
         finally:
             listener.close()
