@@ -59,6 +59,12 @@ class Client:
         return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
 
 
+def save_token(token_file: Path, env: dict[str, str], token: dict[str, Any]) -> None:
+    """Store a token exactly as the script would for the settings in env (same store, same metadata)."""
+    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), env)
+    fetch_memos.TokenStore(token_file).save(token, fetch_memos.token_meta(settings))
+
+
 @pytest.fixture
 def doorkeeper_factory(tmp_path: Path) -> Iterator[Callable[..., DoorkeeperServer]]:
     """Start real Doorkeeper servers (each in its own folder); all are stopped after the test."""

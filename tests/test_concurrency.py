@@ -26,8 +26,9 @@ import requests
 
 import fetch_memos
 
+from conftest import save_token
 from runner import SCRIPT, script_env
-from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair
+from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,20 +80,12 @@ class Setup:
         """A real grant, saved as the script saves it, then expired for the client and for the server."""
         person = BrowserPerson.for_server(self.server)
         try:
-            verifier, challenge = pkce_pair()
-            code = person.authorize(self.server.authorize_url(code_challenge=challenge))
+            token = self.server.grant_token(person)
         finally:
             person.close()
-        response = requests.post(self.server.token_endpoint, auth=(self.server.client_id, self.server.client_secret),
-                                 data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": OOB_REDIRECT_URI}, timeout=10)
-        assert response.status_code == 200, response.text
-        token = response.json()
-        token["scope"] = token["scope"].split()
         token["expires_at"] = time.time() - 60  # the client sees it expired...
         assert self.server.age_tokens(token["expires_in"] + 60) >= 1  # ...and so does the server
-        settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), self.env)
-        fetch_memos.TokenStore(self.token_file).save(token, fetch_memos.token_meta(settings))
+        save_token(self.token_file, self.env, token)
         return token
 
     def run_at_once(self, *, barrier: bool, debug: bool = False, remove_lock: bool = False) -> list[Run]:

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 import fetch_memos
 
 import faultproxy as fp
+from conftest import save_token
 from runner import Result, run_script, script_env
-from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair
+from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,20 +62,11 @@ class Rig:
 
     def store_token(self, base_url: str, *, expired: bool = False) -> dict[str, Any]:
         """Authorize directly at the server, then save the token as the script would have for base_url."""
-        verifier, challenge = pkce_pair()
-        code = self.person.authorize(self.server.authorize_url(code_challenge=challenge))
-        response = requests.post(self.server.token_endpoint, auth=(self.server.client_id, self.server.client_secret),
-                                 data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": OOB_REDIRECT_URI}, timeout=10)
-        assert response.status_code == 200, response.text
-        token = response.json()
-        token["scope"] = token["scope"].split()
-        token["expires_at"] = time.time() + token["expires_in"]
+        token = self.server.grant_token(self.person)
         if expired:  # as time would: the client sees it expired, and so does the server
             token["expires_at"] = time.time() - 60
             self.server.age_tokens(token["expires_in"] + 60)
-        settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), self.env(base_url))
-        fetch_memos.TokenStore(self.token_file).save(token, fetch_memos.token_meta(settings))
+        save_token(self.token_file, self.env(base_url), token)
         self.issued.append(token)
         return self.stored()
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 import fetch_memos
 
+from conftest import save_token
 from runner import SCRIPT, Result, run_script, script_env
-from servers.doorkeeper import OOB_REDIRECT_URI, BrowserPerson, DoorkeeperServer, pkce_pair
+from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,17 +101,9 @@ class Setup:
 
     def store_expired_token(self) -> dict[str, Any]:
         """A real grant, saved as the script saves it, with expires_at in the past (the server is not told)."""
-        verifier, challenge = pkce_pair()
-        code = self.person.authorize(self.server.authorize_url(code_challenge=challenge))
-        response = requests.post(self.server.token_endpoint, auth=(self.server.client_id, self.server.client_secret),
-                                 data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": OOB_REDIRECT_URI}, timeout=10)
-        assert response.status_code == 200, response.text
-        token = response.json()
-        token["scope"] = token["scope"].split()
+        token = self.server.grant_token(self.person)
         token["expires_at"] = time.time() - 60  # expired for the client, which therefore refreshes first
-        settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), self.env)
-        fetch_memos.TokenStore(self.token_file).save(token, fetch_memos.token_meta(settings))
+        save_token(self.token_file, self.env, token)
         return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
 
     def start(self, *argv: str) -> subprocess.Popen[bytes]:

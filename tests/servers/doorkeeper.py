@@ -305,6 +305,23 @@ class DoorkeeperServer:
             params["code_challenge_method"] = code_challenge_method
         return f"{self.authorize_endpoint}?{urlencode(params)}"
 
+    def grant_token(self, person: BrowserPerson) -> dict[str, Any]:
+        """A real grant obtained directly at the server (PKCE, HTTP Basic), shaped as requests-oauthlib keeps it.
+
+        For tests that need a stored token without running the script's own first authorization.
+        """
+        verifier, challenge = pkce_pair()
+        code = person.authorize(self.authorize_url(code_challenge=challenge))
+        response = requests.post(self.token_endpoint, auth=(self.client_id, self.client_secret),
+                                 data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
+                                       "redirect_uri": OOB_REDIRECT_URI}, timeout=10)
+        if response.status_code != 200:
+            raise ServerError(f"code exchange failed: {response.status_code} {response.text[:200]}")
+        token = response.json()
+        token["scope"] = token["scope"].split()
+        token["expires_at"] = time.time() + token["expires_in"]
+        return token
+
     # -- access log ------------------------------------------------------
 
     def _read_log_lines(self) -> list[str]:
