@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,13 @@ class Client:
 
     def approve(self, url: str) -> str:
         return self.person.authorize(url)
+
+    def expire_locally(self) -> dict[str, Any]:
+        """Move the stored token's expires_at into the past, as time would; the server may still accept it."""
+        token = self.token()
+        token["expires_at"] = time.time() - 5
+        self.token_file.write_bytes(pickle.dumps(token, protocol=pickle.HIGHEST_PROTOCOL))
+        return token
 
     def token(self) -> dict[str, Any]:
         """The token file as the script itself reads it (the safe unpickler)."""

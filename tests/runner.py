@@ -28,6 +28,9 @@ EOF_AT_PROMPT = object()
 CTRL_C_AT_PROMPT = object()
 Person = Callable[[str], object]
 
+# What the script prints on stdout for the test servers' demo user, and nothing else.
+MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
+
 URL_LINE = re.compile(r"\n[ \t]+(https?://\S+)\r?\n")
 PROMPT = re.compile(r"> $|> \r?$", re.M)
 
@@ -119,3 +122,10 @@ def run_script(
         return Result(code, stdout, "".join(transcript).replace("\r\n", "\n"), urls, time.monotonic() - started)
     finally:
         os.unlink(out_path)
+
+
+def assert_clean(result: Result, secrets: list[str]) -> None:
+    """No traceback and no secret in anything the person saw."""
+    assert "Traceback" not in result.output, result.output
+    for secret in secrets:
+        assert secret not in result.output, "a secret was printed"

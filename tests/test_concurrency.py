@@ -27,13 +27,12 @@ import requests
 import fetch_memos
 
 from conftest import save_token
-from runner import SCRIPT, script_env
+from runner import MEMO_JSON, SCRIPT, script_env
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(180)
 
 RUNS = 20
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 REPO = Path(fetch_memos.__file__).resolve().parent
 ADOPTED = "another run refreshed the token already"
 RACED: dict[str, int] = {}  # mode -> how many runs waited on the lock and adopted another run's refresh

@@ -25,14 +25,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import Client
-from runner import Result
+from runner import MEMO_JSON, Result
 from servers.browser import RealBrowser, chromium_available
 from servers.doorkeeper import DoorkeeperServer, require_ruby_stack
 from servers.dot import DotServer, dot_stack_available
 
 pytestmark = pytest.mark.timeout(120)
 
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 REGISTERED = "http://127.0.0.1/callback"  # both servers then accept any loopback port (RFC 8252 7.3)
 CLOSE_THIS_TAB = "You can close this tab"
 

@@ -15,9 +15,7 @@ import pytest
 import requests
 from oauthlib.oauth2.rfc6749.tokens import OAuth2Token
 
-from runner import EOF_AT_PROMPT
-
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
+from runner import EOF_AT_PROMPT, MEMO_JSON, assert_clean
 
 
 def secrets_of(client, *tokens) -> list[str]:
@@ -27,13 +25,6 @@ def secrets_of(client, *tokens) -> list[str]:
     return [value for value in values if value]
 
 
-def assert_clean(result, secrets) -> None:
-    """No traceback and no secret in anything the person saw."""
-    assert "Traceback" not in result.output, result.output
-    for secret in secrets:
-        assert secret not in result.output, "a secret was printed"
-
-
 def api_requests(log):
     return [entry for entry in log if entry["path"].startswith("/api/")]
 
@@ -41,14 +32,6 @@ def api_requests(log):
 def token_requests(log, grant_type=None):
     return [entry for entry in log if entry["path"] == "/oauth/token"
             and (grant_type is None or entry["grant_type"] == grant_type)]
-
-
-def expire_locally(client) -> dict:
-    """Move the stored token's expires_at into the past, as time would; the server may still accept it."""
-    token = client.token()
-    token["expires_at"] = time.time() - 5
-    client.token_file.write_bytes(pickle.dumps(token, protocol=pickle.HIGHEST_PROTOCOL))
-    return token
 
 
 def token_works(server, access_token) -> bool:
@@ -106,7 +89,7 @@ def test_expired_token_is_refreshed_saved_and_rotated(doorkeeper_factory, tmp_pa
     server = doorkeeper_factory(previous_refresh_token=previous_refresh_token)
     client = Client(server, tmp_path / "client", BrowserPerson.for_server(server))
     assert client.run().exit_code == 0
-    old = expire_locally(client)
+    old = client.expire_locally()
     server.age_tokens(10_000)  # the server agrees that it expired
     mark = server.log_mark()
 
@@ -279,7 +262,7 @@ def test_token_file_of_the_original_script_loads_and_keeps_working(authorized):
     assert result.exit_code == 0, result.output
     assert result.stdout == MEMO_JSON
 
-    expire_locally(authorized)
+    authorized.expire_locally()
     authorized.token_file.write_bytes(pickle.dumps(OAuth2Token(authorized.token(), old_scope=["read"]), protocol=5))
     result = authorized.run(tty=False)
     assert result.exit_code == 0, result.output
@@ -322,12 +305,12 @@ def test_logout_leaves_no_token_that_works(doorkeeper_factory, tmp_path, previou
     client = Client(server, tmp_path / "client", BrowserPerson.for_server(server))
     assert client.run().exit_code == 0
     held = [client.token()]
-    expire_locally(client)
+    client.expire_locally()
     server.age_tokens(10_000)
     assert client.run(tty=False).exit_code == 0  # a refresh: the client now has held two tokens
     held.append(client.token())
     if expired:
-        expire_locally(client)
+        client.expire_locally()
         server.age_tokens(10_000)
 
     result = client.run("--logout", tty=False)
@@ -375,7 +358,7 @@ def test_status_shows_the_token_without_secrets(authorized):
 
 
 def test_debug_output_names_requests_but_no_secret(authorized):
-    old = expire_locally(authorized)
+    old = authorized.expire_locally()
     result = authorized.run("--debug", tty=False)
     assert result.exit_code == 0, result.output
     assert "/oauth/token" in result.stderr and "/api/memos/" in result.stderr

@@ -14,7 +14,6 @@ pseudo-terminal; assertions are on what the person sees and on DOT's access log.
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +23,11 @@ import pytest
 import requests
 
 from conftest import Client
-from runner import EOF_AT_PROMPT, Result
+from runner import EOF_AT_PROMPT, MEMO_JSON, assert_clean
 from servers.dot import DotServer, dot_stack_available
 
 pytestmark = pytest.mark.timeout(120)
 
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 REGISTERED = "http://127.0.0.1/callback"  # registered without a port: DOT accepts any loopback port (RFC 8252 7.3)
 TOKEN_PATH = "/o/token/"
 API_PATH = "/api/memos/"
@@ -133,14 +131,6 @@ def calls(log: list[dict]) -> list[tuple]:
             if e["path"] in (TOKEN_PATH, API_PATH, REVOKE_PATH)]
 
 
-def expire_locally(client: Client) -> dict:
-    """Move the stored token's expires_at into the past, as time would."""
-    token = client.token()
-    token["expires_at"] = time.time() - 5
-    client.token_file.write_bytes(pickle.dumps(token, protocol=pickle.HIGHEST_PROTOCOL))
-    return token
-
-
 def api_status(server: DotServer, access_token: str) -> int:
     response = requests.get(server.api_url, headers={"Authorization": f"Bearer {access_token}"}, timeout=10)
     return response.status_code
@@ -161,13 +151,6 @@ def secrets_of(client: Client, *tokens: dict) -> list[str]:
     for token in tokens:
         values += [token.get("access_token"), token.get("refresh_token")]
     return [value for value in values if value]
-
-
-def assert_clean(result: Result, secrets: list[str]) -> None:
-    """No traceback and no secret in anything the person saw."""
-    assert "Traceback" not in result.output, result.output
-    for secret in secrets:
-        assert secret not in result.output, "a secret was printed"
 
 
 def one_line(stderr: str) -> str:
@@ -270,7 +253,7 @@ def test_without_a_loopback_redirect_dot_refuses_the_oob_uri(client):
 
 def test_expired_token_is_refreshed_once_rotated_and_saved(authorized):
     server = authorized.server
-    old = expire_locally(authorized)
+    old = authorized.expire_locally()
     server.age_tokens(10_000)  # the server agrees that it expired
     mark = server.log_mark()
 
@@ -356,12 +339,12 @@ def test_logout_leaves_no_token_that_works(dot, tmp_path, expired):
     try:
         assert client.run().exit_code == 0
         held = [client.token()]
-        expire_locally(client)
+        client.expire_locally()
         dot.age_tokens(10_000)
         assert client.run(tty=False).exit_code == 0  # a refresh: the client has now held two tokens
         held.append(client.token())
         if expired:
-            expire_locally(client)
+            client.expire_locally()
             dot.age_tokens(10_000)
         mark = dot.log_mark()
 

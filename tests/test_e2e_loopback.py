@@ -14,9 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from runner import EOF_AT_PROMPT
+from runner import EOF_AT_PROMPT, MEMO_JSON
 
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 REGISTERED = "http://127.0.0.1/callback"  # RFC 8252 7.3: the server accepts any port on the loopback address
 
 

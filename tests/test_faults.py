@@ -25,12 +25,11 @@ import fetch_memos
 
 import faultproxy as fp
 from conftest import save_token
-from runner import Result, run_script, script_env
+from runner import MEMO_JSON, Result, run_script, script_env
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
 
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 TIMEOUT = 2.0  # OAUTH_TIMEOUT for every run here
 BACKOFF = 0.5 + 1.0  # urllib3 sleeps 0 s before the first retry, then 2 * 0.5 s; generous on purpose
 STARTUP = 1.5  # a run's own time: interpreter, imports, one or two requests on a 2-core machine

@@ -36,7 +36,7 @@ import requests
 import fetch_memos
 
 from conftest import Client
-from runner import CTRL_C_AT_PROMPT, EOF_AT_PROMPT, PROMPT, SCRIPT, URL_LINE, Result, run_script, script_env
+from runner import CTRL_C_AT_PROMPT, EOF_AT_PROMPT, MEMO_JSON, PROMPT, SCRIPT, URL_LINE, Result, run_script, script_env
 from servers.doorkeeper import (
     OOB_REDIRECT_URI,
     AuthorizationDenied,
@@ -48,7 +48,6 @@ from servers.doorkeeper import (
 
 pytestmark = pytest.mark.timeout(120)
 
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 
 
 # Registered for the loopback flow; Doorkeeper matches loopback redirect URIs on any port (RFC 8252),

@@ -29,13 +29,12 @@ import pytest
 import fetch_memos
 
 from conftest import save_token
-from runner import SCRIPT, Result, run_script, script_env
+from runner import MEMO_JSON, SCRIPT, Result, run_script, script_env
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
 
 MOMENTS = 25
-MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
 REPO = Path(fetch_memos.__file__).resolve().parent
 
 # The real main(), with os.fsync call number argv[2] made slow and announced (a marker file), so that a
