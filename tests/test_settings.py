@@ -30,12 +30,14 @@ BASE_ENV = {"CLIENT_ID": "client-id-settings", "CLIENT_SECRET": SECRET}
 VARIABLES = [
     "CLIENT_ID", "CLIENT_SECRET", "OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL",
     "MEMOS_API_URL", "OAUTH_SCOPE", "OAUTH_REDIRECT_URI", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT",
-    "OAUTH_ALLOW_INSECURE_HTTP",
+    "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_CLIENT_AUTH", "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL",
+    "OAUTH_RESOURCE",
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
     "--revoke-url", "--api-url", "--scope", "--redirect-uri", "--token-file", "--timeout", "--login-timeout",
-    "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version",
+    "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version", "--client-auth", "--issuer",
+    "--device-authorization-url", "--resource",
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 
@@ -243,10 +245,7 @@ def test_env_file_values_are_taken_literally(load, tmp_path: Path, monkeypatch: 
 
 @pytest.mark.parametrize(("environ", "variable", "how"), [
     ({"CLIENT_SECRET": SECRET}, "CLIENT_ID", "is not set"),
-    ({"CLIENT_ID": "abc"}, "CLIENT_SECRET", "is not set"),
     ({"CLIENT_ID": "", "CLIENT_SECRET": SECRET}, "CLIENT_ID", "is empty"),
-    ({"CLIENT_ID": "abc", "CLIENT_SECRET": ""}, "CLIENT_SECRET", "is empty"),
-    ({"CLIENT_ID": "abc", "CLIENT_SECRET": "  \t "}, "CLIENT_SECRET", "is empty"),
     ({}, "CLIENT_ID", "is not set"),
 ])
 def test_missing_or_empty_credentials(run_main, environ, variable, how) -> None:
@@ -256,6 +255,42 @@ def test_missing_or_empty_credentials(run_main, environ, variable, how) -> None:
     assert f"{variable} {how}" in line
     assert ".env.example" in line
     assert out == ""
+
+
+@pytest.mark.parametrize("environ", [{"CLIENT_ID": "abc"}, {"CLIENT_ID": "abc", "CLIENT_SECRET": ""},
+                                     {"CLIENT_ID": "abc", "CLIENT_SECRET": "  \t "}])
+def test_without_a_secret_the_client_is_public(load, environ) -> None:
+    """RFC 8252 section 8.4: a native app may be a public client; it then authenticates with none."""
+    settings = load(environ)
+    assert (settings.client_secret, settings.client_auth) == ("", "none")
+
+
+@pytest.mark.parametrize(("environ", "auth"), [
+    ({**BASE_ENV}, "basic"),
+    ({**BASE_ENV, "OAUTH_CLIENT_AUTH": "post"}, "post"),
+    ({**BASE_ENV, "OAUTH_CLIENT_AUTH": "NONE"}, "none"),
+    ({"CLIENT_ID": "abc", "OAUTH_CLIENT_AUTH": "none"}, "none"),
+])
+def test_client_auth_choice(load, environ, auth) -> None:
+    assert load(environ).client_auth == auth
+
+
+def test_client_auth_flag_beats_the_environment(load) -> None:
+    assert load({**BASE_ENV, "OAUTH_CLIENT_AUTH": "basic"}, "--client-auth", "post").client_auth == "post"
+
+
+@pytest.mark.parametrize("auth", ["basic", "post"])
+def test_client_auth_with_a_secret_but_no_secret_is_refused(run_main, auth) -> None:
+    code, _out, err = run_main({"CLIENT_ID": "abc", "OAUTH_CLIENT_AUTH": auth}, "--status")
+    assert code == 2
+    line = one_line(err)
+    assert f"OAUTH_CLIENT_AUTH={auth} needs CLIENT_SECRET" in line
+
+
+def test_unknown_client_auth_is_refused(run_main) -> None:
+    code, _out, err = run_main({**BASE_ENV, "OAUTH_CLIENT_AUTH": "jwt"}, "--status")
+    assert code == 2
+    assert "OAUTH_CLIENT_AUTH='jwt' is not one of basic, post, none" in one_line(err)
 
 
 def test_empty_client_id_flag_is_refused(run_main) -> None:
