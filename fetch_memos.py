@@ -905,10 +905,12 @@ def check_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_req
         return
     if len(values) > 1 or values[0] != issuer:
         named = values[0] if len(values) == 1 else " and ".join(values)
+        advice = (f" If {named} really is your server's issuer, set OAUTH_ISSUER={named} (or --issuer)."
+                  if len(values) == 1 and named and named.isprintable() else "")
         raise AuthorizationError(
             f"the authorization response names the issuer {named!r}, not the expected {issuer} (RFC 9207); it may "
             "belong to another server's authorization (a mix-up attack), so it was refused before any token "
-            f"request. If {named} really is your server's issuer, set OAUTH_ISSUER={named} (or --issuer).")
+            f"request.{advice}")
 
 
 def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, issuer_required: bool = False) -> str:
@@ -1770,7 +1772,8 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     """What is stored, without any secret and without touching the network."""
     token = store.load()
     if token is None:
-        print(f"No token stored in {store.path}. Run fetch_memos.py to authorize.")
+        print("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
+                         *endpoint_lines(settings)]))
         return 0
     meta = token.get(META_KEY) or {}
     scope = token.get("scope")
