@@ -5,8 +5,8 @@ The first run prints an authorization URL; you log in in a browser, press Author
 the code the server shows.  The token is kept in a private file beside this script and is
 reused, and refreshed, on later runs without asking.  `python fetch_memos.py --help` says more.
 
-The file reads top to bottom in the order a run meets things: settings, token store,
-authorization, session, commands, main().
+The file reads top to bottom in the order a run meets things: settings, server metadata, token
+store, authorization, session, commands, main().
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -118,14 +118,29 @@ def prompt() -> None:
 # Every setting: (environment variable, flag, help). The flag's dest is the lower-case name.
 SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "CLIENT_ID": ("--client-id", "the OAuth application's client id (required)"),
-    "CLIENT_SECRET": ("", "the application's client secret (required; .env or environment only, "
-                          "never a flag, because other users can read a command line)"),
-    "OAUTH_SERVER_URL": ("--server-url", f"the authorization server (default {DEFAULT_SERVER_URL})"),
+    "CLIENT_SECRET": ("", "the application's client secret; leave it unset for a public client (PKCE only, "
+                          "RFC 8252 section 8.4). .env or environment only, never a flag, because other users "
+                          "can read a command line"),
+    "OAUTH_CLIENT_AUTH": ("--client-auth", "how the client authenticates at the token and revocation endpoints: "
+                                           "basic (HTTP Basic, client_secret_basic), post (client_secret_post: "
+                                           "id and secret in the form) or none (public client: client_id in the "
+                                           "form); default basic with a secret, none without"),
+    "OAUTH_ISSUER": ("--issuer", "the authorization server's issuer identifier. When set, every endpoint not "
+                                 "set below comes from its RFC 8414 metadata (cached beside the token for 24 h), "
+                                 "and authorization responses must name it in iss (RFC 9207). Default: "
+                                 "OAUTH_SERVER_URL without a trailing slash, and no metadata is fetched"),
+    "OAUTH_SERVER_URL": ("--server-url", f"the authorization server (default {DEFAULT_SERVER_URL}, or the "
+                                         "origin of OAUTH_ISSUER when that is set)"),
     "OAUTH_AUTHORIZE_URL": ("--authorize-url", "authorization endpoint (default <server>/oauth/authorize)"),
     "OAUTH_TOKEN_URL": ("--token-url", "token endpoint (default <server>/oauth/token)"),
     "OAUTH_REVOKE_URL": ("--revoke-url", "revocation endpoint, RFC 7009 (default <server>/oauth/revoke)"),
+    "OAUTH_DEVICE_AUTHORIZATION_URL": ("--device-authorization-url", "device authorization endpoint, RFC 8628 "
+                                                                     "(default: from the metadata, else none)"),
     "MEMOS_API_URL": ("--api-url", "the protected JSON API (default <server>/api/memos/)"),
-    "OAUTH_SCOPE": ("--scope", "space-separated scopes to ask for (default read)"),
+    "OAUTH_SCOPE": ("--scope", "space-separated scopes to ask for (default read; with offline_access the "
+                               "authorization request also asks for prompt=consent)"),
+    "OAUTH_RESOURCE": ("--resource", "resource indicator, RFC 8707: the URL of the API the token is for, sent "
+                                     "on the authorization and token requests (default: none sent)"),
     "OAUTH_REDIRECT_URI": ("--redirect-uri", f"redirect URI registered for the app (default {OOB_REDIRECT_URI}; "
                                              "a http://127.0.0.1:PORT/... URI catches the redirect itself)"),
     "OAUTH_TOKEN_FILE": ("--token-file", f"where the token is kept (default {DEFAULT_TOKEN_FILE_NAME} beside "
@@ -136,6 +151,16 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
                                                            "not this machine (tokens then cross the network "
                                                            "unencrypted)"),
 }
+
+CLIENT_AUTH_METHODS = ("basic", "post", "none")
+
+# The endpoints a run may use: Settings field, the variable that sets it, and the RFC 8414 metadata field.
+ENDPOINTS: tuple[tuple[str, str, str], ...] = (
+    ("authorize_url", "OAUTH_AUTHORIZE_URL", "authorization_endpoint"),
+    ("token_url", "OAUTH_TOKEN_URL", "token_endpoint"),
+    ("revoke_url", "OAUTH_REVOKE_URL", "revocation_endpoint"),
+    ("device_authorization_url", "OAUTH_DEVICE_AUTHORIZATION_URL", "device_authorization_endpoint"),
+)
 
 
 @dataclass(frozen=True)
@@ -157,6 +182,15 @@ class Settings:
     allow_insecure_http: bool
     open_browser: bool = True
     debug: bool = False
+    client_auth: str = "basic"  # "basic" | "post" | "none"
+    issuer: str = ""  # the issuer authorization responses must name (RFC 9207)
+    issuer_explicit: bool = False  # OAUTH_ISSUER was set: endpoints come from its metadata (RFC 8414)
+    issuer_required: bool = False  # the metadata promised iss in every authorization response
+    resource: str = ""  # RFC 8707 resource indicator; "" sends none
+    device_authorization_url: str = ""  # "" when unknown
+    # Where each endpoint came from: {"token_url": "explicit" | "metadata" | "default", ...}
+    endpoint_sources: Mapping[str, str] = field(default_factory=dict)
+    metadata_fetched_at: float | None = None
 
     @property
     def is_oob(self) -> bool:
@@ -164,8 +198,12 @@ class Settings:
 
     @property
     def uses_plain_http(self) -> bool:
-        urls = (self.authorize_url, self.token_url, self.revoke_url, self.api_url)
+        urls = (self.authorize_url, self.token_url, self.revoke_url, self.api_url, self.device_authorization_url)
         return any(url.lower().startswith("http://") for url in urls)
+
+    def source(self, endpoint: str) -> str:
+        """Where an endpoint came from: "explicit" (a setting), "metadata" (RFC 8414) or "default"."""
+        return self.endpoint_sources.get(endpoint, "default")
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -265,24 +303,43 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     def get(key: str, default: str = "") -> str:
         return merged.get(key, default).strip()
 
-    for key in ("CLIENT_ID", "CLIENT_SECRET"):
-        if not get(key):
-            where = "is empty" if key in merged else "is not set"
-            raise ConfigError(
-                f"{key} {where}. Copy .env.example to .env beside fetch_memos.py and fill in the client "
-                "credentials of your OAuth application (or set the environment variable)."
-            )
+    if not get("CLIENT_ID"):
+        where = "is empty" if "CLIENT_ID" in merged else "is not set"
+        raise ConfigError(
+            f"CLIENT_ID {where}. Copy .env.example to .env beside fetch_memos.py and fill in the client "
+            "credentials of your OAuth application (or set the environment variable)."
+        )
+    client_secret = get("CLIENT_SECRET")
+    client_auth = (get("OAUTH_CLIENT_AUTH") or ("basic" if client_secret else "none")).lower()
+    if client_auth not in CLIENT_AUTH_METHODS:
+        raise ConfigError(f"OAUTH_CLIENT_AUTH={get('OAUTH_CLIENT_AUTH')!r} is not one of basic, post, none.")
+    if client_auth != "none" and not client_secret:
+        raise ConfigError(f"OAUTH_CLIENT_AUTH={client_auth} needs CLIENT_SECRET, which is not set. Set it in .env "
+                          "beside fetch_memos.py, or use OAUTH_CLIENT_AUTH=none for a public client.")
     allow_insecure = _truthy(get("OAUTH_ALLOW_INSECURE_HTTP", "0"))
-    server_url = _check_url("OAUTH_SERVER_URL", get("OAUTH_SERVER_URL") or DEFAULT_SERVER_URL, allow_insecure)
+    issuer_explicit = bool(get("OAUTH_ISSUER"))
+    issuer = _check_issuer(get("OAUTH_ISSUER"), allow_insecure) if issuer_explicit else ""
+    default_server = _origin_url(issuer) if issuer_explicit else DEFAULT_SERVER_URL
+    server_url = _check_url("OAUTH_SERVER_URL", get("OAUTH_SERVER_URL") or default_server, allow_insecure)
+    if not issuer_explicit:
+        issuer = server_url.rstrip("/")  # only this default drops the slash; OAUTH_ISSUER is compared as set
     base = server_url.rstrip("/")
     urls = {
         "OAUTH_AUTHORIZE_URL": base + "/oauth/authorize",
         "OAUTH_TOKEN_URL": base + "/oauth/token",
         "OAUTH_REVOKE_URL": base + "/oauth/revoke",
+        "OAUTH_DEVICE_AUTHORIZATION_URL": "",
         "MEMOS_API_URL": base + "/api/memos/",
     }
+    sources = {}
+    for attribute, key, _metadata_field in ENDPOINTS:
+        sources[attribute] = "explicit" if get(key) else "default"
     for key, default in urls.items():
-        urls[key] = _check_url(key, get(key) or default, allow_insecure)
+        value = get(key) or default
+        urls[key] = _check_url(key, value, allow_insecure) if value else ""
+    resource = get("OAUTH_RESOURCE")
+    if resource:
+        resource = _check_url("OAUTH_RESOURCE", resource, allow_insecure)
 
     redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI") or OOB_REDIRECT_URI)
     if getattr(args, "loopback", None) is not None:
@@ -297,7 +354,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
     return Settings(
         client_id=get("CLIENT_ID"),
-        client_secret=get("CLIENT_SECRET"),
+        client_secret=client_secret,
         server_url=server_url,
         authorize_url=urls["OAUTH_AUTHORIZE_URL"],
         token_url=urls["OAUTH_TOKEN_URL"],
@@ -311,11 +368,177 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         allow_insecure_http=allow_insecure,
         open_browser=not getattr(args, "no_browser", False),
         debug=bool(getattr(args, "debug", False)),
+        client_auth=client_auth,
+        issuer=issuer,
+        issuer_explicit=issuer_explicit,
+        resource=resource,
+        device_authorization_url=urls["OAUTH_DEVICE_AUTHORIZATION_URL"],
+        endpoint_sources=sources,
     )
 
 
+def _check_issuer(value: str, allow_insecure_http: bool) -> str:
+    """RFC 8414 section 2: an https URL (http only where _check_url allows it) with no query or fragment."""
+    _check_url("OAUTH_ISSUER", value, allow_insecure_http)
+    if urlsplit(value).query:
+        raise ConfigError(f"OAUTH_ISSUER={value!r} must not contain a ?query (RFC 8414 section 2).")
+    return value
+
+
+def _origin_url(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 # ---------------------------------------------------------------------------------------------
-# 2. Token store: the only code that opens the token file.
+# 2. Server metadata (RFC 8414): settings + the issuer's metadata -> the endpoints a run uses.
+# ---------------------------------------------------------------------------------------------
+
+METADATA_MAX_AGE = 24 * 3600  # seconds a cached copy is trusted; servers rarely move their endpoints
+MAX_METADATA_BYTES = 256 * 1024
+_AS_METADATA = "/.well-known/oauth-authorization-server"
+_OIDC_METADATA = "/.well-known/openid-configuration"
+
+
+def metadata_urls(issuer: str) -> list[str]:
+    """Where an issuer's metadata may be, in the order asked; a URL two rules give alike is asked once.
+
+    RFC 8414 section 3.1 puts the well-known name between the host and the issuer's path; some servers
+    (django-oauth-toolkit) serve it after the path instead, and OpenID Connect Discovery appends
+    openid-configuration to the issuer.
+    """
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")  # section 3.1: a terminating "/" is removed before inserting
+    base = f"{parts.scheme}://{parts.netloc}{path}"
+    candidates = [f"{parts.scheme}://{parts.netloc}{_AS_METADATA}{path}", base + _AS_METADATA, base + _OIDC_METADATA]
+    return list(dict.fromkeys(candidates))
+
+
+class MetadataCache:
+    """The issuer's metadata, kept in a small JSON file beside the token file so a warm run asks nothing.
+
+    A file of its own, not a field in the token file: it is written before any token exists, and
+    writing it never races a refresh that rotates the token.
+    """
+
+    def __init__(self, token_file: Path) -> None:
+        self.path = token_file.with_name(token_file.name + ".metadata.json")
+
+    def load(self, issuer: str, now: float | None = None) -> dict[str, Any] | None:
+        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another's."""
+        now = time.time() if now is None else now
+        try:
+            with open(self.path, "rb") as handle:
+                record = json.loads(handle.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("issuer") != issuer:
+            return None
+        fetched_at = record.get("fetched_at")
+        if isinstance(fetched_at, bool) or not isinstance(fetched_at, (int, float)):
+            return None
+        if not now - METADATA_MAX_AGE < fetched_at <= now + 300:  # stale, or written by a clock far ahead
+            return None
+        endpoints = record.get("endpoints")
+        if not isinstance(endpoints, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in endpoints.items()):
+            return None
+        return record
+
+    def save(self, record: Mapping[str, Any]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            warn(f"the server metadata could not be cached in {self.path} ({exc.strerror or exc}); each run "
+                 "will fetch it again.")
+
+    def forget(self) -> None:
+        """An endpoint taken from the metadata failed: the next run asks the server again."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def fetch_metadata(settings: Settings) -> dict[str, Any]:
+    """Ask the issuer for its metadata (RFC 8414 section 3) and keep what a run needs."""
+    import requests
+
+    tried: list[str] = []
+    server_failed = False
+    for url in metadata_urls(settings.issuer):
+        tried.append(url)
+        try:
+            response = requests.get(url, timeout=settings.timeout, headers={
+                "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
+        except requests.exceptions.RequestException as exc:
+            raise ServerError(_describe_request_error(exc, url, settings.timeout) + " (fetching the server "
+                              "metadata of OAUTH_ISSUER).") from None
+        log.debug("GET %s -> %s", url, response.status_code)
+        if response.status_code >= 500:
+            server_failed = True
+        if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
+            continue
+        try:
+            document = response.json()
+        except ValueError:
+            continue
+        if not isinstance(document, dict):
+            continue
+        if document.get("issuer") != settings.issuer:
+            # Section 3.3: metadata naming another issuer must not be used (it could send us anywhere).
+            raise ConfigError(f"the server metadata at {url} names the issuer {document.get('issuer')!r}, not "
+                              f"OAUTH_ISSUER={settings.issuer} (RFC 8414 section 3.3); set OAUTH_ISSUER to the "
+                              "server's issuer identifier, exactly as it is written.")
+        endpoints = {name: document[name] for _attribute, _key, name in ENDPOINTS
+                     if isinstance(document.get(name), str) and document[name]}
+        return {"issuer": settings.issuer, "fetched_at": time.time(), "url": url, "endpoints": endpoints,
+                "authorization_response_iss_parameter_supported":
+                    document.get("authorization_response_iss_parameter_supported") is True}
+    where = ", ".join(tried)
+    if server_failed:
+        raise ServerError(f"the server failed to answer with its metadata (tried {where}); try again later.")
+    raise ConfigError(f"no authorization server metadata found for OAUTH_ISSUER={settings.issuer} (tried {where}); "
+                      "check OAUTH_ISSUER, or unset it and set the endpoints (OAUTH_AUTHORIZE_URL, OAUTH_TOKEN_URL, "
+                      "...) yourself.")
+
+
+def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
+    """The settings with every endpoint not set explicitly taken from the metadata."""
+    changes: dict[str, Any] = {}
+    sources = dict(settings.endpoint_sources)
+    for attribute, _key, name in ENDPOINTS:
+        url = record["endpoints"].get(name)
+        if settings.source(attribute) == "explicit" or not url:
+            continue
+        changes[attribute] = _check_url(f"the metadata's {name}", url, settings.allow_insecure_http)
+        sources[attribute] = "metadata"
+    return replace(settings, **changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
+                   issuer_required=bool(record.get("authorization_response_iss_parameter_supported")))
+
+
+def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
+    """Without OAUTH_ISSUER: the settings as they are, and no request. With it: endpoints from the metadata,
+    from the cache while it is fresh (so a warm run makes one request, the API call), else from the server.
+    `fetch=False` (for --status) never touches the network."""
+    if not settings.issuer_explicit:
+        return settings
+    cache = MetadataCache(settings.token_file)
+    record = cache.load(settings.issuer)
+    if record is None:
+        if not fetch:
+            return settings
+        record = fetch_metadata(settings)
+        cache.save(record)
+    return apply_metadata(settings, record)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Token store: the only code that opens the token file.
 # ---------------------------------------------------------------------------------------------
 
 MAX_TOKEN_FILE_BYTES = 64 * 1024
@@ -416,6 +639,8 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
     for key in ("server_url", "token_url", "api_url", "client_id"):
         if key in meta and not isinstance(meta[key], str):
             raise BadTokenFile(f"its {META_KEY} {key} is not text")
+    if "scope" in meta and not (isinstance(meta["scope"], list) and all(isinstance(s, str) for s in meta["scope"])):
+        raise BadTokenFile(f"its {META_KEY} scope is not a list of text")
     return token
 
 
@@ -572,10 +797,47 @@ def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a.get("access_token") == b.get("access_token") and a.get("refresh_token") == b.get("refresh_token")
 
 
-def token_meta(settings: Settings) -> dict[str, Any]:
-    """What we record beside a token: the token is only ever sent back where it came from."""
+def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """What we record beside a token: the token is only ever sent back where it came from.
+
+    `scope` is the scope asked for when the grant was obtained (not what was granted, which is the
+    token's own `scope`): a refresh keeps the grant's scope, so it stays the same across refreshes.
+    """
     return {"version": 1, "server_url": settings.server_url, "token_url": settings.token_url,
-            "api_url": settings.api_url, "client_id": settings.client_id, "scope": list(settings.scope)}
+            "api_url": settings.api_url, "client_id": settings.client_id,
+            "scope": list(settings.scope if asked_scope is None else asked_scope)}
+
+
+def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The scope asked for when this grant was obtained, or None when an older version stored none."""
+    meta = token.get(META_KEY)
+    scope = meta.get("scope") if isinstance(meta, dict) else None
+    return tuple(scope) if isinstance(scope, list) else None
+
+
+def granted_scope(token: Mapping[str, Any], asked: tuple[str, ...]) -> tuple[str, ...]:
+    """RFC 6749 section 5.1: a token response without `scope` granted what was asked."""
+    scope = token.get("scope")
+    if isinstance(scope, str):
+        return tuple(scope.split())
+    if isinstance(scope, (list, tuple)) and scope:
+        return tuple(scope)
+    return asked
+
+
+def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
+    """The configured scopes the stored grant was never asked for, said in words; None when there are none.
+
+    A refresh cannot widen a grant (RFC 6749 section 6), so such a scope needs a new authorization.
+    """
+    asked = asked_scope(token)
+    if asked is None:
+        return None
+    missing = [scope for scope in settings.scope if scope not in asked]
+    if not missing:
+        return None
+    return (f"the configuration asks for scope {' '.join(missing)}, which was not asked for when the stored token "
+            f"was obtained (it asked for {' '.join(asked) or 'no scope'})")
 
 
 def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
@@ -599,7 +861,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Authorization: build the URL (PKCE S256, state), get the code (paste or loopback), exchange it.
+# 4. Authorization: build the URL (PKCE S256, state), get the code (paste or loopback), exchange it.
 # ---------------------------------------------------------------------------------------------
 
 PROMPT_ATTEMPTS = 3
@@ -619,11 +881,44 @@ def _raise_authorization_error(error: str, description: str) -> None:
     raise AuthorizationError(f"the server refused the authorization: {error}{detail}.")
 
 
-def parse_pasted(text: str, expected_state: str) -> str:
+NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not support {OOB_REDIRECT_URI} "
+                "(copy and paste): register http://127.0.0.1/callback as a redirect URI of the application and run "
+                "with --loopback (or set OAUTH_REDIRECT_URI=http://127.0.0.1:PORT/callback).")
+
+
+def check_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_required: bool) -> None:
+    """RFC 9207: the one check of `iss`, for pasted and loopback responses alike, before any token request.
+
+    A response naming another issuer came from another server's flow (the mix-up attack, RFC 9700
+    section 4.4); section 2.4 asks for simple string comparison. When the metadata promised `iss`
+    in every response, one without it is refused the same way. `issuer=None` checks nothing.
+    """
+    if issuer is None:
+        return
+    values = params.get("iss")
+    if not values:
+        if issuer_required:
+            raise AuthorizationError(
+                f"the authorization response carries no iss, though the metadata of {issuer} says every response "
+                "names its issuer (RFC 9207); it may belong to another server's authorization (a mix-up attack), "
+                "so it was refused before any token request. Run again, and check OAUTH_ISSUER.")
+        return
+    if len(values) > 1 or values[0] != issuer:
+        named = values[0] if len(values) == 1 else " and ".join(values)
+        advice = (f" If {named} really is your server's issuer, set OAUTH_ISSUER={named} (or --issuer)."
+                  if len(values) == 1 and named and named.isprintable() else "")
+        raise AuthorizationError(
+            f"the authorization response names the issuer {named!r}, not the expected {issuer} (RFC 9207); it may "
+            "belong to another server's authorization (a mix-up attack), so it was refused before any token "
+            f"request.{advice}")
+
+
+def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, issuer_required: bool = False) -> str:
     """The code from what a person pasted: a bare code, or the URL of the code page or of a redirect.
 
-    Quotes and spaces that come along with a copy are dropped. A URL's `error=` is reported, and its
-    `state`, when present, must be ours (Doorkeeper's out-of-band page carries none).
+    Quotes and spaces that come along with a copy are dropped. A URL's `error=` is reported, its
+    `state`, when present, must be ours (Doorkeeper's out-of-band page carries none), and its `iss`
+    must name `issuer` (check_issuer).
     """
     cleaned = "".join(text.split()).strip("'\"<>`")
     if not cleaned:
@@ -640,6 +935,11 @@ def parse_pasted(text: str, expected_state: str) -> str:
         if not all(0x21 <= ord(ch) <= 0x7E for ch in cleaned):
             raise AuthorizationError("that does not look like an authorization code; paste the code the "
                                      "server showed, or the whole address of that page.")
+        if issuer is not None and issuer_required:
+            # RFC 9207 protects the redirect response, which carries iss; a bare code carries nothing to
+            # check, so it is only taken from a server that does not promise iss.
+            raise AuthorizationError(f"a bare code cannot be checked against the issuer {issuer} (RFC 9207); paste "
+                                     "the whole address the browser ended up on instead.")
         return cleaned
     try:
         query = urlsplit(cleaned).query or cleaned.partition("?")[2] or cleaned
@@ -647,19 +947,20 @@ def parse_pasted(text: str, expected_state: str) -> str:
         raise AuthorizationError("that is neither a code nor an address that can be read; paste the code the "
                                  "server showed, or the whole address of that page.") from None
     params = parse_qs(query, keep_blank_values=True)
-    if params.get("error") and params["error"][0]:
-        _raise_authorization_error(params["error"][0], (params.get("error_description") or [""])[0])
     state = params.get("state")
     if state is not None and not _same_text(state[0], expected_state):
         raise AuthorizationError("the pasted URL belongs to a different authorization request (its state "
                                  "does not match); run again and use the URL this run printed.")
+    check_issuer(params, issuer, issuer_required)  # error responses carry iss too (RFC 9207 section 2)
+    if params.get("error") and params["error"][0]:
+        _raise_authorization_error(params["error"][0], (params.get("error_description") or [""])[0])
     code = (params.get("code") or [""])[0]
     if not code:
-        raise AuthorizationError("the pasted URL has no code in it; paste the code the server showed.")
+        raise AuthorizationError(f"the server gave no code: the pasted address has none in it. {NO_CODE_HINT}")
     return code
 
 
-def read_pasted_code(expected_state: str) -> str:
+def read_pasted_code(expected_state: str, *, issuer: str | None = None, issuer_required: bool = False) -> str:
     """Ask at the terminal until something usable is pasted; end of input means nobody will."""
     for _attempt in range(PROMPT_ATTEMPTS):
         say("Paste the code (or the whole address of the page showing it) and press Enter:")
@@ -669,7 +970,7 @@ def read_pasted_code(expected_state: str) -> str:
             say()  # end the "> " prompt line
             raise AuthorizationError("no code was entered (end of input); run again to authorize.")
         try:
-            return parse_pasted(line, expected_state)
+            return parse_pasted(line, expected_state, issuer=issuer, issuer_required=issuer_required)
         except ValueError:
             say("Nothing was pasted.")
     raise AuthorizationError("no code was entered; run again to authorize.")
@@ -738,6 +1039,8 @@ class LoopbackListener:
         shown_host = f"[{host}]" if ":" in host else host
         self.redirect_uri = f"http://{shown_host}:{port}{self.path}"
         self.expected_state = ""
+        self.expected_issuer: str | None = None  # None checks no iss (check_issuer)
+        self.issuer_required = False
         self.result: str | FetchMemosError | None = None
         self.pasted = False
         self.replied = threading.Event()
@@ -753,6 +1056,12 @@ class LoopbackListener:
             log.debug("refused a redirect whose state is missing or wrong")
             return 400, _page("Not accepted", "This request does not belong to the authorization in progress "
                                               "(its state is missing or wrong), so it was ignored.")
+        try:
+            check_issuer(params, self.expected_issuer, self.issuer_required)
+        except AuthorizationError as exc:
+            self.result = exc
+            return 400, _page("Not accepted", "This response does not name the expected authorization server "
+                                              "(RFC 9207 iss), so it was refused. Return to the terminal.")
         if params.get("error"):
             error = params["error"][0]
             description = (params.get("error_description") or [""])[0]
@@ -795,7 +1104,8 @@ class LoopbackListener:
                             continue
                         self.pasted = True
                         with contextlib.suppress(ValueError):
-                            self.result = parse_pasted(line, self.expected_state)
+                            self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
+                                                       issuer_required=self.issuer_required)
         finally:
             selector.close()
             if self.result is not None and not self.pasted:
@@ -845,13 +1155,15 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
     if settings.is_oob:
         url, state = session.authorization_url(settings.authorize_url)
         show_authorization_url(url, opened=False)
-        code = read_pasted_code(state)
+        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
     else:
         listener = LoopbackListener(settings.redirect_uri)
         try:
             session.redirect_uri = listener.redirect_uri
             url, state = session.authorization_url(settings.authorize_url)
             listener.expected_state = state
+            listener.expected_issuer = settings.issuer
+            listener.issuer_required = settings.issuer_required
             opened = False
             if should_open_browser(settings, environ):
                 import webbrowser
@@ -872,7 +1184,7 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Session: OAuth2Session with auto refresh wired to the token store; decides when to refresh.
+# 5. Session: OAuth2Session with auto refresh wired to the token store; decides when to refresh.
 # ---------------------------------------------------------------------------------------------
 
 RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
@@ -991,7 +1303,7 @@ def _nothing_was_sent(exc: Exception) -> bool:
         isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
 
 
-def _check_token_response(response: requests.Response) -> requests.Response:
+def _check_token_response(response: requests.Response, settings: Settings) -> requests.Response:
     """Report what the token endpoint really said before oauthlib parses it.
 
     oauthlib turns an HTML error page into "Missing access token parameter", which hides
@@ -999,6 +1311,8 @@ def _check_token_response(response: requests.Response) -> requests.Response:
     """
     content_type = response.headers.get("Content-Type", "")
     is_json = "json" in content_type.lower()
+    if response.status_code == 401 and not settings.client_secret and not is_json:
+        raise ConfigError(missing_secret_message(response.url, "401 Unauthorized"))
     if response.status_code >= 500:
         raise ServerError(f"the token endpoint {response.url} answered {response.status_code} "
                           f"{response.reason or ''}".rstrip() + "; try again later.")
@@ -1036,8 +1350,11 @@ class MemoSession:
             pkce="S256",
         )
         self.oauth.memo = self
-        self.oauth.register_compliance_hook("access_token_response", _check_token_response)
-        self.oauth.register_compliance_hook("refresh_token_response", _check_token_response)
+        check = functools.partial(_check_token_response, settings=settings)
+        self.oauth.register_compliance_hook("access_token_response", check)
+        self.oauth.register_compliance_hook("refresh_token_response", check)
+        self.oauth.register_compliance_hook("refresh_token_request", _without_scope)
+        self.asked_scope: tuple[str, ...] = settings.scope
         # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
         # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
         # so a refresh and the API call share one TCP connection.
@@ -1056,6 +1373,9 @@ class MemoSession:
     def use(self, token: Mapping[str, Any]) -> None:
         """Hold this token; requests-oauthlib sees it as expired refresh_margin() seconds early."""
         self.token = dict(token)
+        asked = asked_scope(self.token)
+        if asked is not None:  # a stored token says what its grant asked for; a refreshed one keeps that
+            self.asked_scope = asked
         remember_secret(self.token.get("access_token"), self.token.get("refresh_token"))
         session_copy = {key: value for key, value in self.token.items() if key != META_KEY}
         if isinstance(session_copy.get("expires_at"), (int, float)):
@@ -1067,7 +1387,7 @@ class MemoSession:
 
     def _save(self, token: Mapping[str, Any]) -> None:
         try:
-            self.store.save(token, token_meta(self.settings))
+            self.store.save(token, token_meta(self.settings, self.asked_scope))
         except TokenNotSaved as exc:
             # The run can still succeed; say so, since the next run cannot reuse this token.
             warn(f"{exc}. The next run will have to authorize again.")
@@ -1076,8 +1396,14 @@ class MemoSession:
 
     def authorization_url(self, authorize_url: str) -> tuple[str, str]:
         state = secrets.token_urlsafe(24)
+        extra: dict[str, str] = {}
+        if self.settings.resource:
+            extra["resource"] = self.settings.resource  # RFC 8707 section 2.1
+        if "offline_access" in self.settings.scope:
+            # OpenID Connect Core section 11: offline_access is ignored unless consent is asked for.
+            extra["prompt"] = "consent"
         with _oauthlib_transport(self.settings):
-            url, state = self.oauth.authorization_url(authorize_url, state=state)
+            url, state = self.oauth.authorization_url(authorize_url, state=state, **extra)
         remember_secret(self.oauth._code_verifier)
         return url, state
 
@@ -1090,15 +1416,37 @@ class MemoSession:
         self.oauth.redirect_uri = value
 
     def exchange_code(self, code: str) -> dict[str, Any]:
-        """Trade the code for a token (PKCE verifier and HTTP Basic client auth); never retried."""
+        """Trade the code for a token (PKCE verifier and the configured client auth); never retried."""
         url = self.settings.token_url
+        if self.settings.client_auth == "basic":
+            auth: dict[str, Any] = {"auth": self._client_auth()}
+        else:  # client_id (and for "post" the secret) in the body, no Authorization header
+            auth = {"include_client_id": True}
+            if self.settings.client_auth == "post":
+                auth["client_secret"] = self.settings.client_secret
+        extra = {"resource": self.settings.resource} if self.settings.resource else {}
         try:
             with _oauthlib_transport(self.settings):
-                token = _granted(lambda: self.oauth.fetch_token(
-                    url, code=code, client_secret=self.settings.client_secret, timeout=self.settings.timeout))
+                token = _granted(lambda: self.oauth.fetch_token(url, code=code, timeout=self.settings.timeout,
+                                                                **auth, **extra))
         except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-            raise _token_request_error(exc, url, self.settings, during="exchange") from None
+            raise self._token_request_failed(exc, "token_url", during="exchange") from None
+        return self.take_new_token(token)
+
+    def take_new_token(self, token: Mapping[str, Any]) -> dict[str, Any]:
+        """The one place a freshly granted token (code exchange or device flow) is checked, used and saved.
+
+        RFC 6749 section 3.3 lets the server grant less than asked: say once what is missing and go
+        on (refreshes do not ask for scope, so they keep working). The scope asked for is recorded
+        beside the token, to notice later when the configuration asks for more.
+        """
         token = dict(token)
+        self.asked_scope = self.settings.scope
+        granted = granted_scope(token, self.asked_scope)
+        missing = [scope for scope in self.asked_scope if scope not in granted]
+        if missing:
+            say(f"Note: the server did not grant scope {' '.join(missing)} (asked for {' '.join(self.asked_scope)}, "
+                f"granted {' '.join(granted) or 'no scope'}); continuing with what was granted.")
         self.use(token)
         self._save(token)
         return token
@@ -1118,13 +1466,17 @@ class MemoSession:
             if not refresh_token:
                 raise DeadGrant("the stored token has expired and came without a refresh token.")
             url = self.settings.token_url
+            extra: dict[str, Any] = {"auth": self._client_auth()} if self.settings.client_auth == "basic" else {
+                "auth": None, **self._client_auth_fields()}
+            if self.settings.resource:
+                extra["resource"] = self.settings.resource  # RFC 8707 section 2.2
             try:
                 with _oauthlib_transport(self.settings):
                     token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
-                                                                      auth=self._client_auth()))
+                                                                      **extra))
                 token.setdefault("refresh_token", refresh_token)  # RFC 6749 section 6: kept unless replaced
             except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-                raise _token_request_error(exc, url, self.settings, during="refresh") from None
+                raise self._token_request_failed(exc, "token_url", during="refresh") from None
             log.debug("refreshed the token at %s", url)
             self.use(token)
             self._save(token)
@@ -1185,23 +1537,57 @@ class MemoSession:
         return response
 
     def _client_auth(self) -> Any:
+        """HTTP Basic credentials for OAUTH_CLIENT_AUTH=basic (client_secret_basic), else None."""
         import requests
 
+        if self.settings.client_auth != "basic":
+            return None
         return requests.auth.HTTPBasicAuth(self.settings.client_id, self.settings.client_secret)
 
+    def _client_auth_fields(self) -> dict[str, str]:
+        """The form fields that authenticate the client for OAUTH_CLIENT_AUTH=post or none (RFC 6749 2.3.1)."""
+        if self.settings.client_auth == "basic":
+            return {}
+        if self.settings.client_auth == "post":
+            return {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
+        return {"client_id": self.settings.client_id}  # a public client identifies itself (section 3.2.1)
+
     def post_form(self, url: str, data: Mapping[str, str]) -> requests.Response:
-        """A client-authenticated POST that carries no bearer token (used for revocation)."""
+        """A POST with the configured client authentication and no bearer token (revocation, device flow)."""
         import requests
 
         try:
             with _oauthlib_transport(self.settings):
-                return self.oauth.post(url, data=dict(data), timeout=self.settings.timeout, withhold_token=True,
-                                       auth=self._client_auth())
+                return self.oauth.post(url, data={**data, **self._client_auth_fields()}, timeout=self.settings.timeout,
+                                       withhold_token=True, auth=self._client_auth())
         except requests.exceptions.RequestException as exc:
             raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
 
+    def endpoint_failed(self, endpoint: str) -> None:
+        """An endpoint that came from the metadata failed: the cached metadata may be out of date."""
+        if self.settings.source(endpoint) == "metadata":
+            MetadataCache(self.settings.token_file).forget()
+
+    def _token_request_failed(self, exc: Exception, endpoint: str, during: str) -> Exception:
+        error = _token_request_error(exc, getattr(self.settings, endpoint), self.settings, during)
+        if isinstance(error, ServerError):
+            self.endpoint_failed(endpoint)
+        return error
+
     def close(self) -> None:
         self.oauth.close()
+
+
+def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
+    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
+
+    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
+    scope fails at a server that granted less (invalid_scope), on every later refresh.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
+    return url, headers, urlencode(fields)
 
 
 def _granted(token_request: Any) -> dict[str, Any]:
@@ -1220,6 +1606,12 @@ def _granted(token_request: Any) -> dict[str, Any]:
         return dict(token)
 
 
+def missing_secret_message(url: str, error: str) -> str:
+    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
+            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
+            "the application as public.")
+
+
 def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
     """One place that says what a failed token request means for the person."""
     import requests
@@ -1233,9 +1625,13 @@ def _token_request_error(exc: Exception, url: str, settings: Settings, during: s
             return ServerError(f"{what} while refreshing the token. The stored token was kept; run again "
                                "(if the server had already used it up, you will be asked to authorize again).")
         return ServerError(what + ".")
+    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
+        return ConfigError(missing_secret_message(url, exc.error))
     if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
         return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
                            "and CLIENT_SECRET in .env.")
+    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
+        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
     if isinstance(exc, oauth_errors.InvalidGrantError):
         if during == "refresh":
             return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
@@ -1255,7 +1651,7 @@ def _token_request_error(exc: Exception, url: str, settings: Settings, during: s
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Commands: fetch (the default), --status, --logout.
+# 6. Commands: fetch (the default), --status, --logout.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1279,6 +1675,10 @@ def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> d
                                      "terminal: run fetch_memos.py interactively once.")
         aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
         say(f"Not using the stored token: {reason}. It was kept as {aside}.")
+        return None
+    added = scope_added(token, settings)
+    if added:
+        need_person(terminal, f"Not using the stored token: {added}.")
         return None
     return token
 
@@ -1372,7 +1772,8 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     """What is stored, without any secret and without touching the network."""
     token = store.load()
     if token is None:
-        print(f"No token stored in {store.path}. Run fetch_memos.py to authorize.")
+        print("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
+                         *endpoint_lines(settings)]))
         return 0
     meta = token.get(META_KEY) or {}
     scope = token.get("scope")
@@ -1390,11 +1791,37 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     else:
         lines.append("Access token:  expiry unknown")
     lines.append(f"Refresh token: {'stored (refreshed automatically)' if token.get('refresh_token') else 'none'}")
+    lines += endpoint_lines(settings)
     mismatch = token_mismatch(token, settings)
     if mismatch:
         lines.append(f"Note:          not usable with the current settings: {mismatch}.")
+    added = scope_added(token, settings)
+    if added:
+        lines.append(f"Note:          the next run authorizes again: {added}.")
     print("\n".join(lines))
     return 0
+
+
+def endpoint_lines(settings: Settings) -> list[str]:
+    """The issuer, and each endpoint with where it came from (a setting, the metadata, or the default)."""
+    if settings.issuer_explicit:
+        fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
+                   else "metadata not fetched yet; the next run fetches it")
+        lines = [f"Issuer:        {settings.issuer} (OAUTH_ISSUER; {fetched})"]
+    else:
+        lines = [f"Issuer:        {settings.issuer} (from OAUTH_SERVER_URL; no metadata is fetched)"]
+    labels = {"explicit": "set explicitly", "metadata": "from the metadata", "default": "default"}
+    for attribute, key, _name in ENDPOINTS:
+        url = getattr(settings, attribute)
+        source = settings.source(attribute)
+        if source == "default" and settings.issuer_explicit:
+            source_text = "default; not in the metadata" if settings.metadata_fetched_at else "default for now"
+        else:
+            source_text = labels[source]
+        title = {"authorize_url": "Authorize:", "token_url": "Token:", "revoke_url": "Revoke:",
+                 "device_authorization_url": "Device auth:"}[attribute]
+        lines.append(f"{title:<15}{url or 'none'} ({source_text}; {key})")
+    return lines
 
 
 def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
@@ -1402,7 +1829,9 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
 
     Doorkeeper only revokes a token that is still usable: the access token must not have expired.
     And after a refresh it keeps the previous refresh token alive until the new access token is
-    first used. So: refresh if needed, use the access token once, then revoke.
+    first used. So: refresh if needed, use the access token once, then revoke. The refresh token
+    goes first: revoking it ends the grant (section 2.1), the access token then only where the
+    server can (section 2.2.1 lets it refuse with unsupported_token_type).
     """
     token = store.load()
     if token is None:
@@ -1414,32 +1843,70 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
         if mismatch:
             raise ConfigError(f"the stored token cannot be revoked with the current settings: {mismatch}. Point the "
                               "settings back at that server, or delete the file by hand.")
+        dead = False
         try:
             session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
         except DeadGrant:
-            store.remove()
-            say(f"The grant was already dead at the server; removed {store.path}.")
-            return 0
-        for kind in ("refresh_token", "access_token"):
-            value = session.token.get(kind)
-            if not value:
-                continue
-            response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
-            if response.status_code in (401, 403) and "invalid_client" in response.text:
-                raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
-                                  "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
-            if response.status_code != 200:
-                raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
-                                  f"{response.reason or ''}".rstrip() + "; the token file was kept.")
+            dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
+        still_valid = revoke_tokens(session, settings)
         store.remove()
-        say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed.")
+        if still_valid is not None:
+            expires_at = session.token.get("expires_at")
+            until = _when(expires_at) if isinstance(expires_at, (int, float)) else "its expiry (not known)"
+            say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed. The server "
+                f"cannot revoke access tokens ({still_valid}), so the last access token stays valid until {until}.")
+        elif dead:
+            say(f"The grant was already dead at the server; revoked what was held and removed {store.path}.")
+        else:
+            say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed.")
         return 0
     finally:
         session.close()
 
 
+def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
+    """Revoke the refresh token, then the access token; the error code when the access token could not be.
+
+    Raises (the caller keeps the file) for anything else that means the grant may live on.
+    """
+    refresh_revoked = False
+    for kind in ("refresh_token", "access_token"):
+        value = session.token.get(kind)
+        if not value:
+            continue
+        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
+        if response.status_code == 200:
+            refresh_revoked = refresh_revoked or kind == "refresh_token"
+            continue
+        error = _oauth_error(response)
+        if kind == "access_token" and error == "unsupported_token_type" and (
+                refresh_revoked or not session.token.get("refresh_token")):
+            return error  # section 2.2.1: the grant is gone; this token only lives until it expires
+        if error == "invalid_client" or (response.status_code == 401 and not settings.client_secret):
+            if not settings.client_secret:
+                raise ConfigError(missing_secret_message(settings.revoke_url, error or "401") + " The token file "
+                                  "was kept.")
+            raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
+                              "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
+        session.endpoint_failed("revoke_url")
+        detail = f" ({error})" if error else ""
+        raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
+                          f"{response.reason or ''}".rstrip() + f"{detail}; the token file was kept.")
+    return None
+
+
+def _oauth_error(response: requests.Response) -> str:
+    """The `error` of an OAuth JSON error body, or "" when there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) and error.isprintable() and len(error) < 100 else ""
+
+
 # ---------------------------------------------------------------------------------------------
-# 6. main(): parse flags, run one command, turn our exceptions into one line and an exit code.
+# 7. main(): parse flags, run one command, turn our exceptions into one line and an exit code.
 # ---------------------------------------------------------------------------------------------
 
 def _settings_help() -> str:
@@ -1543,6 +2010,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         store = TokenStore(settings.token_file)
         terminal = Terminal(interactive=sys.stdin is not None and sys.stdin.isatty(), environ=environ)
         command = "status" if args.status else "logout" if args.logout else "fetch"
+        settings = resolve_endpoints(settings, fetch=command != "status")  # --status never touches the network
         return COMMANDS[command](settings, store, terminal)
     except FetchMemosError as exc:
         print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)

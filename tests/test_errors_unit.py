@@ -746,3 +746,407 @@ def test_really_refused_refresh_and_exchange(mock, environ, env_file, closed_por
     with pytest.raises(ServerError) as exc:
         session.exchange_code(CODE)
     assert "refused" in assert_one_clear_line(exc.value, verifier)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 8, standards: scope, client authentication, resource, discovery, logout (RFC 6749/7009/8414/8707)
+# ---------------------------------------------------------------------------------------------
+
+ISSUER = "https://as.example.test/o"
+AS_TOKEN_URL = ISSUER + "/token/"
+AS_AUTHORIZE_URL = ISSUER + "/authorize/"
+AS_REVOKE_URL = ISSUER + "/revoke_token/"
+METADATA = {"issuer": ISSUER, "authorization_endpoint": AS_AUTHORIZE_URL, "token_endpoint": AS_TOKEN_URL,
+            "revocation_endpoint": AS_REVOKE_URL, "device_authorization_endpoint": ISSUER + "/device/",
+            "authorization_response_iss_parameter_supported": True}
+METADATA_URLS = fetch_memos.metadata_urls(ISSUER)
+
+
+def settings_for(environ, env_file, **extra: str) -> fetch_memos.Settings:
+    args = fetch_memos.build_parser().parse_args(["--env-file", str(env_file)])
+    return fetch_memos.load_settings(args, {**environ, **extra})
+
+
+def form(request) -> dict[str, list[str]]:
+    from urllib.parse import parse_qs
+
+    return parse_qs(request.body or "", keep_blank_values=True)
+
+
+def test_refresh_body_carries_no_scope(mock, environ, env_file, store) -> None:
+    """RFC 6749 section 6: an omitted scope means the grant's scope; repeating it fails at narrowing servers."""
+    settings = settings_for(environ, env_file, OAUTH_SCOPE="read write")
+    session = MemoSession(settings, store, saved(settings, store))
+    mock.post(TOKEN_URL, json=fresh_token_body(scope="read"))
+    session.refresh()
+    body = form(calls(mock, "POST", TOKEN_URL)[0].request)
+    assert "scope" not in body
+    assert body["grant_type"] == ["refresh_token"]
+    assert body["refresh_token"] == [REFRESH]
+
+
+def test_narrowed_grant_is_said_once_and_refreshes_keep_working(mock, environ, env_file, store, capsys) -> None:
+    settings = settings_for(environ, env_file, OAUTH_SCOPE="read write")
+    mock.post(TOKEN_URL, json=fresh_token_body(scope="read"))
+    session, _verifier = start_exchange(settings, store)
+    session.exchange_code(CODE)
+    err = capsys.readouterr().err
+    assert err.count("did not grant scope write") == 1
+    assert store.load()[fetch_memos.META_KEY]["scope"] == ["read", "write"]  # what was asked, beside the token
+    assert store.load()["scope"] == ["read"]  # what was granted
+    for _ in range(2):  # later refreshes: no scope sent, nothing said again, the asked scope kept
+        session.token["expires_at"] = time.time() - 60
+        session.use({**session.token, "refresh_token": NEW_REFRESH})
+        mock.replace(responses.POST, TOKEN_URL, json=fresh_token_body(scope="read"))
+        session.refresh()
+    assert all("scope" not in form(c.request) for c in calls(mock, "POST", TOKEN_URL)[1:])
+    assert "did not grant" not in capsys.readouterr().err
+    assert store.load()[fetch_memos.META_KEY]["scope"] == ["read", "write"]
+
+
+def test_exchange_without_scope_in_the_answer_granted_what_was_asked(mock, settings, store, capsys) -> None:
+    """RFC 6749 section 5.1: scope may be omitted when it is what was asked."""
+    mock.post(TOKEN_URL, json={k: v for k, v in fresh_token_body().items() if k != "scope"})
+    session, _verifier = start_exchange(settings, store)
+    session.exchange_code(CODE)
+    assert "did not grant" not in capsys.readouterr().err
+
+
+def test_scope_added_to_the_configuration_needs_a_new_authorization(mock, environ, env_file, settings, store,
+                                                                     capsys) -> None:
+    saved(settings, store)  # obtained asking for "read"
+    code = fetch_memos.main(["--env-file", str(env_file)], {**environ, "OAUTH_SCOPE": "read write"})
+    _out, err = capsys.readouterr()
+    assert code == 3
+    line = one_line(err)
+    assert "asks for scope write" in line
+    assert "not asked for when the stored token was obtained" in line
+    assert "person at a terminal" in line
+    assert len(mock.calls) == 0
+    assert store.load() is not None  # kept for a run with a person
+
+
+def test_scope_removed_from_the_configuration_keeps_the_token(mock, environ, env_file, settings, store,
+                                                               capsys) -> None:
+    settings_wide = settings_for(environ, env_file, OAUTH_SCOPE="read write")
+    store.save(token(), token_meta(settings_wide))
+    mock.get(API_URL, json=MEMOS)
+    assert fetch_memos.main(["--env-file", str(env_file)], environ) == 0
+    assert len(mock.calls) == 1
+
+
+@pytest.mark.parametrize("error", ["invalid_scope", "invalid_grant"])
+def test_refused_refresh_is_a_dead_grant(mock, run, settings, store, error) -> None:
+    saved(settings, store, expires_in=-60)
+    mock.post(TOKEN_URL, status=400, json={"error": error, "error_description": "refresh token missing scope"})
+    code, out, err = run()
+    assert code == 3
+    assert out == ""
+    assert "person at a terminal" in one_line(err)
+    session = MemoSession(settings, store, store.load())
+    with pytest.raises(DeadGrant):
+        session.refresh()
+
+
+# -- client authentication at the token and revocation endpoints (RFC 6749 section 2.3) ------
+
+CLIENT_AUTHS = [
+    # (extra settings, Authorization header expected, client fields expected in the body)
+    ({}, "basic", {}),
+    ({"OAUTH_CLIENT_AUTH": "post"}, None, {"client_id": [CLIENT_ID], "client_secret": [CLIENT_SECRET]}),
+    ({"OAUTH_CLIENT_AUTH": "none"}, None, {"client_id": [CLIENT_ID]}),
+    ({"CLIENT_SECRET": ""}, None, {"client_id": [CLIENT_ID]}),  # a public client: none by default
+]
+CLIENT_AUTH_IDS = ["basic", "post", "none", "public"]
+
+
+def assert_client_auth(request, header, fields) -> None:
+    import base64
+
+    body = form(request)
+    if header == "basic":
+        expected = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+        assert request.headers["Authorization"] == f"Basic {expected}"
+    else:
+        assert "Authorization" not in request.headers
+    for key in ("client_id", "client_secret"):
+        assert body.get(key) == fields.get(key)
+
+
+@pytest.mark.parametrize(("extra", "header", "fields"), CLIENT_AUTHS, ids=CLIENT_AUTH_IDS)
+def test_client_auth_at_the_token_endpoint(mock, environ, env_file, store, extra, header, fields) -> None:
+    settings = settings_for(environ, env_file, **extra)
+    mock.post(TOKEN_URL, json=fresh_token_body())
+    session, verifier = start_exchange(settings, store)
+    session.exchange_code(CODE)
+    exchange = calls(mock, "POST", TOKEN_URL)[0].request
+    assert_client_auth(exchange, header, fields)
+    assert form(exchange)["code_verifier"] == [verifier]
+    session.token["expires_at"] = time.time() - 60
+    session.use(session.token)
+    mock.replace(responses.POST, TOKEN_URL, json={**fresh_token_body(), "refresh_token": "refresh-token-3-ZZZZ"})
+    session.refresh()
+    assert_client_auth(calls(mock, "POST", TOKEN_URL)[1].request, header, fields)
+
+
+@pytest.mark.parametrize(("extra", "header", "fields"), CLIENT_AUTHS, ids=CLIENT_AUTH_IDS)
+def test_client_auth_at_the_revocation_endpoint(mock, environ, env_file, capsys, extra, header, fields) -> None:
+    settings = settings_for(environ, env_file, **extra)
+    store = TokenStore(settings.token_file)
+    store.save(token(), token_meta(settings))
+    mock.get(API_URL, json=MEMOS)
+    mock.post(REVOKE_URL, status=200, json={})
+    assert fetch_memos.main(["--env-file", str(env_file), "--logout"], {**environ, **extra}) == 0
+    revokes = calls(mock, "POST", REVOKE_URL)
+    assert len(revokes) == 2
+    for call in revokes:
+        assert_client_auth(call.request, header, fields)
+
+
+@pytest.mark.parametrize(("status", "body", "content_type"), [
+    (401, json.dumps({"error": "invalid_client", "error_description": "Client authentication failed"}),
+     "application/json"),
+    (401, "", "text/plain"),
+])
+def test_confidential_app_without_its_secret_says_the_secret_is_missing(mock, environ, env_file, store, status,
+                                                                        body, content_type) -> None:
+    settings = settings_for(environ, env_file, CLIENT_SECRET="")
+    mock.post(TOKEN_URL, status=status, body=body, content_type=content_type)
+    session, verifier = start_exchange(settings, store)
+    with pytest.raises(ConfigError) as exc:
+        session.exchange_code(CODE)
+    message = assert_one_clear_line(exc.value, verifier)
+    assert "CLIENT_SECRET is missing" in message
+    assert exc.value.exit_code == 2
+
+
+def test_logout_of_a_confidential_app_without_its_secret(mock, environ, env_file, capsys) -> None:
+    settings = settings_for(environ, env_file, CLIENT_SECRET="")
+    store = TokenStore(settings.token_file)
+    store.save(token(), token_meta(settings))
+    mock.get(API_URL, json=MEMOS)
+    mock.post(REVOKE_URL, status=401, json={"error": "invalid_client"})
+    code = fetch_memos.main(["--env-file", str(env_file), "--logout"], {**environ, "CLIENT_SECRET": ""})
+    assert code == 2
+    line = one_line(capsys.readouterr().err)
+    assert "CLIENT_SECRET is missing" in line
+    assert "kept" in line
+    assert store.path.exists()
+
+
+# -- resource indicators (RFC 8707) and offline_access (OIDC Core section 11) ---------------------
+
+RESOURCE = "https://api.example.test/memos"
+
+
+def test_resource_is_sent_on_all_three_requests(mock, environ, env_file, store) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    settings = settings_for(environ, env_file, OAUTH_RESOURCE=RESOURCE)
+    session = MemoSession(settings, store)
+    url, _state = session.authorization_url(settings.authorize_url)
+    assert parse_qs(urlsplit(url).query)["resource"] == [RESOURCE]
+    mock.post(TOKEN_URL, json=fresh_token_body())
+    session.exchange_code(CODE)
+    session.token["expires_at"] = time.time() - 60
+    session.use(session.token)
+    mock.replace(responses.POST, TOKEN_URL, json={**fresh_token_body(), "refresh_token": "refresh-token-3-ZZZZ"})
+    session.refresh()
+    exchange, refresh = (form(c.request) for c in calls(mock, "POST", TOKEN_URL))
+    assert exchange["resource"] == [RESOURCE]
+    assert refresh["resource"] == [RESOURCE]
+
+
+def test_no_resource_unless_configured(mock, settings, store) -> None:
+    session = MemoSession(settings, store)
+    url, _state = session.authorization_url(settings.authorize_url)
+    assert "resource=" not in url
+    assert "prompt=" not in url
+
+
+def test_offline_access_asks_for_consent(environ, env_file, store) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    settings = settings_for(environ, env_file, OAUTH_SCOPE="read offline_access")
+    url, _state = MemoSession(settings, store).authorization_url(settings.authorize_url)
+    query = parse_qs(urlsplit(url).query)
+    assert query["prompt"] == ["consent"]
+    assert query["scope"] == ["read offline_access"]
+
+
+# -- logout (RFC 7009) -----------------------------------------------------------------------
+
+
+def test_logout_revokes_the_refresh_token_before_the_access_token(mock, run, settings, store) -> None:
+    saved(settings, store)
+    mock.get(API_URL, json=MEMOS)
+    mock.post(REVOKE_URL, status=200, json={})
+    code, _out, err = run("--logout")
+    assert code == 0
+    assert [form(c.request)["token"] for c in calls(mock, "POST", REVOKE_URL)] == [[REFRESH], [ACCESS]]
+    assert [form(c.request)["token_type_hint"] for c in calls(mock, "POST", REVOKE_URL)] == [
+        ["refresh_token"], ["access_token"]]
+    assert "stays valid" not in err
+
+
+def test_logout_when_the_server_cannot_revoke_access_tokens(mock, run, settings, store) -> None:
+    """Section 2.2.1: unsupported_token_type after the refresh token was revoked is not a failure."""
+    stored = saved(settings, store)
+    mock.get(API_URL, json=MEMOS)
+    mock.post(REVOKE_URL, status=200, json={})
+    mock.post(REVOKE_URL, status=400, json={"error": "unsupported_token_type"})
+    code, _out, err = run("--logout")
+    assert code == 0
+    assert not store.path.exists()
+    assert "Logged out" in err
+    assert f"stays valid until {fetch_memos._when(stored['expires_at'])[:16]}" in err  # the expiry time, given
+    assert "unsupported_token_type" in err
+
+
+def test_logout_when_the_refresh_token_cannot_be_revoked_keeps_the_file(mock, run, settings, store) -> None:
+    saved(settings, store)
+    mock.get(API_URL, json=MEMOS)
+    mock.post(REVOKE_URL, status=400, json={"error": "unsupported_token_type"})
+    code, _out, err = run("--logout")
+    assert code == 1
+    assert "unsupported_token_type" in one_line(err)
+    assert store.path.exists()
+
+
+@pytest.mark.parametrize("error", ["invalid_scope", "invalid_grant"])
+def test_logout_with_a_refresh_that_fails_still_revokes_what_is_held(mock, run, settings, store, error) -> None:
+    saved(settings, store, expires_in=-60)
+    mock.post(TOKEN_URL, status=400, json={"error": error})
+    mock.post(REVOKE_URL, status=200, json={})
+    code, _out, err = run("--logout")
+    assert code == 0
+    assert not store.path.exists()
+    assert [form(c.request)["token"] for c in calls(mock, "POST", REVOKE_URL)] == [[REFRESH], [ACCESS]]
+    assert "revoked what was held" in err
+
+
+# -- discovery (RFC 8414) --------------------------------------------------------------------
+
+
+@pytest.fixture
+def issuer_environ(environ) -> dict[str, str]:
+    env = {key: value for key, value in environ.items() if key != "OAUTH_SERVER_URL"}
+    return {**env, "OAUTH_ISSUER": ISSUER, "MEMOS_API_URL": API_URL}
+
+
+def run_with(environ, env_file, capsys, *flags: str) -> tuple[int, str, str]:
+    code = fetch_memos.main(["--env-file", str(env_file), *flags], environ)
+    out, err = capsys.readouterr()
+    assert_no_secret(out + err)
+    return code, out, err
+
+
+def test_discovery_tries_each_metadata_url_in_order(mock, issuer_environ, env_file) -> None:
+    mock.get(METADATA_URLS[0], status=404, body="not here")
+    mock.get(METADATA_URLS[1], json=METADATA)
+    resolved = fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))
+    assert [c.request.url for c in mock.calls] == METADATA_URLS[:2]
+    assert (resolved.authorize_url, resolved.token_url, resolved.revoke_url) == (
+        AS_AUTHORIZE_URL, AS_TOKEN_URL, AS_REVOKE_URL)
+    assert resolved.device_authorization_url == ISSUER + "/device/"
+    assert resolved.issuer_required is True
+    assert {resolved.source(n) for n in ("authorize_url", "token_url", "revoke_url")} == {"metadata"}
+    assert resolved.server_url == "https://as.example.test"
+
+
+def test_discovery_falls_back_to_openid_configuration(mock, issuer_environ, env_file) -> None:
+    mock.get(METADATA_URLS[0], status=404)
+    mock.get(METADATA_URLS[1], status=404)
+    mock.get(METADATA_URLS[2], json={**METADATA, "authorization_response_iss_parameter_supported": False})
+    resolved = fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))
+    assert [c.request.url for c in mock.calls] == METADATA_URLS
+    assert resolved.token_url == AS_TOKEN_URL
+    assert resolved.issuer_required is False
+
+
+def test_explicit_endpoints_beat_the_metadata(mock, issuer_environ, env_file) -> None:
+    mock.get(METADATA_URLS[0], json=METADATA)
+    resolved = fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file, OAUTH_TOKEN_URL=TOKEN_URL))
+    assert resolved.token_url == TOKEN_URL
+    assert resolved.source("token_url") == "explicit"
+    assert resolved.revoke_url == AS_REVOKE_URL
+
+
+def test_metadata_naming_another_issuer_is_refused(mock, issuer_environ, env_file, capsys) -> None:
+    mock.get(METADATA_URLS[0], json={**METADATA, "issuer": ISSUER + "/"})
+    code, out, err = run_with(issuer_environ, env_file, capsys)
+    assert code == 2
+    line = one_line(err)
+    assert "RFC 8414 section 3.3" in line
+    assert f"OAUTH_ISSUER={ISSUER}" in line
+    assert repr(ISSUER + "/") in line
+    assert out == ""
+    assert len(mock.calls) == 1  # nothing else was asked of a server that named another issuer
+
+
+def test_no_metadata_anywhere_is_a_config_error(mock, issuer_environ, env_file, capsys) -> None:
+    for url in METADATA_URLS:
+        mock.get(url, status=404)
+    code, _out, err = run_with(issuer_environ, env_file, capsys)
+    assert code == 2
+    line = one_line(err)
+    assert all(url in line for url in METADATA_URLS)
+
+
+def test_warm_run_with_an_issuer_makes_one_request(mock, issuer_environ, env_file, capsys) -> None:
+    mock.get(METADATA_URLS[0], json=METADATA)
+    settings = fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))  # caches the metadata
+    TokenStore(settings.token_file).save(token(), token_meta(settings))
+    mock.calls.reset()
+    mock.get(API_URL, json=MEMOS)
+    code, out, _err = run_with(issuer_environ, env_file, capsys)
+    assert code == 0
+    assert json.loads(out) == MEMOS
+    assert [c.request.url for c in mock.calls] == [API_URL]  # the cache answered; no metadata request
+
+
+def test_stale_metadata_is_fetched_again(mock, issuer_environ, env_file, capsys, monkeypatch) -> None:
+    mock.get(METADATA_URLS[0], json=METADATA)
+    settings = fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))
+    TokenStore(settings.token_file).save(token(), token_meta(settings))
+    cache = fetch_memos.MetadataCache(settings.token_file)
+    record = json.loads(cache.path.read_text())
+    cache.path.write_text(json.dumps({**record, "fetched_at": time.time() - fetch_memos.METADATA_MAX_AGE - 1}))
+    mock.calls.reset()
+    mock.get(API_URL, json=MEMOS)
+    code, _out, _err = run_with(issuer_environ, env_file, capsys)
+    assert code == 0
+    assert [c.request.url for c in mock.calls] == [METADATA_URLS[0], API_URL]
+    assert json.loads(cache.path.read_text())["fetched_at"] > time.time() - 60
+
+
+def test_a_failing_endpoint_from_the_metadata_forgets_the_cache(mock, issuer_environ, env_file, capsys) -> None:
+    mock.get(METADATA_URLS[0], json=METADATA)
+    settings = fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))
+    TokenStore(settings.token_file).save(token(expires_in=-60), token_meta(settings))
+    cache = fetch_memos.MetadataCache(settings.token_file)
+    assert cache.path.exists()
+    mock.post(AS_TOKEN_URL, status=404, body=HTML, content_type="text/html")
+    code, _out, _err = run_with(issuer_environ, env_file, capsys)
+    assert code == 1
+    assert not cache.path.exists()  # the next run asks the server where its endpoints are now
+
+
+def test_without_an_issuer_no_metadata_is_asked_for(mock, run, settings, store) -> None:
+    saved(settings, store)
+    mock.get(API_URL, json=MEMOS)
+    code, _out, _err = run()
+    assert code == 0
+    assert [c.request.url for c in mock.calls] == [API_URL]
+    assert not fetch_memos.MetadataCache(settings.token_file).path.exists()
+
+
+def test_status_shows_the_endpoints_from_the_cached_metadata(mock, issuer_environ, env_file, capsys) -> None:
+    mock.get(METADATA_URLS[0], json=METADATA)
+    fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))
+    mock.calls.reset()
+    code, out, _err = run_with(issuer_environ, env_file, capsys, "--status")
+    assert code == 0
+    assert len(mock.calls) == 0
+    assert f"Issuer:        {ISSUER} (OAUTH_ISSUER; metadata cached" in out
+    assert f"Token:         {AS_TOKEN_URL} (from the metadata; OAUTH_TOKEN_URL)" in out

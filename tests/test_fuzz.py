@@ -135,7 +135,8 @@ def test_parse_pasted_mutated_inputs_with_state(text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 VARIABLES = list(fetch_memos.SETTINGS_HELP)
-URL_VARIABLES = ["OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "MEMOS_API_URL"]
+URL_VARIABLES = ["OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "MEMOS_API_URL",
+                 "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL", "OAUTH_RESOURCE"]
 
 schemes = st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "", "http:/", "http:", "//", " http://"])
 hosts = st.sampled_from(["localhost", "LOCALHOST", "127.0.0.1", "127.5.6.7", "[::1]", "memos.example.com",
@@ -175,6 +176,8 @@ def value_for(key: str) -> st.SearchStrategy[str]:
         return token_files
     if key == "OAUTH_SCOPE":
         return st.sampled_from(["read", "read write", "read,write", "", " , "]) | st.text(max_size=8)
+    if key == "OAUTH_CLIENT_AUTH":
+        return st.sampled_from(["basic", "post", "none", "", "Basic", "jwt"]) | st.text(max_size=6)
     return st.text(max_size=12) | st.sampled_from(["client", " ", ""])
 
 
@@ -222,13 +225,15 @@ def check_settings(env_file: Path, environ: dict[str, str], argv: list[str]) -> 
         return
     assert isinstance(result, fetch_memos.Settings)
     assert result.client_id
-    assert result.client_secret
+    assert result.client_auth in ("basic", "post", "none")
+    assert result.client_secret or result.client_auth == "none"  # no secret: a public client
     assert result.scope
     assert 0 < result.timeout <= 3600
     assert 0 < result.login_timeout <= 3600
     assert result.token_file.is_absolute()
     if not result.allow_insecure_http:
-        for url in (result.server_url, result.authorize_url, result.token_url, result.revoke_url, result.api_url):
+        for url in (result.server_url, result.authorize_url, result.token_url, result.revoke_url, result.api_url,
+                    result.device_authorization_url, result.resource, result.issuer):
             for host in http_hosts(url):
                 assert fetch_memos.is_loopback_host(host), (url, host)
     assert result.is_oob or fetch_memos.is_loopback_host(urlsplit(result.redirect_uri).hostname)

@@ -376,10 +376,12 @@ def script_copy(folder: Path, dotenv: str | None) -> Path:
 
 DOTENV_CASES = [
     pytest.param(None, "CLIENT_ID is not set", id="config-01-no-dotenv"),
-    pytest.param("CLIENT_ID=memo-cli-test-client\n", "CLIENT_SECRET is not set", id="config-02-dotenv-missing-secret"),
+    # Without a secret the client is public (issue 8); a secret is missing only when client auth asks for one.
+    pytest.param("CLIENT_ID=memo-cli-test-client\nOAUTH_CLIENT_AUTH=basic\n",
+                 "OAUTH_CLIENT_AUTH=basic needs CLIENT_SECRET, which is not set", id="config-02-dotenv-missing-secret"),
     pytest.param("CLIENT_SECRET=x\nCLIENT_ID=\n", "CLIENT_ID is empty", id="config-03-dotenv-empty-id"),
-    pytest.param("CLIENT_ID=memo-cli-test-client\nCLIENT_SECRET=   \n", "CLIENT_SECRET is empty",
-                 id="config-04-dotenv-blank-secret"),
+    pytest.param("CLIENT_ID=memo-cli-test-client\nCLIENT_SECRET=   \nOAUTH_CLIENT_AUTH=post\n",
+                 "OAUTH_CLIENT_AUTH=post needs CLIENT_SECRET", id="config-04-dotenv-blank-secret"),
 ]
 
 

@@ -138,10 +138,16 @@ def test_other_errors_are_reported(error: str, description: str) -> None:
     "https://memos.example.com/",
 ])
 def test_url_without_a_code(text: str) -> None:
+    """A server without out-of-band support shows an error page: what is pasted then has no code."""
     with pytest.raises(AuthorizationError) as exc:
         parse_pasted(text, STATE)
     assert exc.value.exit_code == 3
-    assert "no code" in str(exc.value)
+    message = str(exc.value)
+    assert "the server gave no code" in message
+    assert "invalid-redirect-URI page" in message
+    assert "does not support urn:ietf:wg:oauth:2.0:oob" in message
+    assert "register http://127.0.0.1/callback" in message
+    assert "--loopback" in message
 
 
 @pytest.mark.parametrize("text", ["", " ", "\n", "\t\r\n", '""', "''", "<>", " ` ` "])
@@ -232,6 +238,125 @@ def test_unparsable_url_is_not_reported_as_nothing_pasted(stdin, capsys) -> None
     with contextlib.suppress(AuthorizationError):
         read_pasted_code(STATE)
     assert "Nothing was pasted" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# RFC 9207: the issuer an authorization response names (iss)
+# ---------------------------------------------------------------------------------------------
+
+ISSUER = "https://as.example.test/o"
+EVIL = "https://evil.example.test"
+
+
+def redirect(**params: str) -> str:
+    from urllib.parse import urlencode
+
+    return "http://127.0.0.1:8765/callback?" + urlencode(params)
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_pasted_response_naming_our_issuer_is_accepted(required: bool) -> None:
+    text = redirect(code=CODE, state=STATE, iss=ISSUER)
+    assert parse_pasted(text, STATE, issuer=ISSUER, issuer_required=required) == CODE
+
+
+@pytest.mark.parametrize("iss", [EVIL, ISSUER + "/", "https://AS.example.test/o", "https://as.example.test/o/x", ""])
+def test_pasted_response_naming_another_issuer_is_refused(iss: str) -> None:
+    """Simple string comparison (RFC 9207 section 2.4): a trailing slash or another case is another issuer."""
+    with pytest.raises(AuthorizationError) as exc:
+        parse_pasted(redirect(code=CODE, state=STATE, iss=iss), STATE, issuer=ISSUER)
+    message = str(exc.value)
+    assert exc.value.exit_code == 3
+    assert "mix-up" in message
+    assert f"not the expected {ISSUER}" in message
+    assert repr(iss) in message
+    if iss:  # how to say that this really is the server's issuer
+        assert f"OAUTH_ISSUER={iss} (or --issuer)" in message
+    assert CODE not in message
+
+
+def test_pasted_response_with_two_issuers_is_refused() -> None:
+    text = redirect(code=CODE, state=STATE, iss=ISSUER) + "&iss=" + EVIL
+    with pytest.raises(AuthorizationError, match="mix-up"):
+        parse_pasted(text, STATE, issuer=ISSUER)
+
+
+def test_pasted_error_response_of_another_issuer_is_a_mix_up_not_a_denial() -> None:
+    """Error responses carry iss too (RFC 9207 section 2): another server cannot cancel our login."""
+    with pytest.raises(AuthorizationError) as exc:
+        parse_pasted(redirect(error="access_denied", state=STATE, iss=EVIL), STATE, issuer=ISSUER)
+    assert "mix-up" in str(exc.value)
+    assert "denied" not in str(exc.value)
+
+
+def test_pasted_response_without_iss_is_refused_when_the_metadata_promised_it() -> None:
+    with pytest.raises(AuthorizationError) as exc:
+        parse_pasted(redirect(code=CODE, state=STATE), STATE, issuer=ISSUER, issuer_required=True)
+    message = str(exc.value)
+    assert "carries no iss" in message
+    assert ISSUER in message
+    assert "OAUTH_ISSUER" in message
+
+
+def test_pasted_response_without_iss_is_accepted_when_not_promised() -> None:
+    """Doorkeeper sends no iss, and its out-of-band page URL carries none either."""
+    assert parse_pasted(redirect(code=CODE, state=STATE), STATE, issuer=ISSUER) == CODE
+    assert parse_pasted(f"http://localhost:3801/oauth/authorize/native?code={CODE}", STATE, issuer=ISSUER) == CODE
+
+
+def test_bare_code_needs_no_iss_unless_promised() -> None:
+    assert parse_pasted(CODE, STATE, issuer=ISSUER) == CODE
+    with pytest.raises(AuthorizationError, match="paste the whole address"):
+        parse_pasted(CODE, STATE, issuer=ISSUER, issuer_required=True)
+
+
+def test_read_pasted_code_checks_the_issuer(stdin) -> None:
+    stdin(redirect(code=CODE, state=STATE, iss=EVIL) + "\n")
+    with pytest.raises(AuthorizationError, match="mix-up"):
+        read_pasted_code(STATE, issuer=ISSUER)
+
+
+@pytest.fixture
+def iss_listener(listener):
+    listener.expected_issuer = ISSUER
+    return listener
+
+
+def test_listener_accepts_our_issuer(iss_listener) -> None:
+    iss_listener.issuer_required = True
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}&iss=" + ISSUER)
+    assert status == 200
+    assert iss_listener.result == CODE
+
+
+def test_listener_refuses_another_issuer(iss_listener) -> None:
+    status, page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}&iss={EVIL}")
+    assert status == 400
+    assert isinstance(iss_listener.result, AuthorizationError)
+    assert iss_listener.result.exit_code == 3
+    assert EVIL in str(iss_listener.result)
+    assert ISSUER in str(iss_listener.result)
+    assert "OAUTH_ISSUER" in str(iss_listener.result)
+    assert "iss" in page
+
+
+def test_listener_refuses_a_missing_iss_when_promised(iss_listener) -> None:
+    iss_listener.issuer_required = True
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}")
+    assert status == 400
+    assert "carries no iss" in str(iss_listener.result)
+
+
+def test_listener_accepts_a_missing_iss_when_not_promised(iss_listener) -> None:
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}")
+    assert (status, iss_listener.result) == (200, CODE)
+
+
+def test_listener_ignores_a_strangers_iss_before_the_state_matches(iss_listener) -> None:
+    """A request without our state is not our response at all: it neither passes nor ends the wait."""
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state=wrong&iss={EVIL}")
+    assert status == 400
+    assert iss_listener.result is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,12 +30,14 @@ BASE_ENV = {"CLIENT_ID": "client-id-settings", "CLIENT_SECRET": SECRET}
 VARIABLES = [
     "CLIENT_ID", "CLIENT_SECRET", "OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL",
     "MEMOS_API_URL", "OAUTH_SCOPE", "OAUTH_REDIRECT_URI", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT",
-    "OAUTH_ALLOW_INSECURE_HTTP",
+    "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_CLIENT_AUTH", "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL",
+    "OAUTH_RESOURCE",
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
     "--revoke-url", "--api-url", "--scope", "--redirect-uri", "--token-file", "--timeout", "--login-timeout",
-    "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version",
+    "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version", "--client-auth", "--issuer",
+    "--device-authorization-url", "--resource",
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 
@@ -243,10 +245,7 @@ def test_env_file_values_are_taken_literally(load, tmp_path: Path, monkeypatch: 
 
 @pytest.mark.parametrize(("environ", "variable", "how"), [
     ({"CLIENT_SECRET": SECRET}, "CLIENT_ID", "is not set"),
-    ({"CLIENT_ID": "abc"}, "CLIENT_SECRET", "is not set"),
     ({"CLIENT_ID": "", "CLIENT_SECRET": SECRET}, "CLIENT_ID", "is empty"),
-    ({"CLIENT_ID": "abc", "CLIENT_SECRET": ""}, "CLIENT_SECRET", "is empty"),
-    ({"CLIENT_ID": "abc", "CLIENT_SECRET": "  \t "}, "CLIENT_SECRET", "is empty"),
     ({}, "CLIENT_ID", "is not set"),
 ])
 def test_missing_or_empty_credentials(run_main, environ, variable, how) -> None:
@@ -256,6 +255,42 @@ def test_missing_or_empty_credentials(run_main, environ, variable, how) -> None:
     assert f"{variable} {how}" in line
     assert ".env.example" in line
     assert out == ""
+
+
+@pytest.mark.parametrize("environ", [{"CLIENT_ID": "abc"}, {"CLIENT_ID": "abc", "CLIENT_SECRET": ""},
+                                     {"CLIENT_ID": "abc", "CLIENT_SECRET": "  \t "}])
+def test_without_a_secret_the_client_is_public(load, environ) -> None:
+    """RFC 8252 section 8.4: a native app may be a public client; it then authenticates with none."""
+    settings = load(environ)
+    assert (settings.client_secret, settings.client_auth) == ("", "none")
+
+
+@pytest.mark.parametrize(("environ", "auth"), [
+    ({**BASE_ENV}, "basic"),
+    ({**BASE_ENV, "OAUTH_CLIENT_AUTH": "post"}, "post"),
+    ({**BASE_ENV, "OAUTH_CLIENT_AUTH": "NONE"}, "none"),
+    ({"CLIENT_ID": "abc", "OAUTH_CLIENT_AUTH": "none"}, "none"),
+])
+def test_client_auth_choice(load, environ, auth) -> None:
+    assert load(environ).client_auth == auth
+
+
+def test_client_auth_flag_beats_the_environment(load) -> None:
+    assert load({**BASE_ENV, "OAUTH_CLIENT_AUTH": "basic"}, "--client-auth", "post").client_auth == "post"
+
+
+@pytest.mark.parametrize("auth", ["basic", "post"])
+def test_client_auth_with_a_secret_but_no_secret_is_refused(run_main, auth) -> None:
+    code, _out, err = run_main({"CLIENT_ID": "abc", "OAUTH_CLIENT_AUTH": auth}, "--status")
+    assert code == 2
+    line = one_line(err)
+    assert f"OAUTH_CLIENT_AUTH={auth} needs CLIENT_SECRET" in line
+
+
+def test_unknown_client_auth_is_refused(run_main) -> None:
+    code, _out, err = run_main({**BASE_ENV, "OAUTH_CLIENT_AUTH": "jwt"}, "--status")
+    assert code == 2
+    assert "OAUTH_CLIENT_AUTH='jwt' is not one of basic, post, none" in one_line(err)
 
 
 def test_empty_client_id_flag_is_refused(run_main) -> None:
@@ -434,6 +469,109 @@ def test_derived_endpoints_follow_the_server_url(load) -> None:
     assert settings.token_url == "https://memos.example.com/base/oauth/token"
     assert settings.revoke_url == "https://memos.example.com/base/oauth/revoke"
     assert settings.api_url == "https://memos.example.com/base/api/memos/"
+
+
+# ---------------------------------------------------------------------------------------------
+# The issuer (RFC 9207, RFC 8414), resource indicator (RFC 8707), device endpoint
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("server_url", "issuer"), [
+    ("https://memos.example.com", "https://memos.example.com"),
+    ("https://memos.example.com/", "https://memos.example.com"),
+    ("https://memos.example.com/base/", "https://memos.example.com/base"),
+])
+def test_issuer_defaults_to_the_server_url_without_its_trailing_slash(load, server_url, issuer) -> None:
+    settings = load({**BASE_ENV, "OAUTH_SERVER_URL": server_url})
+    assert (settings.issuer, settings.issuer_explicit, settings.issuer_required) == (issuer, False, False)
+    assert {settings.source(name) for name in ("authorize_url", "token_url", "revoke_url")} == {"default"}
+    assert settings.device_authorization_url == ""
+
+
+def test_issuer_is_taken_exactly_as_set(load) -> None:
+    """RFC 9207 section 2.4 compares strings: only the default drops a trailing slash."""
+    settings = load({**BASE_ENV, "OAUTH_ISSUER": "https://login.example.com/o/", "OAUTH_SERVER_URL":
+                     "https://memos.example.com"})
+    assert (settings.issuer, settings.issuer_explicit) == ("https://login.example.com/o/", True)
+    assert settings.server_url == "https://memos.example.com"
+
+
+def test_issuer_flag_beats_the_environment(load) -> None:
+    settings = load({**BASE_ENV, "OAUTH_ISSUER": "https://a.example.com"}, "--issuer", "https://b.example.com")
+    assert settings.issuer == "https://b.example.com"
+
+
+def test_server_url_defaults_to_the_issuers_origin(load) -> None:
+    settings = load({**BASE_ENV, "OAUTH_ISSUER": "http://127.0.0.1:8000/o"})
+    assert settings.server_url == "http://127.0.0.1:8000"
+    assert settings.api_url == "http://127.0.0.1:8000/api/memos/"
+    assert settings.token_url == "http://127.0.0.1:8000/oauth/token"  # until the metadata says otherwise
+
+
+@pytest.mark.parametrize(("issuer", "words"), [
+    ("https://login.example.com/o?x=1", "must not contain a ?query"),
+    ("https://login.example.com/#f", "#fragment"),
+    ("http://login.example.com", "plain http"),
+    ("login.example.com", "not a valid URL"),
+])
+def test_bad_issuers_are_refused(run_main, issuer, words) -> None:
+    code, _out, err = run_main({**BASE_ENV, "OAUTH_ISSUER": issuer}, "--status")
+    assert code == 2
+    line = one_line(err)
+    assert "OAUTH_ISSUER" in line
+    assert words in line
+
+
+@pytest.mark.parametrize(("issuer", "urls"), [
+    ("https://as.example.com", ["https://as.example.com/.well-known/oauth-authorization-server",
+                                "https://as.example.com/.well-known/openid-configuration"]),
+    ("https://as.example.com/", ["https://as.example.com/.well-known/oauth-authorization-server",
+                                 "https://as.example.com/.well-known/openid-configuration"]),
+    ("https://as.example.com/o", ["https://as.example.com/.well-known/oauth-authorization-server/o",
+                                  "https://as.example.com/o/.well-known/oauth-authorization-server",
+                                  "https://as.example.com/o/.well-known/openid-configuration"]),
+    ("http://127.0.0.1:8000/t/1/", ["http://127.0.0.1:8000/.well-known/oauth-authorization-server/t/1",
+                                    "http://127.0.0.1:8000/t/1/.well-known/oauth-authorization-server",
+                                    "http://127.0.0.1:8000/t/1/.well-known/openid-configuration"]),
+])
+def test_metadata_urls_in_order_each_once(issuer, urls) -> None:
+    """RFC 8414 section 3.1 first, then the name after the issuer's path, then OIDC Discovery."""
+    assert fetch_memos.metadata_urls(issuer) == urls
+
+
+def test_resource_and_device_endpoint_settings(load) -> None:
+    settings = load({**BASE_ENV, "OAUTH_RESOURCE": "https://api.example.com/memos"},
+                    "--device-authorization-url", "https://memos.example.com/device")
+    assert settings.resource == "https://api.example.com/memos"
+    assert settings.device_authorization_url == "https://memos.example.com/device"
+    assert settings.source("device_authorization_url") == "explicit"
+    assert load(BASE_ENV).resource == ""
+
+
+def test_resource_over_plain_http_to_another_host_is_refused(run_main) -> None:
+    code, _out, err = run_main({**BASE_ENV, "OAUTH_RESOURCE": "http://api.example.com/"}, "--status")
+    assert code == 2
+    assert "OAUTH_RESOURCE" in one_line(err)
+
+
+def test_status_shows_the_issuer_and_where_each_endpoint_came_from(run_main) -> None:
+    code, out, _err = run_main({**BASE_ENV, "OAUTH_SERVER_URL": "https://memos.example.com/",
+                                "OAUTH_TOKEN_URL": "https://login.example.com/token"}, "--status")
+    assert code == 0
+    fields = status_fields(out)
+    assert fields["Issuer"] == "https://memos.example.com (from OAUTH_SERVER_URL; no metadata is fetched)"
+    assert fields["Token"] == "https://login.example.com/token (set explicitly; OAUTH_TOKEN_URL)"
+    assert fields["Authorize"] == "https://memos.example.com/oauth/authorize (default; OAUTH_AUTHORIZE_URL)"
+    assert fields["Device auth"] == "none (default; OAUTH_DEVICE_AUTHORIZATION_URL)"
+
+
+def test_status_with_an_issuer_never_fetches_the_metadata(run_main) -> None:
+    """--status stays offline (and imports no HTTP stack): no cache means "not fetched yet"."""
+    code, out, _err = run_main({**BASE_ENV, "OAUTH_ISSUER": "https://as.example.invalid"}, "--status")
+    assert code == 0
+    fields = status_fields(out)
+    assert "metadata not fetched yet" in fields["Issuer"]
+    assert fields["Token"].endswith("(default for now; OAUTH_TOKEN_URL)")
 
 
 def test_endpoint_overrides(load) -> None:
