@@ -100,7 +100,11 @@ def oidc_available() -> tuple[bool, str]:
     ok, reason = ruby_stack_available()
     if not ok:
         return ok, reason
-    script = 'begin\n  require "doorkeeper/openid_connect"\n  puts "ok"\nrescue LoadError => e\n  puts e.message\nend\n'
+    # Doorkeeper loads only after Rails (it uses ActiveSupport's mattr_reader).
+    script = (
+        'require "rails"\nrequire "doorkeeper"\n'
+        'begin\n  require "doorkeeper/openid_connect"\n  puts "ok"\nrescue LoadError => e\n  puts e.message\nend\n'
+    )
     try:
         proc = subprocess.run(["ruby", "-e", script], check=False, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
