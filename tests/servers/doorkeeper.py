@@ -39,6 +39,8 @@ DEFAULT_EMAIL = "demo@example.com"
 DEFAULT_PASSWORD = "demo-password-123"
 DEFAULT_CLIENT_ID = "memo-cli-test-client"
 DEFAULT_CLIENT_SECRET = "memo-cli-test-secret"
+DEFAULT_PUBLIC_CLIENT_ID = "memo-cli-public-client"
+APP_SCOPES = ("read", "write", "openid", "offline_access")  # what the seeded applications may ask for
 MEMO_MESSAGE = "ふじ"
 
 # Ruby library to require -> Debian package that ships it. Devise is used when it loads (Debian 12), but
@@ -92,6 +94,41 @@ def require_ruby_stack() -> None:
     pytest.skip(message)
 
 
+@lru_cache(maxsize=1)
+def oidc_available() -> tuple[bool, str]:
+    """Tell whether Debian's ruby-doorkeeper-openid-connect loads (the OIDC discovery profile needs it)."""
+    ok, reason = ruby_stack_available()
+    if not ok:
+        return ok, reason
+    # Doorkeeper loads only after Rails (it uses ActiveSupport's mattr_reader).
+    script = (
+        'require "rails"\nrequire "doorkeeper"\n'
+        'begin\n  require "doorkeeper/openid_connect"\n  puts "ok"\nrescue LoadError => e\n  puts e.message\nend\n'
+    )
+    try:
+        proc = subprocess.run(["ruby", "-e", script], check=False, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"could not run ruby: {exc}"
+    if proc.stdout.strip() == "ok":
+        return True, ""
+    detail = (proc.stdout.strip() or proc.stderr.strip())[-300:]
+    return False, f"doorkeeper/openid_connect not loadable ({detail}); apt-get install ruby-doorkeeper-openid-connect"
+
+
+def require_oidc() -> None:
+    """Skip the calling test when the OIDC gem is missing (Debian may not ship it); fail under CI=true."""
+    import pytest
+
+    require_ruby_stack()
+    ok, reason = oidc_available()
+    if ok:
+        return
+    message = f"Doorkeeper OIDC discovery profile unavailable: {reason}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " (CI=true: tests/setup.sh installs it where the distribution has it)", pytrace=False)
+    pytest.skip(message)
+
+
 def pkce_pair() -> tuple[str, str]:
     """Return a fresh (code_verifier, S256 code_challenge) pair, as RFC 7636 describes."""
     verifier = secrets.token_urlsafe(48)
@@ -119,7 +156,15 @@ class ServerError(RuntimeError):
 
 
 class DoorkeeperServer:
-    """A Rails/Devise/Doorkeeper server on 127.0.0.1 with its own SQLite database in ``state_dir``."""
+    """A Rails/Devise/Doorkeeper server on 127.0.0.1 with its own SQLite database in ``state_dir``.
+
+    The keyword switches (all off by default) make it show what stricter servers do; each is an environment
+    variable of doorkeeper_app.rb, whose header describes it:
+    ``grant_scopes`` (GRANT_SCOPES), ``strict_refresh_scope`` (STRICT_REFRESH_SCOPE),
+    ``refuse_access_token_revocation`` (REFUSE_ACCESS_TOKEN_REVOCATION), ``send_iss`` (SEND_ISS),
+    ``iss_value`` (ISS_VALUE), ``advertise_iss`` (ADVERTISE_ISS), ``oidc`` (OIDC), ``require_resource``
+    (REQUIRE_RESOURCE), ``public_client_id`` (PUBLIC_CLIENT_ID).
+    """
 
     def __init__(
         self,
@@ -134,6 +179,15 @@ class DoorkeeperServer:
         email: str = DEFAULT_EMAIL,
         password: str = DEFAULT_PASSWORD,
         ruby: str = "ruby",
+        grant_scopes: str | Iterable[str] | None = None,
+        strict_refresh_scope: bool = False,
+        refuse_access_token_revocation: bool = False,
+        send_iss: bool = False,
+        iss_value: str | None = None,
+        advertise_iss: bool = False,
+        oidc: bool = False,
+        require_resource: str | None = None,
+        public_client_id: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.access_token_ttl = int(access_token_ttl)
@@ -145,6 +199,17 @@ class DoorkeeperServer:
         self.email = email
         self.password = password
         self.ruby = ruby
+        if isinstance(grant_scopes, str):
+            grant_scopes = grant_scopes.replace(",", " ").split()
+        self.grant_scopes: tuple[str, ...] | None = tuple(grant_scopes) if grant_scopes is not None else None
+        self.strict_refresh_scope = bool(strict_refresh_scope)
+        self.refuse_access_token_revocation = bool(refuse_access_token_revocation)
+        self.iss_value = iss_value or None
+        self.send_iss = bool(send_iss) or self.iss_value is not None
+        self.oidc = bool(oidc)
+        self.advertise_iss = bool(advertise_iss) or self.send_iss  # the metadata claims what it sends
+        self.require_resource = require_resource or None
+        self.public_client_id = public_client_id or None
         self.boot_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin = requests.Session()
@@ -157,6 +222,21 @@ class DoorkeeperServer:
         if self.port is None:
             raise ServerError("server has no port yet: call start()")
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def issuer(self) -> str:
+        """The issuer identifier (RFC 8414 §2, RFC 9207): the server URL without a trailing slash."""
+        return self.base_url
+
+    @property
+    def metadata_url(self) -> str | None:
+        """Where the server publishes its metadata: OIDC discovery with ``oidc=True``, else None (none served)."""
+        return f"{self.base_url}/.well-known/openid-configuration" if self.oidc else None
+
+    @property
+    def sent_iss(self) -> str | None:
+        """The ``iss`` its authorization responses carry (None: not sent)."""
+        return (self.iss_value or self.issuer) if self.send_iss else None
 
     @property
     def access_log_path(self) -> Path:
@@ -183,6 +263,16 @@ class DoorkeeperServer:
                 "DEMO_EMAIL": self.email,
                 "DEMO_PASSWORD": self.password,
                 "PARENT_PID": str(os.getpid()),
+                # The switches are always set, so one in the surrounding environment cannot leak in.
+                "GRANT_SCOPES": " ".join(self.grant_scopes) if self.grant_scopes is not None else "",
+                "STRICT_REFRESH_SCOPE": "1" if self.strict_refresh_scope else "",
+                "REFUSE_ACCESS_TOKEN_REVOCATION": "1" if self.refuse_access_token_revocation else "",
+                "SEND_ISS": "1" if self.send_iss else "",
+                "ISS_VALUE": self.iss_value or "",
+                "ADVERTISE_ISS": "1" if self.advertise_iss else "",
+                "OIDC": "1" if self.oidc else "",
+                "REQUIRE_RESOURCE": self.require_resource or "",
+                "PUBLIC_CLIENT_ID": self.public_client_id or "",
             }
         )
         # Bundler variables from a surrounding `bundle exec` would make ruby look for a Gemfile.
@@ -285,6 +375,11 @@ class DoorkeeperServer:
         """A protected route needing the ``admin`` scope, which the client never gets (answers 403)."""
         return f"{self.base_url}/api/admin/"
 
+    @property
+    def introspect_endpoint(self) -> str:
+        """Doorkeeper's RFC 7662 introspection endpoint."""
+        return f"{self.base_url}/oauth/introspect"
+
     def authorize_url(
         self,
         *,
@@ -293,9 +388,12 @@ class DoorkeeperServer:
         state: str | None = None,
         code_challenge: str | None = None,
         code_challenge_method: str = "S256",
+        client_id: str | None = None,
+        resource: str | None = None,
+        prompt: str | None = None,
     ) -> str:
-        """Build an authorization request URL for the seeded client."""
-        params = {"client_id": self.client_id, "redirect_uri": redirect_uri, "response_type": "code"}
+        """Build an authorization request URL for the seeded client (or ``client_id``, e.g. the public one)."""
+        params = {"client_id": client_id or self.client_id, "redirect_uri": redirect_uri, "response_type": "code"}
         if scope is not None:
             params["scope"] = scope
         if state is not None:
@@ -303,18 +401,35 @@ class DoorkeeperServer:
         if code_challenge is not None:
             params["code_challenge"] = code_challenge
             params["code_challenge_method"] = code_challenge_method
+        if resource is not None:
+            params["resource"] = resource
+        if prompt is not None:
+            params["prompt"] = prompt
         return f"{self.authorize_endpoint}?{urlencode(params)}"
 
-    def grant_token(self, person: BrowserPerson) -> dict[str, Any]:
+    def grant_token(self, person: BrowserPerson, *, scope: str = "read", resource: str | None = None,
+                    public: bool = False) -> dict[str, Any]:
         """A real grant obtained directly at the server (PKCE, HTTP Basic), shaped as requests-oauthlib keeps it.
 
-        For tests that need a stored token without running the script's own first authorization.
+        For tests that need a stored token without running the script's own first authorization. ``public``:
+        as the public client (client_id in the body, no secret). ``resource`` goes on both requests (RFC 8707).
         """
         verifier, challenge = pkce_pair()
-        code = person.authorize(self.authorize_url(code_challenge=challenge))
-        response = requests.post(self.token_endpoint, auth=(self.client_id, self.client_secret),
-                                 data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": OOB_REDIRECT_URI}, timeout=10)
+        client_id = self.public_client_id if public else self.client_id
+        if public and client_id is None:
+            raise ServerError("grant_token(public=True) needs DoorkeeperServer(public_client_id=...)")
+        code = person.authorize(self.authorize_url(code_challenge=challenge, scope=scope, client_id=client_id,
+                                                   resource=resource))
+        data = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
+                "redirect_uri": OOB_REDIRECT_URI}
+        if resource is not None:
+            data["resource"] = resource
+        if public:
+            data["client_id"] = str(client_id)
+            response = requests.post(self.token_endpoint, data=data, timeout=10)
+        else:
+            response = requests.post(self.token_endpoint, auth=(self.client_id, self.client_secret), data=data,
+                                     timeout=10)
         if response.status_code != 200:
             raise ServerError(f"code exchange failed: {response.status_code} {response.text[:200]}")
         token = response.json()
@@ -491,6 +606,16 @@ class BrowserPerson:
         self.last_url: str | None = None
         self.last_response: requests.Response | None = None
         self.pages: list[str] = []  # kinds of pages seen in the last authorize(): sign_in, consent, native, ...
+        # The authorization response as the person has it: the loopback redirect URL, or the out-of-band
+        # page's URL (what a person pastes); None when the last authorize() ended elsewhere.
+        self.response_url: str | None = None
+
+    @property
+    def response_params(self) -> dict[str, str]:
+        """The query parameters of ``response_url`` (code, state, iss, error, ...), one value each."""
+        if not self.response_url:
+            return {}
+        return {key: values[-1] for key, values in parse_qs(urlsplit(self.response_url).query).items()}
 
     @classmethod
     def for_server(cls, server: DoorkeeperServer, **kwargs: Any) -> BrowserPerson:
@@ -508,6 +633,7 @@ class BrowserPerson:
         """
         origin = "{0.scheme}://{0.netloc}".format(urlsplit(authorize_url))
         self.pages = []
+        self.response_url = None
         resp = self._request("GET", authorize_url)
         signed_in_once = False
         for _ in range(self.MAX_STEPS):
@@ -529,6 +655,7 @@ class BrowserPerson:
                 )
             if page.code is not None:
                 self.pages.append("native")
+                self.response_url = resp.url
                 self._check_consent_seen(approve)
                 return page.code
             sign_in = next((f for f in page.forms if f.has_type("password")), None)
@@ -603,6 +730,7 @@ class BrowserPerson:
 
     def _external_redirect(self, location: str, status: int, approve: bool) -> str:
         self.last_url = location
+        self.response_url = location
         self.pages.append("redirect")
         query = parse_qs(urlsplit(location).query)
         if "code" in query:
@@ -631,10 +759,12 @@ class BrowserPerson:
 
 __all__ = [
     "APP_RB",
+    "APP_SCOPES",
     "DEFAULT_CLIENT_ID",
     "DEFAULT_CLIENT_SECRET",
     "DEFAULT_EMAIL",
     "DEFAULT_PASSWORD",
+    "DEFAULT_PUBLIC_CLIENT_ID",
     "MEMO_MESSAGE",
     "OOB_REDIRECT_URI",
     "AuthorizationDenied",
@@ -643,7 +773,9 @@ __all__ = [
     "DoorkeeperServer",
     "LoginFailed",
     "ServerError",
+    "oidc_available",
     "pkce_pair",
+    "require_oidc",
     "require_ruby_stack",
     "ruby_stack_available",
 ]

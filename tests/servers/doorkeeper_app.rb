@@ -29,6 +29,50 @@
 #   RAILS_LOG_LEVEL         level of $STATE_DIR/rails.log (default "warn")
 #   NO_DEVISE               1: use the built-in sign-in even if Devise loads
 #
+# Switches that make it behave like stricter servers (all off by default):
+#   GRANT_SCOPES            e.g. "read": grant only those of the asked scopes
+#                           (RFC 6749 §3.3); consent page, stored grant and
+#                           token response `scope` show the narrowed set. If
+#                           none of the asked is among them, Doorkeeper's
+#                           default scope (read) is granted.
+#   STRICT_REFRESH_SCOPE    1: a refresh whose `scope` names anything the
+#                           refresh token was not granted gets 400
+#                           invalid_scope "refresh token missing requested
+#                           scope" (Doorkeeper 5.5 already answers
+#                           invalid_scope; this makes it independent of the
+#                           version). A refresh without `scope` keeps the
+#                           granted scope either way.
+#   REFUSE_ACCESS_TOKEN_REVOCATION  1: /oauth/revoke answers 400
+#                           {"error":"unsupported_token_type"} (RFC 7009
+#                           §2.2.1) for an access token, as a server with JWT
+#                           access tokens does; refresh tokens are revoked.
+#   SEND_ISS                1: RFC 9207 `iss` in every authorization response
+#                           redirect (loopback redirect and the out-of-band
+#                           page's URL /oauth/authorize/native?code=..&iss=..)
+#   ISS_VALUE               the `iss` to send (implies SEND_ISS); default the
+#                           issuer http://127.0.0.1:PORT. A wrong one mimics a
+#                           mix-up attack.
+#   ADVERTISE_ISS           1: with OIDC, the metadata says
+#                           authorization_response_iss_parameter_supported
+#                           even without SEND_ISS (a server that claims it but
+#                           omits iss). SEND_ISS with OIDC advertises it too.
+#   OIDC                    1: load ruby-doorkeeper-openid-connect: OpenID
+#                           Connect discovery at /.well-known/openid-configuration
+#                           (issuer http://127.0.0.1:PORT), id_token for the
+#                           `openid` scope. Its RSA signing key is made at the
+#                           first start in $STATE_DIR/oidc_signing_key.pem.
+#   REQUIRE_RESOURCE        a URL: authorization requests (the first GET of
+#                           /oauth/authorize) and code/refresh token requests
+#                           without resource=<that URL> (RFC 8707) are refused
+#                           with invalid_target (token: 400 JSON; authorize:
+#                           a redirect with error=invalid_target, or a 400
+#                           JSON page for the out-of-band redirect URI).
+#                           Without it `resource` is accepted and ignored.
+#   PUBLIC_CLIENT_ID        seed a second, public application (confidential:
+#                           false, no secret to send) with that uid, the same
+#                           redirect URIs and scopes: client_id in the body
+#                           and PKCE; it gets refresh tokens.
+#
 # Devise is used when it loads. Debian 13 has no ruby-devise (nor ruby-warden,
 # ruby-responders), so without it a small built-in stand-in (BuiltinAuth,
 # UserSessionsController below) serves the same routes, form fields, flash
@@ -58,12 +102,30 @@ REDIRECT_URIS = [OOB_URI, *ENV.fetch("REDIRECT_URIS", "").split(/\s+/).reject(&:
 DEMO_EMAIL = ENV.fetch("DEMO_EMAIL", "demo@example.com")
 DEMO_PASSWORD = ENV.fetch("DEMO_PASSWORD", "demo-password-123")
 MEMO_MESSAGE = "ふじ"
+APP_SCOPES = "read write openid offline_access"
+
+def env_flag(name)
+  %w[1 true yes on].include?(ENV.fetch(name, "").strip.downcase)
+end
+
+ISSUER = "http://127.0.0.1:#{PORT}"
+GRANT_SCOPES = ENV.fetch("GRANT_SCOPES", "").split(/[\s,]+/).reject(&:empty?).then { |list| list.empty? ? nil : list }
+STRICT_REFRESH_SCOPE = env_flag("STRICT_REFRESH_SCOPE")
+REFUSE_ACCESS_TOKEN_REVOCATION = env_flag("REFUSE_ACCESS_TOKEN_REVOCATION")
+ISS_VALUE = ENV.fetch("ISS_VALUE", "").strip.then { |value| value.empty? ? nil : value }
+SEND_ISS = env_flag("SEND_ISS") || !ISS_VALUE.nil?
+ADVERTISE_ISS = env_flag("ADVERTISE_ISS") || SEND_ISS
+OIDC = env_flag("OIDC")
+REQUIRE_RESOURCE = ENV.fetch("REQUIRE_RESOURCE", "").strip.then { |value| value.empty? ? nil : value }
+PUBLIC_CLIENT_ID = ENV.fetch("PUBLIC_CLIENT_ID", "").strip.then { |value| value.empty? ? nil : value }
 
 require "fileutils"
 require "json"
 require "logger"
 require "securerandom"
 require "ipaddr"
+require "stringio"
+require "uri"
 
 FileUtils.mkdir_p(STATE_DIR)
 
@@ -93,6 +155,20 @@ DEVISE =
   end
 require "bcrypt"
 require "doorkeeper"
+if OIDC
+  begin
+    require "doorkeeper/openid_connect"
+  rescue LoadError => e
+    abort "doorkeeper_app.rb: OIDC=1 needs ruby-doorkeeper-openid-connect " \
+          "(apt-get install ruby-doorkeeper-openid-connect): #{e.message}"
+  end
+  OIDC_KEY_FILE = File.join(STATE_DIR, "oidc_signing_key.pem")
+  unless File.exist?(OIDC_KEY_FILE)
+    File.open(OIDC_KEY_FILE, File::WRONLY | File::CREAT | File::EXCL, 0o600) do |file|
+      file.write(OpenSSL::PKey::RSA.new(2048).to_pem)
+    end
+  end
+end
 require "webrick"
 
 # WEBrick's Rack env has no REMOTE_PORT; the access log needs it to count TCP
@@ -108,11 +184,25 @@ WEBrick::HTTPRequest.prepend(RemotePortMetaVars)
 
 # One JSON line per request, written before the response is handed back to
 # the server (so a client that got its response finds the line in the file).
+# Besides method, path, status: the query with secret values filtered, the
+# grant_type, the Authorization kind (auth: bearer/basic), at the client-
+# authenticating endpoints the client authentication kind (client_auth:
+# basic / post = client_secret in the body / none), the non-secret parameters
+# of query and form body (params; a repeated one as a list), which secret
+# parameters were present (secrets_present: names only, never values), and a
+# redirect's Location with secret values filtered (so `iss` can be checked).
 class AccessLogMiddleware
   SENSITIVE = %w[
     code access_token refresh_token token id_token client_secret code_verifier
-    password bearer_token authenticity_token
+    password bearer_token authenticity_token device_code user_code nonce
   ].freeze
+  LOGGED_PARAMS = %w[
+    scope resource prompt token_type_hint iss client_id response_type redirect_uri state
+    code_challenge_method error grant_type
+  ].freeze
+  PRESENCE_PARAMS = %w[code_verifier client_secret code refresh_token token code_challenge].freeze
+  CLIENT_AUTH_PATHS = %w[/oauth/token /oauth/revoke /oauth/introspect].freeze
+  MAX_BODY = 1 << 16
 
   def initialize(app, path)
     @app = app
@@ -129,21 +219,41 @@ class AccessLogMiddleware
       path: "#{env['SCRIPT_NAME']}#{env['PATH_INFO']}",
       query: env["QUERY_STRING"].to_s.dup,
       authorization: env["HTTP_AUTHORIZATION"].to_s.dup,
+      form: read_form(env),
     }
     status = 500
+    headers = {}
     begin
       status, headers, body = @app.call(env)
       [status, headers, body]
     ensure
-      write_line(env, request, started, status)
+      write_line(env, request, started, status, headers)
     end
   end
 
   private
 
-  def write_line(env, request, started, status)
+  # The form body, read before Rails parses it (and put back for it).
+  def read_form(env)
+    return {} unless env["CONTENT_TYPE"].to_s.start_with?("application/x-www-form-urlencoded")
+
+    input = env["rack.input"]
+    return {} unless input
+
+    raw = input.read(MAX_BODY).to_s
+    rest = input.read.to_s
+    env["rack.input"] = StringIO.new(raw + rest)
+    Rack::Utils.parse_query(raw)
+  rescue StandardError
+    {}
+  end
+
+  def write_line(env, request, started, status, headers)
     method = request[:method]
     path = request[:path]
+    query = safe_parse(request[:query])
+    form = request[:form]
+    params = query.merge(form)
     line = {
       t: started,
       method: method,
@@ -151,12 +261,43 @@ class AccessLogMiddleware
       query: filter_query(request[:query]),
       status: status.to_i,
       remote_port: env["REMOTE_PORT"]&.to_i,
-      grant_type: method == "POST" && path.chomp("/") == "/oauth/token" ? grant_type(env) : nil,
+      grant_type: method == "POST" && path.chomp("/") == "/oauth/token" ? form["grant_type"]&.to_s : nil,
       auth: auth_kind(request[:authorization]),
+      client_auth: client_auth(path, request[:authorization], params),
+      params: params.slice(*LOGGED_PARAMS),
+      secrets_present: PRESENCE_PARAMS.select { |name| params.key?(name) },
+      location: filter_url(location_of(headers)),
     }
     @mutex.synchronize { @io.write("#{JSON.generate(line)}\n") }
   rescue StandardError => e
     warn "access log: #{e.class}: #{e.message}"
+  end
+
+  def safe_parse(query)
+    Rack::Utils.parse_query(query.to_s)
+  rescue StandardError
+    {}
+  end
+
+  def client_auth(path, header, params)
+    return nil unless CLIENT_AUTH_PATHS.include?(path.chomp("/"))
+    return "basic" if header.to_s.match?(/\ABasic\s/i)
+    return "post" if params.key?("client_secret")
+
+    "none"
+  end
+
+  def location_of(headers)
+    return nil unless headers.respond_to?(:[])
+
+    headers["Location"] || headers["location"]
+  end
+
+  def filter_url(url)
+    return nil if url.nil?
+
+    base, query = url.to_s.split("?", 2)
+    query.nil? ? base : "#{base}?#{filter_query(query)}"
   end
 
   def filter_query(query)
@@ -171,17 +312,37 @@ class AccessLogMiddleware
     end.join("&")
   end
 
-  def grant_type(env)
-    params = env["action_dispatch.request.request_parameters"] || env["rack.request.form_hash"]
-    value = params.is_a?(Hash) ? params["grant_type"] : nil
-    value&.to_s
-  end
-
   def auth_kind(header)
     case header.to_s
     when /\ABearer\s/i then "bearer"
     when /\ABasic\s/i then "basic"
     end
+  end
+end
+
+# RFC 9207: adds iss to the authorization response. Doorkeeper builds that
+# response as a redirect from /oauth/authorize (to the client's redirect URI,
+# or for the out-of-band URI to its own /oauth/authorize/native?code=...), so
+# every such redirect carrying code or error gets iss=ISS_VALUE.
+class IssMiddleware
+  def initialize(app, iss)
+    @app = app
+    @iss = iss
+  end
+
+  def call(env)
+    status, headers, body = @app.call(env)
+    path = "#{env['SCRIPT_NAME']}#{env['PATH_INFO']}".chomp("/")
+    location = headers["Location"] || headers["location"]
+    if path == "/oauth/authorize" && (300..399).cover?(status.to_i) && location
+      uri = URI.parse(location)
+      query = Rack::Utils.parse_query(uri.query)
+      if query.key?("code") || query.key?("error")
+        uri.query = [uri.query, Rack::Utils.build_query("iss" => @iss)].compact.join("&")
+        headers[headers.key?("Location") ? "Location" : "location"] = uri.to_s
+      end
+    end
+    [status, headers, body]
   end
 end
 
@@ -214,6 +375,8 @@ File.write(LOCALE_FILE, <<~YAML)
       scopes:
         read: "Read your memos"
         write: "Change your memos"
+        openid: "Know who you are"
+        offline_access: "Keep access while you are away"
 YAML
 
 class DoorkeeperTestApp < Rails::Application
@@ -243,6 +406,7 @@ class DoorkeeperTestApp < Rails::Application
   # One request at a time, like a single-threaded app server; keeps SQLite
   # free of lock contention.
   config.middleware.insert_after AccessLogMiddleware, Rack::Lock
+  config.middleware.insert_after Rack::Lock, IssMiddleware, ISS_VALUE || ISSUER if SEND_ISS
 
   # What a real app keeps in config/initializers/*.rb and app/models.
   initializer "memo_server.setup", after: :load_config_initializers do |app|
@@ -272,11 +436,12 @@ class DoorkeeperTestApp < Rails::Application
       access_token_expires_in ACCESS_TOKEN_TTL.seconds
       use_refresh_token
       default_scopes :read
-      optional_scopes :write
+      optional_scopes :write, :openid, :offline_access
       grant_flows %w[authorization_code]
       force_ssl_in_redirect_uri false
     end
 
+    configure_openid_connect if OIDC
     define_models
   end
 
@@ -290,6 +455,7 @@ class DoorkeeperTestApp < Rails::Application
         delete "users/sign_out", to: "user_sessions#destroy", as: :destroy_user_session
       end
       use_doorkeeper
+      use_doorkeeper_openid_connect if OIDC
       scope :api, module: :api do
         # Rails matches these with or without the trailing slash.
         get "memos", to: "memos#index"
@@ -328,6 +494,130 @@ def define_application_controller
 end
 
 BCRYPT_COST = 4 # the bcrypt minimum: fast test logins
+
+# What config/initializers/doorkeeper_openid_connect.rb holds in a real app.
+def configure_openid_connect
+  Doorkeeper::OpenidConnect.configure do
+    issuer ISSUER
+    signing_key File.read(OIDC_KEY_FILE)
+    subject_types_supported [:public]
+    resource_owner_from_access_token { |access_token| User.find_by(id: access_token.resource_owner_id) }
+    auth_time_from_resource_owner { |_user| nil }
+    reauthenticate_resource_owner do |_user, return_to|
+      reset_session
+      session[:user_return_to] = return_to
+      redirect_to "/users/sign_in"
+    end
+    subject { |user, _application| user.id.to_s }
+    # Production mode would otherwise advertise every endpoint as https.
+    protocol { :http }
+  end
+end
+
+# The switches that change Doorkeeper's own controllers (see the header).
+module TestSwitches
+  def self.resources(request)
+    values = []
+    [request.query_string, request.raw_post].each do |source|
+      next if source.blank?
+
+      value = Rack::Utils.parse_query(source)["resource"]
+      values.concat(Array(value))
+    end
+    values
+  rescue StandardError
+    []
+  end
+
+  def self.json_error(controller, error, description = nil)
+    body = { error: error }
+    body[:error_description] = description if description
+    controller.render json: body, status: :bad_request
+  end
+
+  module Authorizations
+    private
+
+    # RFC 6749 §3.3: the server may grant fewer scopes than asked.
+    def pre_auth_params
+      permitted = super
+      if GRANT_SCOPES && permitted[:scope]
+        permitted[:scope] = (permitted[:scope].to_s.split & GRANT_SCOPES).join(" ")
+      end
+      permitted
+    end
+
+    # RFC 8707 §2: a missing or unknown resource is invalid_target, reported
+    # like any authorization error (a redirect to the client, or for the
+    # out-of-band URI a JSON page as Doorkeeper shows for Deny).
+    def require_resource_indicator
+      return if TestSwitches.resources(request).include?(REQUIRE_RESOURCE)
+      return unless pre_auth.authorizable? # Doorkeeper reports its own errors first
+
+      description = "resource=#{REQUIRE_RESOURCE} is required"
+      if Doorkeeper::OAuth::Helpers::URIChecker.oob_uri?(pre_auth.redirect_uri)
+        TestSwitches.json_error(self, "invalid_target", description)
+      else
+        query = { error: "invalid_target", error_description: description, state: pre_auth.state }.compact
+        redirect_to Doorkeeper::OAuth::Authorization::URIBuilder.uri_with_query(pre_auth.redirect_uri, query)
+      end
+    end
+  end
+
+  module Tokens
+    def create
+      grant_type = params[:grant_type].to_s
+      if REQUIRE_RESOURCE && %w[authorization_code refresh_token].include?(grant_type) &&
+         !TestSwitches.resources(request).include?(REQUIRE_RESOURCE)
+        return TestSwitches.json_error(self, "invalid_target", "resource=#{REQUIRE_RESOURCE} is required")
+      end
+      return if STRICT_REFRESH_SCOPE && grant_type == "refresh_token" && refuse_wider_refresh_scope
+
+      super
+    end
+
+    def revoke
+      if REFUSE_ACCESS_TOKEN_REVOCATION && Doorkeeper.config.access_token_model.by_token(params["token"].to_s)
+        return TestSwitches.json_error(self, "unsupported_token_type")
+      end
+
+      super
+    end
+
+    private
+
+    # RFC 6749 §6: the scope of a refresh must not include any scope not
+    # originally granted. Unknown or dead refresh tokens are left to Doorkeeper.
+    def refuse_wider_refresh_scope
+      asked = params[:scope].to_s.split
+      return false if asked.empty?
+
+      token = Doorkeeper.config.access_token_model.by_refresh_token(params[:refresh_token].to_s)
+      return false if token.nil? || token.revoked?
+      return false if (asked - token.scopes.to_a).empty?
+
+      TestSwitches.json_error(self, "invalid_scope", "refresh token missing requested scope")
+      true
+    end
+  end
+
+  module Discovery
+    private
+
+    def provider_response
+      response = super
+      response[:authorization_response_iss_parameter_supported] = true if ADVERTISE_ISS
+      response
+    end
+  end
+
+  def self.install!
+    Doorkeeper::AuthorizationsController.prepend(Authorizations)
+    Doorkeeper::AuthorizationsController.before_action(:require_resource_indicator, only: :new) if REQUIRE_RESOURCE
+    Doorkeeper::TokensController.prepend(Tokens)
+    Doorkeeper::OpenidConnect::DiscoveryController.prepend(Discovery) if OIDC
+  end
+end
 
 # The part of Devise (database_authenticatable, validatable, sessions) this app
 # uses, for when Devise is not installed. Same routes, form field names, flash
@@ -470,6 +760,7 @@ class TestAdminController < API_BASE
   end
 
   def reset
+    Doorkeeper::OpenidConnect::Request.delete_all if OIDC
     tokens = Doorkeeper::AccessToken.delete_all
     grants = Doorkeeper::AccessGrant.delete_all
     render json: { tokens_deleted: tokens, grants_deleted: grants }
@@ -507,6 +798,7 @@ end
 
 Rails.application.initialize!
 define_application_controller
+TestSwitches.install!
 
 # The tables Doorkeeper's install + PKCE generators make, and Devise's users.
 def build_schema
@@ -566,6 +858,14 @@ def build_schema
       add_index :oauth_access_tokens, :refresh_token, unique: true
     end
 
+    if OIDC && !connection.table_exists?(:oauth_openid_requests)
+      create_table :oauth_openid_requests do |t|
+        t.references :access_grant, null: false, index: true,
+                                    foreign_key: { to_table: :oauth_access_grants, on_delete: :cascade }
+        t.string :nonce, null: false
+      end
+    end
+
     has_previous = connection.column_exists?(:oauth_access_tokens, :previous_refresh_token)
     if PREVIOUS_REFRESH_TOKEN && !has_previous
       add_column :oauth_access_tokens, :previous_refresh_token, :string, null: false, default: ""
@@ -585,9 +885,18 @@ def seed
   app.name = "Memo CLI"
   app.secret = CLIENT_SECRET
   app.redirect_uri = REDIRECT_URIS.join("\n")
-  app.scopes = "read"
+  app.scopes = APP_SCOPES
   app.confidential = true
   app.save!
+
+  return unless PUBLIC_CLIENT_ID
+
+  public_app = Doorkeeper::Application.find_or_initialize_by(uid: PUBLIC_CLIENT_ID)
+  public_app.name = "Memo CLI (public client)"
+  public_app.redirect_uri = REDIRECT_URIS.join("\n")
+  public_app.scopes = APP_SCOPES
+  public_app.confidential = false
+  public_app.save! # Doorkeeper stores a generated secret; a public client is never asked for it
 end
 
 build_schema
