@@ -130,7 +130,8 @@ class DotServer:
     narrow_scopes (NARROW_SCOPES; True means "write"), revoke_access_tokens (REVOKE_ACCESS_TOKENS),
     require_resource (REQUIRE_RESOURCE; True, or grant types), device_interval
     (DEVICE_FLOW_INTERVAL), device_expires_in (DEVICE_EXPIRES_IN), device_uri_complete
-    (DEVICE_URI_COMPLETE), slow_down (SLOW_DOWN), advertise_device (ADVERTISE_DEVICE).
+    (DEVICE_URI_COMPLETE), slow_down (SLOW_DOWN), advertise_device (ADVERTISE_DEVICE),
+    expire_on_poll (EXPIRE_ON_POLL).
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class DotServer:
         device_uri_complete: bool = False,
         slow_down: int = 0,
         advertise_device: bool = False,
+        expire_on_poll: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.access_token_ttl = access_token_ttl
@@ -198,6 +200,7 @@ class DotServer:
         self.device_uri_complete = device_uri_complete
         self.slow_down = slow_down
         self.advertise_device = advertise_device
+        self.expire_on_poll = expire_on_poll
         self.port: int | None = port
         self.base_url = ""
         self.boot_seconds: float | None = None
@@ -214,6 +217,7 @@ class DotServer:
             "DEVICE_URI_COMPLETE": "1" if self.device_uri_complete else "0",
             "SLOW_DOWN": str(int(self.slow_down)),
             "ADVERTISE_DEVICE": "1" if self.advertise_device else "0",
+            "EXPIRE_ON_POLL": "1" if self.expire_on_poll else "0",
             "PUBLIC_CLIENT_ID": self.public_client_id,
             "DEVICE_CLIENT_ID": self.device_client_id,
             "DEVICE_CLIENT_SECRET": self.device_client_secret,
@@ -581,7 +585,7 @@ class DotServer:
         return self._admin("GET", "tokens")
 
     def expire_device_codes(self) -> dict:
-        """Make every device_code expire now; the next poll gets expired_token."""
+        """Let every device_code's lifetime run out now (what DOT then answers: see EXPIRE_ON_POLL)."""
         return self._admin("POST", "expire_device_codes")
 
     def authorize_url_for(self, **params: str) -> str:

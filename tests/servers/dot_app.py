@@ -43,13 +43,17 @@ Switches (unset = DOT's behaviour as before):
     DEVICE_EXPIRES_IN device_code lifetime in seconds (DOT/oauthlib always say 1800)
     DEVICE_URI_COMPLETE  "1": also send verification_uri_complete (<base>/o/device/?user_code=...)
     SLOW_DOWN         N: the first N polls of each device_code get 400 slow_down (DOT never sends it)
+    EXPIRE_ON_POLL    "1": a poll after the device_code's expiry gets 400 expired_token (RFC 8628 3.5).
+                      DOT itself notices expiry only when the user code is entered at /o/device/;
+                      until then its polls keep answering authorization_pending.
     ADVERTISE_DEVICE  "1": the metadata carries device_authorization_endpoint (DOT's has none)
 
 Refusing a refresh whose ``scope`` asks for more than was granted (400 invalid_scope) is DOT's
 own behaviour (oauthlib's refresh grant), so it needs no switch.
 
 Access log ($STATE_DIR/access.log): one JSON object per request, written when the response is
-ready: t_start / t (epoch seconds, sub-second), method, path, query (secrets redacted), status,
+ready: t_start / t (epoch seconds, sub-second), method, path and query (secrets, and the user code
+in DOT's /o/device-confirm/<client_id>/<user_code> paths, redacted), status,
 remote_port, auth (Authorization scheme), grant_type, body_keys (form field names),
 client_auth ("basic" | "post" | "none" at the client-authenticating endpoints, else null),
 params (non-secret parameters from the query and the form: scope, resource, prompt,
@@ -69,6 +73,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -128,6 +133,7 @@ DEVICE_EXPIRES_IN = int(os.environ.get("DEVICE_EXPIRES_IN") or 1800)
 DEVICE_URI_COMPLETE = _flag("DEVICE_URI_COMPLETE")
 SLOW_DOWN = int(os.environ.get("SLOW_DOWN") or 0)
 ADVERTISE_DEVICE = _flag("ADVERTISE_DEVICE")
+EXPIRE_ON_POLL = _flag("EXPIRE_ON_POLL")
 
 # Query/form keys whose values must never reach the access log.
 SECRET_KEYS = {
@@ -344,6 +350,14 @@ def _redact(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, "[REDACTED]" if k.lower() in SECRET_KEYS else v) for k, v in pairs]
 
 
+# DOT puts the user code in the path of its confirm and status pages.
+_USER_CODE_IN_PATH = re.compile(r"(/o/device-(?:confirm|grant-status)/[^/]+/)[^/?#]+")
+
+
+def _redact_path(path: str) -> str:
+    return _USER_CODE_IN_PATH.sub(r"\1[REDACTED]", path)
+
+
 class TestValidator(OAuth2Validator):
     """DOT's validator, plus NARROW_SCOPES (RFC 6749 3.3: the server MAY grant less than asked)."""
 
@@ -429,6 +443,12 @@ class SwitchesMiddleware:
                     _polls[key] = seen + 1
                 if seen < SLOW_DOWN:
                     return _oauth_error("slow_down", "Polling too fast; add 5 seconds to the interval (RFC 8628 3.5).")
+            if EXPIRE_ON_POLL and grant_type == DEVICE_GRANT and device_code:
+                # DOT marks a grant expired only when someone enters its user code; until then a
+                # poll past expires_in still says authorization_pending.  is_expired() saves the mark.
+                grant = DeviceGrant.objects.filter(device_code=device_code).first()
+                if grant is not None and grant.status == grant.AUTHORIZATION_PENDING:
+                    grant.is_expired()
         return None
 
     @staticmethod
@@ -480,7 +500,7 @@ def _logged_response(response: HttpResponse) -> tuple[dict, str | None]:
         parts = urlsplit(response["Location"])
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         keep = {k: v for k, v in pairs if k in ("iss", "error", "state")}
-        target = urlunsplit(parts._replace(query="", fragment=""))
+        target = _redact_path(urlunsplit(parts._replace(query="", fragment="")))
         return {"location": target, **keep, "keys": sorted({k for k, _ in pairs})}, keep.get("error")
     if response.get("Content-Type", "").startswith("application/json") and not response.streaming:
         try:
@@ -510,7 +530,7 @@ class AccessLogMiddleware:
             "t": time.time(),
             "t_start": started,
             "method": request.method,
-            "path": request.path,
+            "path": _redact_path(request.path),
             "query": urlencode(_redact(parse_qsl(request.META.get("QUERY_STRING", ""), keep_blank_values=True))),
             "status": response.status_code,
             "remote_port": _int_or_none(request.META.get("REMOTE_PORT")),
@@ -588,7 +608,8 @@ def admin_reset(request: HttpRequest) -> JsonResponse:
 @csrf_exempt
 @require_POST
 def admin_expire_device_codes(request: HttpRequest) -> JsonResponse:
-    """Make every device_code/user_code expire now (RFC 8628 expires_in has passed)."""
+    """Move every device grant's expiry into the past, as time would (DOT notices it only when the
+    user code is entered, or at the next poll with EXPIRE_ON_POLL=1)."""
     from django.utils import timezone
 
     n = DeviceGrant.objects.update(expires=timezone.now() - timedelta(seconds=1))
