@@ -1036,6 +1036,8 @@ def request_device_authorization(session: MemoSession, settings: Settings) -> De
         raise ServerError(f"the device authorization endpoint {url} named no verification_uri (the page where the "
                           "code is entered); the server's device flow is not fully configured.")
     interval = _seconds_field(answer.get("interval"))
+    log.debug("device authorization at %s: interval %s s, valid for %s s", url, _printable(answer.get("interval")),
+              _printable(answer.get("expires_in")))
     return DeviceAuthorization(
         device_code=device_code,
         user_code=user_code.strip(),
@@ -1113,7 +1115,7 @@ class WaitingLine:
     def __init__(self, in_place: bool, stream: Any = None) -> None:
         self.in_place = in_place
         self.stream = stream
-        self._open = 0  # characters on the open line, 0 when no line is open
+        self._shown = ""  # the text on the open line; "" when no line is open
 
     def _write(self, text: str) -> None:
         stream = self.stream or sys.stderr
@@ -1134,13 +1136,15 @@ class WaitingLine:
         if not self.in_place:
             return
         text = self._text(left)
-        self._write("\r" + text + " " * max(0, self._open - len(text)))
-        self._open = len(text)
+        if text == self._shown:
+            return
+        self._write("\r" + text + " " * max(0, len(self._shown) - len(text)))
+        self._shown = text
 
     def end(self) -> None:
-        if self._open:
+        if self._shown:
             self._write("\n")
-            self._open = 0
+            self._shown = ""
 
 
 class DevicePoller:
@@ -1204,6 +1208,7 @@ class DevicePoller:
                 wait = self.interval * 2 ** failures
             else:
                 failures = 0
+                log.debug("poll %d: %s", self.polls, answer.error if isinstance(answer, PollError) else "a token")
                 if not isinstance(answer, PollError):
                     return answer
                 if answer.error == "slow_down":

@@ -30,12 +30,13 @@ BASE_ENV = {"CLIENT_ID": "client-id-settings", "CLIENT_SECRET": SECRET}
 VARIABLES = [
     "CLIENT_ID", "CLIENT_SECRET", "OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL",
     "MEMOS_API_URL", "OAUTH_SCOPE", "OAUTH_REDIRECT_URI", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT",
-    "OAUTH_ALLOW_INSECURE_HTTP",
+    "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_DEVICE_FLOW", "OAUTH_DEVICE_AUTHORIZATION_URL",
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
     "--revoke-url", "--api-url", "--scope", "--redirect-uri", "--token-file", "--timeout", "--login-timeout",
-    "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version",
+    "--allow-insecure-http", "--device", "--device-authorization-url", "--loopback", "--no-browser", "--debug",
+    "--version",
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 
