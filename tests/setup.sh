@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a Debian/Ubuntu machine, once:
 # the Ruby stack for the Doorkeeper test server, Chromium for the browser tests,
-# and a virtualenv (.venv) with the Python packages. Safe to run again: it skips what is there.
+# a virtualenv (.venv) with the Python packages of the script and the tests, and one of its own
+# (.venv-dot) for the django-oauth-toolkit test server (its device grant needs oauthlib 3.x, the
+# client is tested with what requirements.txt resolves to). Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,4 +47,15 @@ if [[ ! -f "$stamp" ]] || ! cmp -s <(cat requirements.txt tests/requirements-dev
   echo "setup: installing Python packages into .venv" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements-dev.txt
   cat requirements.txt tests/requirements-dev.txt > "$stamp"
+fi
+
+if [[ ! -x .venv-dot/bin/python ]]; then
+  echo "setup: creating .venv-dot (the django-oauth-toolkit test server)" >&2
+  python3 -m venv .venv-dot
+fi
+stamp=.venv-dot/.requirements-stamp
+if [[ ! -f "$stamp" ]] || ! cmp -s tests/servers/requirements-dot.txt "$stamp"; then
+  echo "setup: installing Python packages into .venv-dot" >&2
+  .venv-dot/bin/python -m pip install -q --disable-pip-version-check -r tests/servers/requirements-dot.txt
+  cp tests/servers/requirements-dot.txt "$stamp"
 fi

@@ -2,19 +2,21 @@
 
 Why a subprocess: Django's settings are process-global, so the server must not share the
 pytest process; and a real socket is what the client under test talks to anyway.
+Why another interpreter: the server runs in its own virtualenv (.venv-dot, from
+tests/servers/requirements-dot.txt, built by tests/setup.sh) because DOT's device flow needs
+oauthlib 3.x while the client is tested with the oauthlib its own requirements resolve to.
+FETCH_MEMOS_DOT_PYTHON names another interpreter that has the server's packages.
 The public shape mirrors the Doorkeeper helper so tests can run against either server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
+import functools
 import json
 import os
 import selectors
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,32 +24,58 @@ from html.parser import HTMLParser
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
 
 APP = Path(__file__).with_name("dot_app.py")
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CLIENT_ID = "fetch-memos-test"
 DEFAULT_CLIENT_SECRET = "fetch-memos-test-secret"
+DEFAULT_PUBLIC_CLIENT_ID = "fetch-memos-public"
+DEFAULT_DEVICE_CLIENT_ID = "fetch-memos-device"
+DEFAULT_DEVICE_CLIENT_SECRET = "fetch-memos-device-secret"
+DEFAULT_PUBLIC_DEVICE_CLIENT_ID = "fetch-memos-device-public"
 DEFAULT_USERNAME = "demo@example.test"
 DEFAULT_PASSWORD = "demo-password"
 ADMIN_PREFIX = "/__test__/"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+_PROBE = """
+import importlib.metadata as m
+print(m.version("Django"), m.version("django-oauth-toolkit"), m.version("oauthlib"))
+"""
+
+
+def dot_python() -> Path:
+    """The interpreter that runs dot_app.py: $FETCH_MEMOS_DOT_PYTHON, else .venv-dot's."""
+    configured = os.environ.get("FETCH_MEMOS_DOT_PYTHON")
+    return Path(configured) if configured else REPO / ".venv-dot" / "bin" / "python"
+
+
+@functools.cache
+def _probe(python: str) -> tuple[bool, str]:
+    if not Path(python).is_file():
+        return False, f"{python} does not exist (run tests/setup.sh, which builds .venv-dot)"
+    try:
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{python} does not run: {exc}"
+    if out.returncode != 0:
+        return False, f"{python} lacks the DOT server's packages (run tests/setup.sh): {out.stderr.strip()[-300:]}"
+    dj, dot, oauthlib = out.stdout.split()
+    if int(dot.split(".")[0]) < 3:
+        return False, f"django-oauth-toolkit {dot} is too old (need 3.x)"
+    if int(oauthlib.split(".")[0]) >= 4:
+        # DOT 3.4's device grant fails inside the server with oauthlib 4 (see requirements-dot.txt).
+        return False, f"oauthlib {oauthlib} in {python}: the DOT server needs oauthlib 3.x"
+    return True, f"Django {dj}, django-oauth-toolkit {dot}, oauthlib {oauthlib} ({python})"
 
 
 def dot_stack_available() -> tuple[bool, str]:
-    """Whether Django + django-oauth-toolkit are importable here (checked without importing Django)."""
-    missing = [m for m in ("django", "oauth2_provider") if importlib.util.find_spec(m) is None]
-    if missing:
-        return False, f"missing Python packages: {', '.join(missing)} (pip install -r tests/requirements-dev.txt)"
-    try:
-        dj = importlib.metadata.version("Django")
-        dot = importlib.metadata.version("django-oauth-toolkit")
-    except importlib.metadata.PackageNotFoundError as exc:
-        return False, f"package metadata missing: {exc}"
-    if int(dot.split(".")[0]) < 3:
-        return False, f"django-oauth-toolkit {dot} is too old (need 3.x)"
-    return True, f"Django {dj}, django-oauth-toolkit {dot}"
+    """Whether the DOT server's own interpreter has Django + django-oauth-toolkit + oauthlib 3 (cached)."""
+    return _probe(str(dot_python()))
 
 
 class _Form:
@@ -92,7 +120,19 @@ def _forms(html: str) -> list[_Form]:
 
 
 class DotServer:
-    """A running dot_app.py on 127.0.0.1 with a seeded user and confidential client."""
+    """A running dot_app.py on 127.0.0.1 with a seeded user and its clients.
+
+    Clients: the confidential code client (client_id/client_secret), a public code client
+    (public_client_id), and device-code clients (device_client_id/device_client_secret,
+    public_device_client_id): DOT gives each application one grant type.
+    Switches (all off by default; each is an environment variable of dot_app.py, see there):
+    strict (STRICT), iss "off"|"on"|"wrong"|"omit" (ISS), wrong_iss (WRONG_ISS),
+    narrow_scopes (NARROW_SCOPES; True means "write"), revoke_access_tokens (REVOKE_ACCESS_TOKENS),
+    require_resource (REQUIRE_RESOURCE; True, or grant types), device_interval
+    (DEVICE_FLOW_INTERVAL), device_expires_in (DEVICE_EXPIRES_IN), device_uri_complete
+    (DEVICE_URI_COMPLETE), slow_down (SLOW_DOWN), advertise_device (ADVERTISE_DEVICE),
+    expire_on_poll (EXPIRE_ON_POLL).
+    """
 
     def __init__(
         self,
@@ -107,6 +147,22 @@ class DotServer:
         password: str = DEFAULT_PASSWORD,
         bearer_challenge: bool = False,
         startup_timeout: float = 60.0,
+        public_client_id: str = DEFAULT_PUBLIC_CLIENT_ID,
+        device_client_id: str = DEFAULT_DEVICE_CLIENT_ID,
+        device_client_secret: str = DEFAULT_DEVICE_CLIENT_SECRET,
+        public_device_client_id: str = DEFAULT_PUBLIC_DEVICE_CLIENT_ID,
+        strict: bool = False,
+        iss: str | None = None,
+        wrong_iss: str = "",
+        narrow_scopes: bool | str | tuple[str, ...] | list[str] = (),
+        revoke_access_tokens: bool = True,
+        require_resource: bool | str | tuple[str, ...] | list[str] = False,
+        device_interval: int | None = None,
+        device_expires_in: int | None = None,
+        device_uri_complete: bool = False,
+        slow_down: int = 0,
+        advertise_device: bool = False,
+        expire_on_poll: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.access_token_ttl = access_token_ttl
@@ -117,10 +173,63 @@ class DotServer:
         self.password = password
         self.bearer_challenge = bearer_challenge
         self.startup_timeout = startup_timeout
+        self.public_client_id = public_client_id
+        self.device_client_id = device_client_id
+        self.device_client_secret = device_client_secret
+        self.public_device_client_id = public_device_client_id
+        self.strict = strict
+        self.iss = iss if iss is not None else ("on" if strict else "off")
+        if self.iss not in ("off", "on", "wrong", "omit"):
+            raise ValueError(f"iss must be off, on, wrong or omit, not {iss!r}")
+        self.wrong_iss = wrong_iss
+        if narrow_scopes is True:
+            narrow_scopes = ("write",)
+        elif narrow_scopes is False:
+            narrow_scopes = ()
+        self.narrow_scopes = tuple(narrow_scopes.split() if isinstance(narrow_scopes, str) else narrow_scopes)
+        self.revoke_access_tokens = revoke_access_tokens
+        if require_resource is True:
+            require_resource = ("authorization_code", DEVICE_GRANT)
+        elif require_resource is False:
+            require_resource = ()
+        self.require_resource = tuple(
+            require_resource.split() if isinstance(require_resource, str) else require_resource
+        )
+        self.device_interval = device_interval
+        self.device_expires_in = device_expires_in
+        self.device_uri_complete = device_uri_complete
+        self.slow_down = slow_down
+        self.advertise_device = advertise_device
+        self.expire_on_poll = expire_on_poll
         self.port: int | None = port
         self.base_url = ""
         self.boot_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def _switch_env(self) -> dict[str, str]:
+        env = {
+            "STRICT": "1" if self.strict else "0",
+            "ISS": self.iss,
+            "WRONG_ISS": self.wrong_iss,
+            "NARROW_SCOPES": " ".join(self.narrow_scopes),
+            "REVOKE_ACCESS_TOKENS": "1" if self.revoke_access_tokens else "0",
+            "REQUIRE_RESOURCE": " ".join(self.require_resource) or "0",
+            "DEVICE_URI_COMPLETE": "1" if self.device_uri_complete else "0",
+            "SLOW_DOWN": str(int(self.slow_down)),
+            "ADVERTISE_DEVICE": "1" if self.advertise_device else "0",
+            "EXPIRE_ON_POLL": "1" if self.expire_on_poll else "0",
+            "PUBLIC_CLIENT_ID": self.public_client_id,
+            "DEVICE_CLIENT_ID": self.device_client_id,
+            "DEVICE_CLIENT_SECRET": self.device_client_secret,
+            "PUBLIC_DEVICE_CLIENT_ID": self.public_device_client_id,
+            "DEVICE_FLOW_INTERVAL": "",
+            "DEVICE_EXPIRES_IN": "",
+        }
+        if self.device_interval is not None:
+            env["DEVICE_FLOW_INTERVAL"] = str(int(self.device_interval))
+        if self.device_expires_in is not None:
+            env["DEVICE_EXPIRES_IN"] = str(int(self.device_expires_in))
+        return env
 
     # -- URLs ---------------------------------------------------------------
     @property
@@ -146,6 +255,23 @@ class DotServer:
     @property
     def login_url(self) -> str:
         return self.base_url + "/accounts/login/"
+
+    @property
+    def issuer(self) -> str:
+        """DOT's issuer (RFC 8414 metadata ``issuer`` and RFC 9207 ``iss``): the /o mount, no slash."""
+        return self.base_url + "/o"
+
+    @property
+    def metadata_url(self) -> str:
+        return self.base_url + "/o/.well-known/oauth-authorization-server"
+
+    @property
+    def device_authorization_url(self) -> str:
+        return self.base_url + "/o/device-authorization/"
+
+    @property
+    def device_verification_url(self) -> str:
+        return self.base_url + "/o/device/"
 
     # Aliases matching the Doorkeeper helper's names, so server-agnostic tests can use either.
     @property
@@ -191,11 +317,14 @@ class DotServer:
             BEARER_CHALLENGE="1" if self.bearer_challenge else "0",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self._switch_env())
+        for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # the test venv's, not the server's
+            env.pop(name, None)
         err_path = self.state_dir / "server.err"
         t0 = time.monotonic()
         with open(err_path, "ab") as err:
             self._proc = subprocess.Popen(
-                [sys.executable, str(APP)],
+                [str(dot_python()), str(APP)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -348,6 +477,91 @@ class DotServer:
             )
         raise AssertionError(f"authorization did not finish; last step: {step!r}")
 
+    def approve_device(
+        self,
+        user_code: str | None,
+        *,
+        approve: bool = True,
+        url: str | None = None,
+        session: object | None = None,
+    ) -> str:
+        """The person with the device's code: log in through DOT's pages, enter the user code at
+        /o/device/, press Accept (or Deny) on the confirm page; return the status page's heading.
+
+        `url` is the page the device showed (verification_uri, or verification_uri_complete whose
+        user_code fills the form in); `user_code` None keeps what that URL filled in.
+        Raises AssertionError with the page text when DOT refuses a step (e.g. a wrong or used code).
+        """
+        import requests  # here, so importing this module never needs requests
+
+        s = session if session is not None else requests.Session()
+        resp = self._get_local(s, url or self.device_verification_url)
+        for _ in range(4):
+            forms = _forms(resp.text)
+            login = next((f for f in forms if "password" in f.fields), None)
+            code_form = next((f for f in forms if "user_code" in f.fields), None)
+            confirm = next((f for f in forms if any(n == "action" for n, _ in f.submits)), None)
+            if login is not None:
+                data = dict(login.fields, username=self.username, password=self.password)
+            elif code_form is not None:
+                data = dict(code_form.fields)
+                if user_code is not None:
+                    data["user_code"] = user_code
+                if not data.get("user_code"):
+                    raise AssertionError(f"no user code to enter at {resp.url}")
+                user_code = None  # entered; a page with this form again is DOT refusing it
+            elif confirm is not None:
+                data = dict(confirm.fields, action="accept" if approve else "deny")
+            else:
+                return self._heading(resp)
+            form = login or code_form or confirm
+            assert form is not None
+            target = urljoin(resp.url, form.action or resp.url)
+            posted = s.post(target, data=data, headers={"Referer": resp.url}, allow_redirects=False, timeout=30)
+            if form is code_form and not posted.is_redirect:
+                raise AssertionError(f"DOT refused the user code ({posted.status_code}):\n{posted.text[:2000]}")
+            resp = self._follow_local(s, posted)
+        raise AssertionError(f"device approval did not finish at {resp.url}:\n{resp.text[:2000]}")
+
+    def _get_local(self, session, url: str):
+        return self._follow_local(session, session.get(url, allow_redirects=False, timeout=30))
+
+    def _follow_local(self, session, resp):
+        while resp.is_redirect:
+            loc = urljoin(resp.url, resp.headers["Location"])
+            if not loc.startswith(self.base_url + "/"):
+                raise AssertionError(f"redirected off the server to {loc}")
+            resp = session.get(loc, allow_redirects=False, timeout=30)
+        if resp.status_code != 200:
+            raise AssertionError(f"{resp.url} answered {resp.status_code}:\n{resp.text[:2000]}")
+        return resp
+
+    @staticmethod
+    def _heading(resp) -> str:
+        import re
+
+        match = re.search(r"<h1>(.*?)</h1>", resp.text, re.S)
+        return " ".join((match.group(1) if match else resp.text).split())
+
+    def start_device_flow(self, *, public: bool = False, scope: str | None = "read", **extra: str) -> dict:
+        """What a device does first (RFC 8628 3.1): ask for a device_code and a user_code.
+
+        DOT wants client_id in the body even when the client authenticates with Basic.
+        """
+        import requests
+
+        client_id = self.public_device_client_id if public else self.device_client_id
+        data = {"client_id": client_id, **({"scope": scope} if scope is not None else {}), **extra}
+        auth = None if public else (self.device_client_id, self.device_client_secret)
+        resp = requests.post(self.device_authorization_url, data=data, auth=auth, timeout=30)
+        if resp.status_code != 200:
+            raise AssertionError(f"device authorization failed ({resp.status_code}): {resp.text[:500]}")
+        return resp.json()
+
+    def device_polls(self, since: int | None = None) -> list[dict]:
+        """The token requests of the device grant in the access log (each has t_start, status, error)."""
+        return [e for e in self.access_log(since) if e["path"] == "/o/token/" and e["grant_type"] == DEVICE_GRANT]
+
     # -- test-only admin endpoints (urllib, so `responses`/mocks of requests never intercept them)
     def _admin(self, method: str, path: str) -> dict:
         if not self.base_url:
@@ -367,5 +581,20 @@ class DotServer:
         return self._admin("POST", "reset")
 
     def tokens(self) -> dict:
-        """Summary of grants/tokens (ids, scopes, expiry, revocation) without token strings."""
+        """Summary of grants/tokens/device grants (ids, scopes, expiry, status) without token strings."""
         return self._admin("GET", "tokens")
+
+    def expire_device_codes(self) -> dict:
+        """Let every device_code's lifetime run out now (what DOT then answers: see EXPIRE_ON_POLL)."""
+        return self._admin("POST", "expire_device_codes")
+
+    def authorize_url_for(self, **params: str) -> str:
+        """The authorization endpoint with these query parameters (response_type=code by default)."""
+        return self.authorize_url + "?" + urlencode({"response_type": "code", **params})
+
+    @staticmethod
+    def redirect_params(location: str) -> dict[str, str]:
+        """The query of an authorization response redirect, one value per name."""
+        from urllib.parse import parse_qsl
+
+        return dict(parse_qsl(urlsplit(location).query, keep_blank_values=True))
