@@ -25,10 +25,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 if TYPE_CHECKING:  # the HTTP stack is imported lazily so that --help and --status stay instant
@@ -76,6 +76,22 @@ class AuthorizationError(FetchMemosError):
 
 class DeadGrant(AuthorizationError):
     """The stored grant no longer works (revoked, expired, or the server forgot it)."""
+
+
+class TransientServerError(ServerError):
+    """The server could not be reached or failed with a 5xx: worth another try where a retry is safe."""
+
+
+class AuthorizationDenied(AuthorizationError):
+    """The person refused access at the server (RFC 8628 section 3.5 access_denied)."""
+
+
+class DeviceCodeExpired(AuthorizationError):
+    """The device flow's code ran out before it was approved: expired_token, its expires_in, or OAUTH_LOGIN_TIMEOUT."""
+
+
+class NoDeviceEndpoint(ConfigError):
+    """The device flow was chosen, but no device authorization endpoint is known."""
 
 
 # Secrets seen during the run; every log record and error message passes through redact().
@@ -135,7 +151,9 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "OAUTH_TOKEN_URL": ("--token-url", "token endpoint (default <server>/oauth/token)"),
     "OAUTH_REVOKE_URL": ("--revoke-url", "revocation endpoint, RFC 7009 (default <server>/oauth/revoke)"),
     "OAUTH_DEVICE_AUTHORIZATION_URL": ("--device-authorization-url", "device authorization endpoint, RFC 8628 "
-                                                                     "(default: from the metadata, else none)"),
+                                                                     "(default: from the metadata, else none; "
+                                                                     "django-oauth-toolkit: <site>/o/device-"
+                                                                     "authorization/)"),
     "MEMOS_API_URL": ("--api-url", "the protected JSON API (default <server>/api/memos/)"),
     "OAUTH_SCOPE": ("--scope", "space-separated scopes to ask for (default read; with offline_access the "
                                "authorization request also asks for prompt=consent)"),
@@ -146,10 +164,14 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "OAUTH_TOKEN_FILE": ("--token-file", f"where the token is kept (default {DEFAULT_TOKEN_FILE_NAME} beside "
                                          "the script; a relative path is relative to the current folder)"),
     "OAUTH_TIMEOUT": ("--timeout", "seconds each HTTP request may take (default 10)"),
-    "OAUTH_LOGIN_TIMEOUT": ("--login-timeout", "seconds to wait for the browser's redirect (default 300)"),
+    "OAUTH_LOGIN_TIMEOUT": ("--login-timeout", "seconds to wait for the browser's redirect, or for the device "
+                                               "flow's approval (default 300)"),
     "OAUTH_ALLOW_INSECURE_HTTP": ("--allow-insecure-http", "set to 1 to allow plain http to a host that is "
                                                            "not this machine (tokens then cross the network "
                                                            "unencrypted)"),
+    "OAUTH_DEVICE_FLOW": ("--device", "set to 1 to authorize with the device flow (RFC 8628): the script shows a "
+                                      "URL and a code to enter on any device, and waits; nothing is typed here, so "
+                                      "it also works without a terminal"),
 }
 
 CLIENT_AUTH_METHODS = ("basic", "post", "none")
@@ -180,6 +202,7 @@ class Settings:
     timeout: float
     login_timeout: float
     allow_insecure_http: bool
+    device_flow: bool = False
     open_browser: bool = True
     debug: bool = False
     client_auth: str = "basic"  # "basic" | "post" | "none"
@@ -366,6 +389,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         timeout=_positive_seconds("OAUTH_TIMEOUT", get("OAUTH_TIMEOUT") or "10"),
         login_timeout=_positive_seconds("OAUTH_LOGIN_TIMEOUT", get("OAUTH_LOGIN_TIMEOUT") or "300"),
         allow_insecure_http=allow_insecure,
+        device_flow=_truthy(get("OAUTH_DEVICE_FLOW", "0")),
         open_browser=not getattr(args, "no_browser", False),
         debug=bool(getattr(args, "debug", False)),
         client_auth=client_auth,
@@ -985,6 +1009,17 @@ def should_open_browser(settings: Settings, environ: Mapping[str, str]) -> bool:
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
 
 
+def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) -> bool:
+    """Open url where should_open_browser() allows it; True when a browser took it."""
+    if not should_open_browser(settings, environ):
+        return False
+    import webbrowser
+
+    with contextlib.suppress(Exception), _stdout_to_stderr():
+        return bool(webbrowser.open(url))
+    return False
+
+
 class LoopbackListener:
     """Catches the browser's redirect on 127.0.0.1 (RFC 8252 section 7.3), one request at a time."""
 
@@ -1151,7 +1186,9 @@ def show_authorization_url(url: str, *, opened: bool) -> None:
 
 
 def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Run the authorization code grant with a person: get a code one way or the other, then exchange it."""
+    """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
+    if settings.device_flow:
+        return authorize_with_device(session, settings, environ)
     if settings.is_oob:
         url, state = session.authorization_url(settings.authorize_url)
         show_authorization_url(url, opened=False)
@@ -1164,13 +1201,7 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
             listener.expected_state = state
             listener.expected_issuer = settings.issuer
             listener.issuer_required = settings.issuer_required
-            opened = False
-            if should_open_browser(settings, environ):
-                import webbrowser
-
-                with contextlib.suppress(Exception), _stdout_to_stderr():
-                    opened = webbrowser.open(url)
-            show_authorization_url(url, opened=opened)
+            show_authorization_url(url, opened=open_in_browser(url, settings, environ))
             say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
                 "paste the address it ends up on here and press Enter:")
             prompt()
@@ -1179,6 +1210,392 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
             listener.close()
     remember_secret(code)
     token = session.exchange_code(code)
+    say("Authorized.")
+    return token
+
+
+def person_can_authorize(settings: Settings, stdin: Any) -> bool:
+    """A person can be asked to authorize: one is at this terminal, or the device flow was chosen.
+
+    The device flow needs nothing typed here (the code goes to stderr), so choosing it explicitly
+    lets a run without a terminal authorize too.
+    """
+    return settings.device_flow or (stdin is not None and stdin.isatty())
+
+
+# -- The device authorization grant (RFC 8628): a code the person enters on any device, while we poll.
+
+DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
+DEVICE_INTERVAL = 5.0  # RFC 8628 section 3.2: the polling interval when the server names none
+DEVICE_MIN_INTERVAL = 1.0  # a server's interval of 0 must not turn polling into a busy loop
+SLOW_DOWN_STEP = 5.0  # section 3.5: slow_down adds 5 s "for this and all subsequent requests"
+DEVICE_POLL_RETRIES = 3  # consecutive connection errors or 5xx answers tolerated while polling
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The time the device flow waits by; the unit tests substitute a fake one for DEVICE_CLOCK."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+DEVICE_CLOCK = Clock()
+
+
+@dataclass(frozen=True)
+class DeviceAuthorization:
+    """The device authorization response (RFC 8628 section 3.2); the device code is a secret."""
+
+    device_code: str = field(repr=False)
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str
+    expires_in: float | None
+    interval: float
+
+
+class PollError(NamedTuple):
+    """An error the token endpoint answered a poll with (RFC 8628 section 3.5)."""
+
+    error: str
+    description: str = ""
+
+
+def _printable(value: object, limit: int = 200) -> str:
+    """Text from the server made safe for one line on a terminal (no escape sequences)."""
+    text = "".join(ch for ch in str(value) if ch.isprintable())
+    return text[:limit]
+
+
+def _json_object(response: requests.Response) -> dict[str, Any] | None:
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _seconds_field(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+        return None
+    return float(value)
+
+
+def _device_endpoint_error(response: requests.Response, answer: dict[str, Any] | None, url: str) -> FetchMemosError:
+    """What a refused device authorization request means for the person (RFC 8628 section 3.2, RFC 6749 5.2)."""
+    status = response.status_code
+    if status >= 500:
+        return ServerError(f"the device authorization endpoint {url} answered {status} "
+                           f"{response.reason or ''}".rstrip() + "; try again later.")
+    if answer is None or not isinstance(answer.get("error"), str):
+        if status == 404:
+            return ConfigError(f"there is no device authorization endpoint at {url} (404); check "
+                               "OAUTH_DEVICE_AUTHORIZATION_URL.")
+        return ServerError(f"the device authorization endpoint {url} answered {status} without a usable JSON "
+                           "body; check OAUTH_DEVICE_AUTHORIZATION_URL.")
+    error = _printable(answer["error"], 60)
+    description = _printable(answer.get("error_description") or "")
+    detail = f" ({description})" if description else ""
+    if error == "invalid_client":
+        return ConfigError(f"the server at {url} rejected the client credentials (invalid_client); check CLIENT_ID "
+                           "and CLIENT_SECRET in .env.")
+    if error == "unauthorized_client":
+        return ConfigError(f"the server at {url} does not let this application use the device flow "
+                           f"(unauthorized_client{detail}); register it with the device code grant type "
+                           f"({DEVICE_GRANT_TYPE}).")
+    if error == "invalid_scope":
+        return ConfigError(f"the server at {url} refused the requested scope (invalid_scope{detail}); check "
+                           "OAUTH_SCOPE.")
+    return AuthorizationError(f"the server refused the device authorization request: {error}{detail}.")
+
+
+def request_device_authorization(session: MemoSession, settings: Settings) -> DeviceAuthorization:
+    """Ask for a device code and a user code (RFC 8628 section 3.1), with client authentication as configured."""
+    url = settings.device_authorization_url
+    if not url:
+        raise NoDeviceEndpoint(
+            "the device flow needs the server's device authorization endpoint, and the server publishes none "
+            "(no device_authorization_endpoint in its metadata) nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL "
+            "(or --device-authorization-url). Doorkeeper offers one only with the "
+            "doorkeeper-device_authorization_grant gem; django-oauth-toolkit serves <site>/o/device-authorization/ "
+            "but does not advertise it.")
+    # Section 3.1 and django-oauth-toolkit want client_id in the body even when HTTP Basic authenticates.
+    data = {"client_id": settings.client_id, "scope": " ".join(settings.scope)}
+    resource = getattr(settings, "resource", "")
+    if resource:
+        data["resource"] = resource  # RFC 8707 section 2: the device request plays the authorization request's part
+    response = session.post_form(url, data)
+    answer = _json_object(response)
+    if response.status_code != 200 or answer is None or "error" in answer:
+        raise _device_endpoint_error(response, answer, url)
+    device_code = answer.get("device_code")
+    if not isinstance(device_code, str) or not device_code:
+        raise ServerError(f"the device authorization endpoint {url} answered without a device_code.")
+    remember_secret(device_code)
+    user_code = answer.get("user_code")
+    if not isinstance(user_code, str) or not user_code.strip() or not user_code.isprintable() or len(user_code) > 64:
+        raise ServerError(f"the device authorization endpoint {url} answered without a usable user_code.")
+    verification_uri = _verification_url(answer.get("verification_uri"))
+    complete = _verification_url(answer.get("verification_uri_complete"))
+    if not (verification_uri or complete):
+        raise ServerError(f"the device authorization endpoint {url} named no verification_uri (the page where the "
+                          "code is entered); the server's device flow is not fully configured.")
+    interval = _seconds_field(answer.get("interval"))
+    log.debug("device authorization at %s: interval %s s, valid for %s s", url, _printable(answer.get("interval")),
+              _printable(answer.get("expires_in")))
+    return DeviceAuthorization(
+        device_code=device_code,
+        user_code=user_code.strip(),
+        verification_uri=verification_uri or complete,
+        verification_uri_complete=complete,
+        expires_in=_seconds_field(answer.get("expires_in")) or None,
+        interval=DEVICE_INTERVAL if interval is None else max(interval, DEVICE_MIN_INTERVAL),
+    )
+
+
+def _verification_url(value: object) -> str:
+    """An http(s) URL fit to print and to hand to a browser, or "" (a server must not make us open file:// or
+    print escape sequences)."""
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value or len(value) > 2000:
+        return ""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return ""
+    return value if parts.scheme in ("http", "https") and parts.hostname else ""
+
+
+def readable_user_code(code: str) -> str:
+    """RFC 8628 section 6.1: a code the server sent unformatted is grouped (WDJBMJHT -> WDJB-MJHT) to read at a
+    glance; one the server formatted itself is shown as sent."""
+    if not (code.isascii() and code.isalnum()) or len(code) < 6:
+        return code
+    size = 4 if len(code) % 4 == 0 or len(code) % 3 else 3
+    return "-".join(code[i:i + size] for i in range(0, len(code), size))
+
+
+def show_device_code(grant: DeviceAuthorization, *, opened: bool) -> None:
+    """The URL, then the code set apart, then what to do: the order a person needs them in."""
+    url = grant.verification_uri_complete or grant.verification_uri
+    say("Opened your browser to authorize fetch_memos; this page can be opened on any other device too:" if opened
+        else "To authorize fetch_memos, open this page in a browser, on this or any other device:")
+    say()
+    say(f"    {url}")
+    say()
+    shown = readable_user_code(grant.user_code)
+    say("The code is already filled in there; check that the page shows this code:" if grant.verification_uri_complete
+        else "and enter this code:")
+    say()
+    say(f"    {shown}")
+    say()
+    if shown != grant.user_code:
+        # Section 6.1 has servers ignore only the punctuation they added themselves; this dash is ours.
+        say("(The dash is only there to make it easier to read: type the code without it.)")
+    if grant.verification_uri_complete and grant.verification_uri != grant.verification_uri_complete:
+        say(f"Typing the address by hand? {grant.verification_uri} asks for the code instead.")
+    say("Log in if asked, and approve access for fetch_memos.")
+
+
+def _duration(seconds: float) -> str:
+    span = max(0, int(seconds + 0.5))
+    if span >= 60:
+        return f"{span // 60} min {span % 60} s" if span % 60 else f"{span // 60} min"
+    return f"{span} s"
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
+
+
+class WaitingLine:
+    """The one line that says we are waiting and how long the code stays valid.
+
+    On a terminal it is redrawn in place with the time left (no new line per poll); otherwise it
+    is printed once, so a log collects no progress noise.
+    """
+
+    def __init__(self, in_place: bool, stream: Any = None) -> None:
+        self.in_place = in_place
+        self.stream = stream
+        self._shown = ""  # the text on the open line; "" when no line is open
+
+    def _write(self, text: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(text)
+        stream.flush()
+
+    @staticmethod
+    def _text(left: float) -> str:
+        return f"Waiting for the approval; the code is valid for {_duration(left)}."
+
+    def start(self, left: float) -> None:
+        if not self.in_place:
+            self._write(self._text(left) + "\n")
+            return
+        self.update(left)
+
+    def update(self, left: float) -> None:
+        if not self.in_place:
+            return
+        text = self._text(left)
+        if text == self._shown:
+            return
+        self._write("\r" + text + " " * max(0, len(self._shown) - len(text)))
+        self._shown = text
+
+    def end(self) -> None:
+        if self._shown:
+            self._write("\n")
+            self._shown = ""
+
+
+class DevicePoller:
+    """Polling the token endpoint (RFC 8628 sections 3.4-3.5) as a small state machine.
+
+    Each poll is one token request. Between polls it waits `interval`; slow_down lengthens that
+    for the rest of the flow; a connection error or a 5xx is retried after a doubled wait (3.5:
+    "reduce their polling frequency"), a bounded number of times. It stops when the code's
+    lifetime or the run's login timeout, whichever is first, has passed.
+    """
+
+    def __init__(self, poll: Callable[[], dict[str, Any] | PollError], *, interval: float,
+                 code_lifetime: float | None, login_timeout: float, now: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, on_tick: Callable[[float], None] | None = None,
+                 retries: int = DEVICE_POLL_RETRIES) -> None:
+        self.poll = poll
+        self.interval = interval
+        self.code_lifetime = code_lifetime
+        self.login_timeout = login_timeout
+        self.now = now
+        self.sleep = sleep
+        self.on_tick = on_tick or (lambda _left: None)
+        self.retries = retries
+        self.polls = 0
+
+    def lifetime(self) -> float:
+        """Seconds this run will wait for the approval."""
+        if self.code_lifetime is None:
+            return self.login_timeout
+        return min(self.code_lifetime, self.login_timeout)
+
+    def _expired(self) -> DeviceCodeExpired:
+        if self.code_lifetime is None or self.login_timeout < self.code_lifetime:
+            return DeviceCodeExpired(f"the code expired; run again. fetch_memos waited OAUTH_LOGIN_TIMEOUT="
+                                     f"{self.login_timeout:g} s for the approval (raise it to wait longer).")
+        return DeviceCodeExpired("the code expired; run again.")
+
+    def _wait(self, seconds: float, deadline: float) -> None:
+        """Sleep until the next poll is due, in steps of at most a second so the waiting line can count down."""
+        until = min(self.now() + seconds, deadline)
+        while (step := until - self.now()) > 0:
+            self.on_tick(deadline - self.now())
+            self.sleep(min(step, 1.0))
+
+    def run(self) -> dict[str, Any]:
+        """Poll until the token arrives, or raise what ended the flow."""
+        deadline = self.now() + self.lifetime()
+        wait = self.interval
+        failures = 0
+        while True:
+            self._wait(wait, deadline)
+            self.polls += 1
+            try:
+                answer = self.poll()
+            except TransientServerError as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise TransientServerError(f"{str(exc).rstrip('.')}; gave up waiting for the approval after "
+                                               f"{failures} failed polls in a row.") from None
+                log.debug("poll %d failed (%s); waiting longer before the next", self.polls, exc)
+                wait = self.interval * 2 ** failures
+            else:
+                failures = 0
+                log.debug("poll %d: %s", self.polls, answer.error if isinstance(answer, PollError) else "a token")
+                if not isinstance(answer, PollError):
+                    return answer
+                if answer.error == "slow_down":
+                    self.interval += SLOW_DOWN_STEP
+                elif answer.error == "access_denied":
+                    raise AuthorizationDenied("authorization was denied at the server; run again and approve "
+                                              "access to allow it.")
+                elif answer.error == "expired_token":
+                    raise DeviceCodeExpired("the code expired; run again.")
+                elif answer.error != "authorization_pending":  # section 3.5: any other error stops polling
+                    raise _poll_error(answer)
+                wait = self.interval
+            if self.now() >= deadline:
+                raise self._expired()
+
+
+def _poll_error(answer: PollError) -> FetchMemosError:
+    detail = f" ({answer.description})" if answer.description else ""
+    if answer.error == "invalid_client":
+        return ConfigError(f"the token endpoint rejected the client credentials (invalid_client{detail}); check "
+                           "CLIENT_ID and CLIENT_SECRET in .env.")
+    if answer.error in ("unauthorized_client", "unsupported_grant_type"):
+        return ConfigError(f"the token endpoint refused the device grant ({answer.error}{detail}); register the "
+                           f"application with the device code grant type ({DEVICE_GRANT_TYPE}).")
+    if answer.error == "invalid_grant":
+        return AuthorizationError(f"the server no longer accepts this device code (invalid_grant{detail}); run "
+                                  "again.")
+    return AuthorizationError(f"the token request failed: {answer.error}{detail}.")
+
+
+def poll_device_token(session: MemoSession, settings: Settings, device_code: str) -> dict[str, Any] | PollError:
+    """One token request with the device code (RFC 8628 section 3.4): the token, or the error answered."""
+    from oauthlib.oauth2.rfc6749.parameters import parse_token_response
+
+    url = settings.token_url
+    data = {"grant_type": DEVICE_GRANT_TYPE, "device_code": device_code, "client_id": settings.client_id}
+    resource = getattr(settings, "resource", "")
+    if resource:
+        data["resource"] = resource  # RFC 8707 section 2.2
+    try:
+        response = session.post_form(url, data)
+    except ServerError as exc:  # post_form reports connection trouble this way: nothing was answered
+        raise TransientServerError(str(exc)) from None
+    if response.status_code >= 500:
+        raise TransientServerError(f"the token endpoint {url} answered {response.status_code} "
+                                   f"{response.reason or ''}".rstrip() + ".")
+    answer = _json_object(response)
+    if answer is None:
+        raise ServerError(f"the token endpoint {url} answered {response.status_code} without a JSON body; check "
+                          "OAUTH_TOKEN_URL.")
+    if isinstance(answer.get("error"), str) and answer["error"]:
+        return PollError(_printable(answer["error"], 60), _printable(answer.get("error_description") or ""))
+    if response.status_code != 200 or not answer.get("access_token"):
+        raise ServerError(f"the token endpoint {url} answered {response.status_code} without a token.")
+    try:
+        # oauthlib's own parser, so expires_at and the granted scope come out as after a code exchange.
+        return _granted(lambda: parse_token_response(response.text, scope=list(settings.scope)))
+    except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
+        raise _token_request_error(exc, url, settings, during="device") from None
+
+
+def authorize_with_device(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The device grant: show the URL and the code, poll until the person approved, take the token."""
+    grant = request_device_authorization(session, settings)
+    opened = open_in_browser(grant.verification_uri_complete or grant.verification_uri, settings, environ)
+    show_device_code(grant, opened=opened)
+    line = WaitingLine(in_place=_is_terminal(sys.stderr))
+    clock = DEVICE_CLOCK
+    poller = DevicePoller(lambda: poll_device_token(session, settings, grant.device_code), interval=grant.interval,
+                          code_lifetime=grant.expires_in, login_timeout=settings.login_timeout, now=clock.now,
+                          sleep=clock.sleep, on_tick=line.update)
+    line.start(poller.lifetime())
+    try:
+        token = poller.run()
+    except KeyboardInterrupt:
+        raise  # main() ends the open line ("\n") before it says the run was interrupted
+    except BaseException:
+        line.end()  # the error message gets a line of its own
+        raise
+    line.end()
+    token = session.take_new_token(token)
     say("Authorized.")
     return token
 
@@ -1657,7 +2074,7 @@ def _token_request_error(exc: Exception, url: str, settings: Settings, during: s
 
 @dataclass(frozen=True)
 class Terminal:
-    """Whether a person can answer prompts; without one, nothing may wait for input."""
+    """Whether a person can be asked to authorize (see person_can_authorize); without one, nothing waits."""
 
     interactive: bool
     environ: Mapping[str, str]
@@ -1924,7 +2341,8 @@ EPILOG = """\
 first run:
   It prints a URL. Open it, log in, press Authorize; the server shows a code. Paste the code
   (or the address of that page) at the prompt. With a loopback redirect (--loopback) the
-  script catches the browser's redirect itself. Later runs reuse and refresh the token.
+  script catches the browser's redirect itself. With --device (RFC 8628) it shows a URL and a
+  code to enter on any device, and waits. Later runs reuse and refresh the token.
 
 output:
   stdout carries only the API's JSON (UTF-8), so `python fetch_memos.py | jq .` works;
@@ -1936,7 +2354,7 @@ exit codes:
   2    usage or configuration error (missing variable, bad URL, http to a remote host,
        client credentials rejected)
   3    authorization failed or needs a person (bad/expired code, denied, state mismatch,
-       end of input, dead grant or no token without a terminal)
+       device code expired, end of input, dead grant or no token without a terminal)
   130  interrupted
 """
 
@@ -1958,14 +2376,15 @@ def build_parser() -> argparse.ArgumentParser:
     for key, (flag, text) in SETTINGS_HELP.items():
         if not flag:
             continue
-        if key == "OAUTH_ALLOW_INSECURE_HTTP":
+        if key in ("OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_DEVICE_FLOW"):
             parser.add_argument(flag, action="store_true", default=None, help=text.replace("set to 1 to ", ""))
         else:
             parser.add_argument(flag, metavar=key, help=f"{text} [{key}]")
     parser.add_argument("--loopback", metavar="PORT", nargs="?", const=0, type=int,
                         help="catch the browser's redirect on http://127.0.0.1:PORT/callback (RFC 8252) instead "
                              "of pasting a code; without PORT a free port is chosen")
-    parser.add_argument("--no-browser", action="store_true", help="with a loopback redirect, only print the URL")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="with a loopback redirect or the device flow, only print the URL")
     parser.add_argument("--debug", action="store_true", help="log each request to stderr (never secrets)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -2008,7 +2427,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         configure_logging(settings.debug)
         remember_secret(settings.client_secret)
         store = TokenStore(settings.token_file)
-        terminal = Terminal(interactive=sys.stdin is not None and sys.stdin.isatty(), environ=environ)
+        terminal = Terminal(interactive=person_can_authorize(settings, sys.stdin), environ=environ)
         command = "status" if args.status else "logout" if args.logout else "fetch"
         settings = resolve_endpoints(settings, fetch=command != "status")  # --status never touches the network
         return COMMANDS[command](settings, store, terminal)

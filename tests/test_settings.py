@@ -31,13 +31,13 @@ VARIABLES = [
     "CLIENT_ID", "CLIENT_SECRET", "OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL",
     "MEMOS_API_URL", "OAUTH_SCOPE", "OAUTH_REDIRECT_URI", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT",
     "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_CLIENT_AUTH", "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL",
-    "OAUTH_RESOURCE",
+    "OAUTH_RESOURCE", "OAUTH_DEVICE_FLOW",
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
     "--revoke-url", "--api-url", "--scope", "--redirect-uri", "--token-file", "--timeout", "--login-timeout",
     "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version", "--client-auth", "--issuer",
-    "--device-authorization-url", "--resource",
+    "--device-authorization-url", "--resource", "--device",
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 
