@@ -152,7 +152,7 @@ def test_approved_prints_exactly_the_json_and_polls_at_the_interval(dot: DotServ
     # In place: one line for all the polls, redrawn with "\r" (the time left), ended once.
     [line] = waiting_lines(result)
     assert line.count("\rWaiting for the approval") >= 2
-    assert "Waiting for the approval; the code is valid for 5 min." in line
+    assert "Waiting for the approval for 5 min (OAUTH_LOGIN_TIMEOUT)." in line  # DOT: 30 min
     assert_clean(result, dot.issued_secrets())
     # the next run uses the stored token: one request, no device flow
     mark = dot.log_mark()
@@ -202,7 +202,7 @@ def test_works_when_stdin_is_not_a_terminal_without_progress_noise(plain: DotSer
     assert "(The dash is only there to make it easier to read: type the code without it.)" in result.stderr
     assert f"    {code[:4]}-{code[4:]}\n" in result.stderr
     assert "\r" not in result.stderr  # no progress noise without a terminal
-    assert waiting_lines(result) == ["Waiting for the approval; the code is valid for 5 min."]
+    assert waiting_lines(result) == ["Waiting for the approval for 5 min (OAUTH_LOGIN_TIMEOUT)."]
     assert_clean(result, plain.issued_secrets())
 
 
