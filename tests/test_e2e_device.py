@@ -106,10 +106,6 @@ def authorize(server: DotServer, env: dict[str, str], *args: str, tty: bool = Tr
         return run.finish(), code
 
 
-def polls(server: DotServer, since: int) -> list[dict]:
-    return server.device_polls(since)
-
-
 def requests_to(server: DotServer, path: str, since: int) -> list[dict]:
     return [entry for entry in server.access_log(since) if entry["path"] == path]
 
@@ -145,7 +141,7 @@ def test_approved_prints_exactly_the_json_and_polls_at_the_interval(dot: DotServ
     assert len(device_requests) == 1
     assert device_requests[0]["params"]["client_id"] == dot.device_client_id
     assert device_requests[0]["params"]["scope"] == "read"
-    entries = polls(dot, mark)
+    entries = dot.device_polls(mark)
     assert len(entries) >= 2 and entries[-1]["status"] == 200
     assert all(e["status"] == 400 for e in entries[:-1])
     assert_spaced(entries, 1.0)
@@ -179,9 +175,9 @@ def test_ctrl_c_while_polling_is_exit_130_in_one_line(dot: DotServer, tmp_path: 
     with LiveRun(env=env_for(dot, tmp_path), timeout=120) as run:
         read_instructions(run)
         deadline = time.monotonic() + 60
-        while not polls(dot, mark) and time.monotonic() < deadline:
+        while not dot.device_polls(mark) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert polls(dot, mark), "the script never polled"
+        assert dot.device_polls(mark), "the script never polled"
         run.interrupt()
         result = run.finish(timeout=20)  # at once, not when the code's 5 minutes are over
     assert result.exit_code == 130, result.output
@@ -219,7 +215,7 @@ def test_public_and_confidential_clients(plain: DotServer, tmp_path: Path, kind:
     assert result.exit_code == 0, result.output
     assert result.stdout == MEMO_JSON
     [device_request] = requests_to(plain, "/o/device-authorization/", mark)
-    entries = polls(plain, mark)
+    entries = plain.device_polls(mark)
     for entry in (device_request, *entries):
         assert entry["client_auth"] == kind, entry
         assert entry["params"]["client_id"] == client_id
@@ -275,7 +271,7 @@ def test_slow_down_lengthens_the_interval_by_five_seconds(slow: DotServer, tmp_p
     result, _code = authorize(slow, env_for(slow, tmp_path), tty=False)
     assert result.exit_code == 0, result.output
     assert result.stdout == MEMO_JSON
-    entries = polls(slow, mark)
+    entries = slow.device_polls(mark)
     assert entries[0]["status"] == 400 and entries[0]["error"] == "slow_down"
     starts = [e.get("t_start", e["t"]) for e in entries]
     assert starts[1] - starts[0] >= 6 - 0.05  # 1 s + 5 s, for this poll ...
