@@ -1418,9 +1418,10 @@ class WaitingLine:
     is printed once, so a log collects no progress noise.
     """
 
-    def __init__(self, in_place: bool, stream: Any = None) -> None:
+    def __init__(self, in_place: bool, stream: Any = None, *, until_timeout: bool = False) -> None:
         self.in_place = in_place
         self.stream = stream
+        self.until_timeout = until_timeout  # OAUTH_LOGIN_TIMEOUT ends the wait before the code expires
         self._shown = ""  # the text on the open line; "" when no line is open
 
     def _write(self, text: str) -> None:
@@ -1428,8 +1429,9 @@ class WaitingLine:
         stream.write(text)
         stream.flush()
 
-    @staticmethod
-    def _text(left: float) -> str:
+    def _text(self, left: float) -> str:
+        if self.until_timeout:  # never claim a shorter life for the code than the server gave it
+            return f"Waiting for the approval for {_duration(left)} (OAUTH_LOGIN_TIMEOUT)."
         return f"Waiting for the approval; the code is valid for {_duration(left)}."
 
     def start(self, left: float) -> None:
@@ -1482,8 +1484,13 @@ class DevicePoller:
             return self.login_timeout
         return min(self.code_lifetime, self.login_timeout)
 
+    @property
+    def until_timeout(self) -> bool:
+        """Whether OAUTH_LOGIN_TIMEOUT, not the code's lifetime, ends the wait."""
+        return self.code_lifetime is None or self.login_timeout < self.code_lifetime
+
     def _expired(self) -> DeviceCodeExpired:
-        if self.code_lifetime is None or self.login_timeout < self.code_lifetime:
+        if self.until_timeout:
             return DeviceCodeExpired(f"the code expired; run again. fetch_memos waited OAUTH_LOGIN_TIMEOUT="
                                      f"{self.login_timeout:g} s for the approval (raise it to wait longer).")
         return DeviceCodeExpired("the code expired; run again.")
@@ -1581,11 +1588,11 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     grant = request_device_authorization(session, settings)
     opened = open_in_browser(grant.verification_uri_complete or grant.verification_uri, settings, environ)
     show_device_code(grant, opened=opened)
-    line = WaitingLine(in_place=_is_terminal(sys.stderr))
     clock = DEVICE_CLOCK
     poller = DevicePoller(lambda: poll_device_token(session, settings, grant.device_code), interval=grant.interval,
                           code_lifetime=grant.expires_in, login_timeout=settings.login_timeout, now=clock.now,
-                          sleep=clock.sleep, on_tick=line.update)
+                          sleep=clock.sleep, on_tick=lambda left: line.update(left))
+    line = WaitingLine(in_place=_is_terminal(sys.stderr), until_timeout=poller.until_timeout)
     line.start(poller.lifetime())
     try:
         token = poller.run()

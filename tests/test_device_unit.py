@@ -385,7 +385,9 @@ def test_without_a_terminal_no_progress_noise(mock, run, environ) -> None:
     assert len(bodies(mock, TOKEN_URL)) == 6
     assert "\r" not in err
     assert err.count("Waiting for the approval") == 1
-    assert "the code is valid for 5 min." in err  # OAUTH_LOGIN_TIMEOUT's 300 s, sooner than the code's 30 min
+    # OAUTH_LOGIN_TIMEOUT's 300 s come sooner than the code's 30 min: the line says which limit it counts
+    assert "Waiting for the approval for 5 min (OAUTH_LOGIN_TIMEOUT)." in err
+    assert "the code is valid for" not in err
 
 
 def test_on_a_terminal_the_waiting_line_counts_down_in_place(mock, run, environ,
@@ -398,9 +400,9 @@ def test_on_a_terminal_the_waiting_line_counts_down_in_place(mock, run, environ,
     assert waiting.count("\n") == 1 and waiting.endswith("\n")  # one line, ended once
     updates = waiting.rstrip("\n").split("\r")
     assert len(updates) == 15  # once a second for three 5-second waits, no new line per poll
-    assert updates[0] == "Waiting for the approval; the code is valid for 5 min."
-    assert updates[1] == "Waiting for the approval; the code is valid for 4 min 59 s."
-    assert updates[-1] == "Waiting for the approval; the code is valid for 4 min 46 s."
+    assert updates[0] == "Waiting for the approval for 5 min (OAUTH_LOGIN_TIMEOUT)."
+    assert updates[1] == "Waiting for the approval for 4 min 59 s (OAUTH_LOGIN_TIMEOUT)."
+    assert updates[-1] == "Waiting for the approval for 4 min 46 s (OAUTH_LOGIN_TIMEOUT)."
 
 
 def test_the_waiting_line_on_a_terminal_pads_out_a_shorter_text() -> None:
@@ -412,6 +414,13 @@ def test_the_waiting_line_on_a_terminal_pads_out_a_shorter_text() -> None:
     line.end()  # a second end adds nothing
     assert stream.getvalue() == ("\rWaiting for the approval; the code is valid for 1 min 1 s."
                                  "\rWaiting for the approval; the code is valid for 59 s.     \n")
+
+
+def test_the_waiting_line_counts_the_codes_life_when_it_ends_before_the_login_timeout(mock, run, environ) -> None:
+    serve(mock, device_answer(expires_in=120), polls=[granted()])
+    code, _out, err = run(environ)
+    assert code == 0, err
+    assert "Waiting for the approval; the code is valid for 2 min.\n" in err
 
 
 def test_the_waiting_line_without_a_terminal_is_printed_once() -> None:
@@ -429,7 +438,7 @@ def test_an_error_gets_a_line_of_its_own_after_the_waiting_line(mock, run, envir
     serve(mock, polls=["authorization_pending", "access_denied"], api=False)
     code, _out, err = run(environ)
     assert code == 3
-    assert "s.\nfetch_memos: authorization was denied" in err.replace(" \n", "\n")
+    assert "(OAUTH_LOGIN_TIMEOUT).\nfetch_memos: authorization was denied" in err.replace(" \n", "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,7 +622,8 @@ def test_ctrl_c_while_polling_is_130_without_a_traceback(mock, run, environ, clo
     code, _out, err = run(environ)
     assert code == 130
     assert "Traceback" not in err
-    assert err.endswith("s.\nfetch_memos: interrupted.\n")  # the waiting line is ended before the message
+    # the waiting line is ended before the message
+    assert err.endswith("(OAUTH_LOGIN_TIMEOUT).\nfetch_memos: interrupted.\n")
 
 
 def test_a_dead_grant_authorizes_again_with_the_device_flow(mock, run, environ, tmp_path: Path) -> None:

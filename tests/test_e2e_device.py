@@ -1,6 +1,6 @@
 """The device authorization grant (RFC 8628) end to end: the script as its own process against a real
-django-oauth-toolkit server, and a person who logs in and accepts or denies the code through DOT's
-real pages (DotServer.approve_device).
+django-oauth-toolkit server, and a person who reads the URL and the code off the script's stderr, logs in
+and accepts or denies the code through DOT's real pages (DotServer.approve_device).
 
 The servers poll fast (interval 1 s) so the whole file stays short; the polling rules themselves
 are covered on a fake clock in test_device_unit.py.
@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
 import re
-import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from runner import MEMO_JSON, SCRIPT, assert_clean, run_script, script_env
-from servers.dot import DEVICE_GRANT, DotServer, dot_stack_available
+from runner import MEMO_JSON, LiveRun, Result, assert_clean, run_script, script_env
+from servers.dot import DotServer, dot_stack_available
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.dot]  # `dot` is registered in conftest by the portability branch
+
+# What the script shows once the person has all they need (the URL, the code, what to do).
+INSTRUCTIONS_SHOWN = re.compile(r"approve access for fetch_memos\.\n")
+# The waiting line drawn twice on the same line: it was updated in place (a terminal).
+REDRAWN = re.compile(r"\rWaiting for the approval[^\n]*\rWaiting for the approval")
 
 
 def require_dot_stack() -> None:
@@ -43,7 +45,14 @@ def start(factory: pytest.TempPathFactory, name: str, **options: object) -> Iter
 
 @pytest.fixture(scope="module")
 def dot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
+    """Sends verification_uri_complete (the code filled in); its metadata names no device endpoint (DOT's own)."""
     yield from start(tmp_path_factory, "dot-device", device_uri_complete=True)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
+    """Only verification_uri (the person types the code); its metadata names the device endpoint."""
+    yield from start(tmp_path_factory, "dot-plain", advertise_device=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,66 +65,49 @@ def short(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
     yield from start(tmp_path_factory, "dot-short", device_expires_in=4, expire_on_poll=True)
 
 
-def env_for(server: DotServer, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return script_env({
+def env_for(server: DotServer, tmp_path: Path, **extra: str | None) -> dict[str, str]:
+    """The confidential device client, all endpoints set; an extra value of None leaves that setting out."""
+    values = {
         "CLIENT_ID": server.device_client_id, "CLIENT_SECRET": server.device_client_secret,
         "OAUTH_SERVER_URL": server.base_url, "OAUTH_TOKEN_URL": server.token_url,
         "OAUTH_REVOKE_URL": server.revoke_url, "MEMOS_API_URL": server.api_url,
         "OAUTH_DEVICE_AUTHORIZATION_URL": server.device_authorization_url, "OAUTH_DEVICE_FLOW": "1",
-        "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), **extra})
+        "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), **extra}
+    return script_env({key: value for key, value in values.items() if value is not None})
 
 
-class Person:
-    """Acts in another thread as soon as the script shows its URL, as someone with a phone would."""
-
-    def __init__(self, server: DotServer, approve: bool = True, user_code: str | None = None) -> None:
-        self.server = server
-        self.approve = approve
-        self.user_code = user_code
-        self.thread: threading.Thread | None = None
-        self.result: object = None
-
-    def __call__(self, url: str) -> None:
-        def act() -> None:
-            try:
-                self.result = self.server.approve_device(self.user_code, url=url, approve=self.approve)
-            except BaseException as exc:  # noqa: BLE001 - reported by done()
-                self.result = exc
-
-        self.thread = threading.Thread(target=act, daemon=True)
-        self.thread.start()
-        return None  # nothing to type at the terminal
-
-    def done(self) -> object:
-        assert self.thread is not None, "the script showed no URL"
-        self.thread.join(60)
-        if isinstance(self.result, BaseException):
-            raise self.result
-        return self.result
+def read_instructions(run: LiveRun) -> tuple[str, str]:
+    """What a person takes from the screen: the page to open, and the code as the script says to type it
+    (without the dash when the script says it added that one only for reading)."""
+    shown = run.read_until(INSTRUCTIONS_SHOWN)
+    indented = [line.strip() for line in shown.splitlines() if re.fullmatch(r" {4}\S+", line)]
+    assert len(indented) == 2, shown
+    url, code = indented
+    if "type the code without it" in shown:
+        code = code.replace("-", "")
+    return url, code
 
 
-def start_without_terminal(server: DotServer, tmp_path: Path,
-                           until: Callable[[list[str]], bool]) -> tuple[subprocess.Popen, list[str]]:
-    """The script with no terminal at all (stdin /dev/null, output in pipes), read until `until` holds."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env_for(server, tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    seen: list[str] = []
-    for line in proc.stderr:
-        seen.append(line)
-        if until(seen):
-            break
-    return proc, seen
+def approve_at(server: DotServer, run: LiveRun, *, approve: bool = True) -> tuple[str, str]:
+    """The person: open the page shown, enter the code shown (unless the page has it filled in already), and
+    accept or deny; returns the page they ended on and the code they read."""
+    url, code = read_instructions(run)
+    if "already filled in" in run.shown:
+        assert f"user_code={code}" in url  # the page shows the very code the terminal shows
+        return server.approve_device(None, url=url, approve=approve), code
+    return server.approve_device(code, url=url, approve=approve), code
 
 
-def shown_code(lines: list[str]) -> tuple[str, str] | None:
-    """The first indented URL and the indented line after it (the user code), once both were shown."""
-    indented = [line.strip() for line in lines if re.fullmatch(r"    \S+\n", line)]
-    return (indented[0], indented[1]) if len(indented) >= 2 else None
+def authorize(server: DotServer, env: dict[str, str], *args: str, tty: bool = True) -> tuple[Result, str]:
+    """One run of the script in which the person approves at once; its result and the code they typed."""
+    with LiveRun(*args, env=env, tty=tty, timeout=120) as run:
+        page, code = approve_at(server, run)
+        assert page == "Device Authorized"
+        return run.finish(), code
 
 
-def polls(server: DotServer, since: int) -> list[dict]:
-    return [e for e in server.access_log(since) if e["path"] == "/o/token/" and e.get("grant_type") == DEVICE_GRANT]
+def requests_to(server: DotServer, path: str, since: int) -> list[dict]:
+    return [entry for entry in server.access_log(since) if entry["path"] == path]
 
 
 def assert_spaced(entries: list[dict], seconds: float) -> None:
@@ -125,82 +117,166 @@ def assert_spaced(entries: list[dict], seconds: float) -> None:
     assert all(gap >= seconds - 0.05 for gap in gaps), gaps
 
 
-def secrets_of(server: DotServer, tmp_path: Path) -> list[str]:
-    """The client secret and the tokens the run saved (the device code is checked in test_device_unit.py:
-    DOT's admin view never hands it out)."""
-    found = [server.device_client_secret]
-    token_file = tmp_path / "token.pickle"
-    if token_file.exists():
-        token = pickle.loads(token_file.read_bytes())
-        found += [token[key] for key in ("access_token", "refresh_token") if token.get(key)]
-    return found
+def waiting_lines(result: Result) -> list[str]:
+    return [line for line in result.stderr.split("\n") if "Waiting for the approval" in line]
 
 
 def test_approved_prints_exactly_the_json_and_polls_at_the_interval(dot: DotServer, tmp_path: Path) -> None:
+    """On a terminal: the URL with the code filled in, the code to check, a waiting line that updates in place."""
     mark = dot.log_mark()
-    person = Person(dot)
-    result = run_script(env=env_for(dot, tmp_path), person=person)
-    assert person.done() == "Device Authorized"
+    with LiveRun(env=env_for(dot, tmp_path), timeout=120) as run:
+        run.read_until(REDRAWN)  # the person is slow: a poll or two are pending first
+        page, code = approve_at(dot, run)
+        result = run.finish()
+    assert page == "Device Authorized"
     assert result.exit_code == 0, result.output
     assert result.stdout == MEMO_JSON
     assert "The code is already filled in there" in result.stderr
-    assert result.stderr.index(result.authorize_urls[0]) < result.stderr.index("approve access for fetch_memos")
-    device_requests = [e for e in dot.access_log(mark) if e["path"] == "/o/device-authorization/"]
+    url = result.authorize_urls[0]
+    assert url == f"{dot.device_verification_url}?user_code={code}"
+    assert f"Typing the address by hand? {dot.device_verification_url} asks for the code instead." in result.stderr
+    assert result.stderr.index(url) < result.stderr.index("approve access for fetch_memos") < result.stderr.index(
+        "Waiting for the approval")
+    device_requests = requests_to(dot, "/o/device-authorization/", mark)
     assert len(device_requests) == 1
     assert device_requests[0]["params"]["client_id"] == dot.device_client_id
     assert device_requests[0]["params"]["scope"] == "read"
-    entries = polls(dot, mark)
-    assert entries and entries[-1]["status"] == 200
+    entries = dot.device_polls(mark)
+    assert len(entries) >= 2 and entries[-1]["status"] == 200
     assert all(e["status"] == 400 for e in entries[:-1])
     assert_spaced(entries, 1.0)
-    assert_clean(result, secrets_of(dot, tmp_path))
+    # In place: one line for all the polls, redrawn with "\r" (the time left), ended once.
+    [line] = waiting_lines(result)
+    assert line.count("\rWaiting for the approval") >= 2
+    assert "Waiting for the approval for 5 min (OAUTH_LOGIN_TIMEOUT)." in line  # DOT: 30 min
+    assert_clean(result, dot.issued_secrets())
     # the next run uses the stored token: one request, no device flow
     mark = dot.log_mark()
     again = run_script(env=env_for(dot, tmp_path))
     assert (again.exit_code, again.stdout) == (0, MEMO_JSON)
     assert len(dot.access_log(mark)) == 1
+    assert_clean(again, dot.issued_secrets())
 
 
 def test_denied_is_exit_3(dot: DotServer, tmp_path: Path) -> None:
-    person = Person(dot, approve=False)
-    result = run_script(env=env_for(dot, tmp_path), person=person)
-    person.done()
+    with LiveRun(env=env_for(dot, tmp_path), timeout=120) as run:
+        page, _code = approve_at(dot, run, approve=False)
+        result = run.finish()
+    assert page == "Access Denied" or "denied" in page.lower(), page
     assert result.exit_code == 3, result.output
     assert "authorization was denied at the server" in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "token.pickle").exists()
-    assert_clean(result, secrets_of(dot, tmp_path))
+    assert_clean(result, dot.issued_secrets())
 
 
-def test_works_when_stdin_is_not_a_terminal(dot: DotServer, tmp_path: Path) -> None:
-    """Nothing to type: with OAUTH_DEVICE_FLOW=1 a run with no terminal authorizes too (stderr is read here)."""
-    proc, seen = start_without_terminal(dot, tmp_path, until=lambda lines: shown_code(lines) is not None)
-    person = Person(dot)
-    person(shown_code(seen)[0])
-    out, err = proc.communicate(timeout=120)
-    person.done()
-    assert proc.returncode == 0, "".join(seen) + err
-    assert out == MEMO_JSON
-    assert "\r" not in "".join(seen) + err  # no progress noise without a terminal
+def test_ctrl_c_while_polling_is_exit_130_in_one_line(dot: DotServer, tmp_path: Path) -> None:
+    mark = dot.log_mark()
+    with LiveRun(env=env_for(dot, tmp_path), timeout=120) as run:
+        read_instructions(run)
+        deadline = time.monotonic() + 60
+        while not dot.device_polls(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dot.device_polls(mark), "the script never polled"
+        run.interrupt()
+        result = run.finish(timeout=20)  # at once, not when the code's 5 minutes are over
+    assert result.exit_code == 130, result.output
+    after = result.stderr.rsplit("\rWaiting for the approval", 1)[1].split("\n", 1)[1]
+    assert after.replace("^C", "").strip() == "fetch_memos: interrupted."
+    assert result.stdout == ""
+    assert not (tmp_path / "token.pickle").exists()
+    assert_clean(result, dot.issued_secrets())
+
+
+def test_works_when_stdin_is_not_a_terminal_without_progress_noise(plain: DotServer, tmp_path: Path) -> None:
+    """Nothing to type: with OAUTH_DEVICE_FLOW=1 a run with no terminal authorizes too (stderr is read here);
+    the person types the code shown, without the dash the script says it added."""
+    result, code = authorize(plain, env_for(plain, tmp_path), tty=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == MEMO_JSON
+    assert "and enter this code:" in result.stderr and "already filled in" not in result.stderr
+    assert "(The dash is only there to make it easier to read: type the code without it.)" in result.stderr
+    assert f"    {code[:4]}-{code[4:]}\n" in result.stderr
+    assert "\r" not in result.stderr  # no progress noise without a terminal
+    assert waiting_lines(result) == ["Waiting for the approval for 5 min (OAUTH_LOGIN_TIMEOUT)."]
+    assert_clean(result, plain.issued_secrets())
+
+
+@pytest.mark.parametrize(("kind", "settings"), [
+    ("basic", {}),
+    ("post", {"OAUTH_CLIENT_AUTH": "post"}),
+    ("none", {"CLIENT_SECRET": None}),  # a public client: OAUTH_CLIENT_AUTH defaults to none without a secret
+])
+def test_public_and_confidential_clients(plain: DotServer, tmp_path: Path, kind: str,
+                                         settings: dict[str, str | None]) -> None:
+    client_id = plain.public_device_client_id if kind == "none" else plain.device_client_id
+    mark = plain.log_mark()
+    result, _code = authorize(plain, env_for(plain, tmp_path, CLIENT_ID=client_id, **settings))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == MEMO_JSON
+    [device_request] = requests_to(plain, "/o/device-authorization/", mark)
+    entries = plain.device_polls(mark)
+    for entry in (device_request, *entries):
+        assert entry["client_auth"] == kind, entry
+        assert entry["params"]["client_id"] == client_id
+        assert (entry["auth"] == "basic") == (kind == "basic")
+        assert ("client_secret" in entry["body_keys"]) == (kind == "post")
+    assert entries[-1]["status"] == 200
+    assert_clean(result, plain.issued_secrets())
+
+
+def test_a_dead_grant_in_device_mode_authorizes_with_the_device_flow_again(dot: DotServer, tmp_path: Path) -> None:
+    env = env_for(dot, tmp_path, OAUTH_DEVICE_FLOW=None)
+    first, first_code = authorize(dot, env, "--device")
+    assert (first.exit_code, first.stdout) == (0, MEMO_JSON), first.output
+    secrets = dot.issued_secrets()
+    dot.reset()  # the server forgets every token: the stored grant is dead
+    mark = dot.log_mark()
+    second, second_code = authorize(dot, env, "--device")
+    assert second.exit_code == 0, second.output
+    assert second.stdout == MEMO_JSON
+    assert "the stored authorization is no longer valid" in second.stderr or "refused to refresh" in second.stderr
+    assert "Authorizing again." in second.stderr
+    assert second_code != first_code
+    paths = [(e["path"], e["grant_type"], e["status"]) for e in dot.access_log(mark)
+             if e["path"] in ("/api/memos/", "/o/token/", "/o/device-authorization/")]
+    # DOT answers 403 to an unknown token (it sends no WWW-Authenticate); the script then tries the refresh
+    assert paths[0] in (("/api/memos/", None, 401), ("/api/memos/", None, 403)), paths
+    assert paths[1:3] == [("/o/token/", "refresh_token", 400), ("/o/device-authorization/", None, 200)], paths
+    assert paths[-2:] == [("/o/token/", "urn:ietf:params:oauth:grant-type:device_code", 200),
+                          ("/api/memos/", None, 200)]
+    assert_clean(first, secrets)
+    assert_clean(second, secrets + dot.issued_secrets())
+
+
+def test_discovery_finds_the_device_endpoint_in_the_metadata(plain: DotServer, tmp_path: Path) -> None:
+    """OAUTH_ISSUER set and no endpoint URL: the device and token endpoints come from RFC 8414 metadata."""
+    mark = plain.log_mark()
+    env = env_for(plain, tmp_path, OAUTH_ISSUER=plain.issuer, OAUTH_DEVICE_AUTHORIZATION_URL=None,
+                  OAUTH_TOKEN_URL=None, OAUTH_REVOKE_URL=None)
+    result, _code = authorize(plain, env)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == MEMO_JSON
+    metadata = "/o/.well-known/oauth-authorization-server"
+    # the script's requests (not the person's pages); RFC 8414 section 3.1's inserted form is tried first
+    paths = [e["path"] for e in plain.access_log(mark) if e["path"] in (
+        "/.well-known/oauth-authorization-server/o", metadata, "/o/device-authorization/", "/o/token/", "/api/memos/")]
+    assert paths.index(metadata) < paths.index("/o/device-authorization/") == len(paths) - 3, paths
+    assert paths[-2:] == ["/o/token/", "/api/memos/"], paths
+    assert_clean(result, plain.issued_secrets())
 
 
 def test_slow_down_lengthens_the_interval_by_five_seconds(slow: DotServer, tmp_path: Path) -> None:
     mark = slow.log_mark()
-    person = Person(slow)
-    # Without verification_uri_complete the person reads the code and types it as told: without our dash.
-    proc, seen = start_without_terminal(slow, tmp_path, until=lambda lines: shown_code(lines) is not None)
-    url, code = shown_code(seen)
-    person.user_code = code.replace("-", "")
-    person(url)
-    out, err = proc.communicate(timeout=120)
-    person.done()
-    assert proc.returncode == 0, "".join(seen) + err
-    assert out == MEMO_JSON
-    entries = polls(slow, mark)
-    assert entries[0]["status"] == 400  # slow_down
+    result, _code = authorize(slow, env_for(slow, tmp_path), tty=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == MEMO_JSON
+    entries = slow.device_polls(mark)
+    assert entries[0]["status"] == 400 and entries[0]["error"] == "slow_down"
     starts = [e.get("t_start", e["t"]) for e in entries]
     assert starts[1] - starts[0] >= 6 - 0.05  # 1 s + 5 s, for this poll ...
     assert_spaced(entries[1:], 6.0)  # ... and every later one
+    assert_clean(result, slow.issued_secrets())
 
 
 def test_the_code_expiring_is_exit_3_within_its_life_plus_one_interval(short: DotServer, tmp_path: Path) -> None:
@@ -208,13 +284,21 @@ def test_the_code_expiring_is_exit_3_within_its_life_plus_one_interval(short: Do
     assert result.exit_code == 3, result.output
     assert "the code expired; run again." in result.stderr
     assert result.seconds < 4 + 1 + 3  # the lifetime, one interval, and the start-up of Python and requests
+    assert_clean(result, short.issued_secrets())
 
 
 def test_no_endpoint_is_exit_2_before_any_request(dot: DotServer, tmp_path: Path) -> None:
     mark = dot.log_mark()
-    env = env_for(dot, tmp_path)
-    del env["OAUTH_DEVICE_AUTHORIZATION_URL"]
-    result = run_script(env=env, tty=False)
+    result = run_script(env=env_for(dot, tmp_path, OAUTH_DEVICE_AUTHORIZATION_URL=None), tty=False)
     assert result.exit_code == 2
     assert "/o/device-authorization/" in result.stderr
     assert dot.access_log(mark) == []
+    assert_clean(result, dot.issued_secrets())
+    # DOT's own metadata names no device endpoint: discovery finds none either, and says so
+    result = run_script(env=env_for(dot, tmp_path, OAUTH_DEVICE_AUTHORIZATION_URL=None, OAUTH_ISSUER=dot.issuer),
+                        tty=False)
+    assert result.exit_code == 2, result.output
+    assert "no device_authorization_endpoint in its metadata" in result.stderr
+    assert {e["path"] for e in dot.access_log(mark)} <= {"/.well-known/oauth-authorization-server/o",
+                                                         "/o/.well-known/oauth-authorization-server"}
+    assert_clean(result, dot.issued_secrets())

@@ -584,6 +584,21 @@ class DotServer:
         """Summary of grants/tokens/device grants (ids, scopes, expiry, status) without token strings."""
         return self._admin("GET", "tokens")
 
+    def issued_secrets(self) -> list[str]:
+        """Every secret the server holds for its clients now: client secrets, device codes, authorization codes,
+        access and refresh tokens, so a test can check that none was printed. Read from the server's database
+        (no endpoint hands them out); reset() forgets the tokens, so take them before it."""
+        import sqlite3
+
+        found = [self.client_secret, self.device_client_secret]
+        columns = (("oauth2_provider_devicegrant", "device_code"), ("oauth2_provider_grant", "code"),
+                   ("oauth2_provider_accesstoken", "token"), ("oauth2_provider_refreshtoken", "token"))
+        database = f"file:{self.state_dir / 'db.sqlite3'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(database, uri=True, timeout=30)) as db:
+            for table, column in columns:
+                found += [row[0] for row in db.execute(f"SELECT {column} FROM {table}")]  # noqa: S608 - our names
+        return [secret for secret in found if secret]
+
     def expire_device_codes(self) -> dict:
         """Let every device_code's lifetime run out now (what DOT then answers: see EXPIRE_ON_POLL)."""
         return self._admin("POST", "expire_device_codes")
