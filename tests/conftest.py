@@ -155,22 +155,6 @@ def save_token(token_file: Path, env: dict[str, str], token: dict[str, Any]) -> 
     fetch_memos.TokenStore(token_file).save(token, fetch_memos.token_meta(settings))
 
 
-@pytest.fixture
-def doorkeeper_factory(tmp_path: Path) -> Iterator[Callable[..., DoorkeeperServer]]:
-    """Start real Doorkeeper servers (each in its own folder); all are stopped after the test."""
-    require_ruby_stack()
-    servers: list[DoorkeeperServer] = []
-
-    def start(**options: Any) -> DoorkeeperServer:
-        server = DoorkeeperServer(tmp_path / f"doorkeeper-{len(servers)}", **options)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def rotation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
     """One server per test module, in Doorkeeper's default mode: after a refresh the old refresh token
@@ -186,26 +170,6 @@ def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperSe
     require_ruby_stack()
     with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
         yield server
-
-
-@pytest.fixture
-def doorkeeper(doorkeeper_factory: Callable[..., DoorkeeperServer]) -> DoorkeeperServer:
-    return doorkeeper_factory()
-
-
-@pytest.fixture
-def client(doorkeeper: DoorkeeperServer, tmp_path: Path) -> Iterator[Client]:
-    person = BrowserPerson.for_server(doorkeeper)
-    yield Client(doorkeeper, tmp_path / "client", person)
-    person.close()
-
-
-@pytest.fixture
-def authorized(client: Client) -> Client:
-    """A client whose first run has completed: a token is stored."""
-    result = client.run()
-    assert result.exit_code == 0, result.output
-    return client
 
 
 # --- the conformance suite: one scenario, every server profile that has what it needs ----------------

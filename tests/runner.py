@@ -168,6 +168,22 @@ def one_line(text: str, prefix: str = "fetch_memos: ") -> str:
     return lines[0]
 
 
+def assert_fails(result: Result, exit_code: int, *fragments: str, only: bool = False) -> str:
+    """Exit code as documented, nothing on stdout, and the error line (the last line on stderr; with only, the
+    only one) names what went wrong; returns that line."""
+    assert result.exit_code == exit_code, result.output
+    assert result.stdout == ""
+    if only:
+        line = one_line(result.stderr)
+    else:
+        line = result.stderr.strip().splitlines()[-1]
+        line = line.removeprefix("> ")  # in a terminal, a message after Ctrl-D follows the prompt on its line
+        assert line.startswith("fetch_memos: "), result.stderr
+    for fragment in fragments:
+        assert fragment in line, result.stderr
+    return line
+
+
 # --- what reached a test server (DoorkeeperServer and DotServer have the same shape) ----------------
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import faultproxy as fp
 from conftest import Client, People, secrets_of
-from runner import MEMO_JSON, Result, assert_clean, assert_json, one_line, token_requests
+from runner import MEMO_JSON, Result, assert_clean, assert_fails, assert_json, token_requests
 from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,12 +65,8 @@ def assert_printed(result: Result, rig: Client) -> None:
 
 
 def assert_one_line(result: Result, rig: Client, exit_code: int, *fragments: str) -> str:
-    """Nothing on stdout, one line on stderr naming the failure, the documented exit code."""
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    line = one_line(result.stderr)
-    for fragment in fragments:
-        assert fragment in line, line
+    """Nothing on stdout, one line on stderr naming the failure, the documented exit code, no secret."""
+    line = assert_fails(result, exit_code, *fragments, only=True)
     assert_clean(result, secrets_of(rig))
     return line
 

@@ -39,8 +39,8 @@ from runner import (
     EOF_AT_PROMPT,
     SCRIPT,
     Replies,
-    Result,
     assert_clean,
+    assert_fails,
     assert_json,
     run_script,
     script_env,
@@ -66,7 +66,7 @@ LOOPBACK_URI = "http://127.0.0.1:8765/callback"
 
 @pytest.fixture(scope="module")
 def doorkeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    """One server for the module (overrides conftest's per-test one): boots once, ~1 s saved per test."""
+    """One server for the module: boots once, ~1 s saved per test."""
     require_ruby_stack()
     with DoorkeeperServer(tmp_path_factory.mktemp("dk-hostile"), redirect_uris=[LOOPBACK_URI]) as server:
         yield server
@@ -96,16 +96,6 @@ class Codes:
         code = self.person.authorize(url)
         self.seen.append(code)
         return code
-
-
-def assert_fails(result: Result, exit_code: int, fragment: str) -> str:
-    """Nothing on stdout; the last line on stderr is the one error line, naming what went wrong."""
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    last = result.stderr.strip().splitlines()[-1]
-    last = last.removeprefix("> ")  # in a terminal, a message after Ctrl-D follows the prompt on its line
-    assert last.startswith("fetch_memos: ") and fragment in last, result.stderr
-    return last
 
 
 # --- at the paste prompt --------------------------------------------------------------------------

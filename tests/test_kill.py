@@ -27,7 +27,7 @@ import pytest
 import fetch_memos
 
 from conftest import Client, People
-from runner import MEMO_JSON, SCRIPT, Result, assert_clean, assert_json, one_line, token_requests
+from runner import MEMO_JSON, SCRIPT, Result, assert_clean, assert_fails, assert_json, token_requests
 from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,7 +68,7 @@ OUTCOMES: dict[int, tuple[str, str, int]] = {}  # moment -> (function killed in,
 SWEEP: list[str] = []  # "old"/"new" after each kill of the line-by-line sweep of TokenStore.save()
 
 
-def start(client: Client, *argv: str) -> subprocess.Popen[bytes]:
+def launch(client: Client, *argv: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, *argv], env=client.env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -96,10 +96,7 @@ def kill(proc: subprocess.Popen[bytes]) -> bool:
 
 
 def assert_needs_person(result: Result, old: dict[str, Any], server: DoorkeeperServer) -> None:
-    assert result.exit_code == 3, result.output
-    assert result.stdout == ""
-    line = one_line(result.stderr)
-    assert "no longer valid" in line and "interactively" in line
+    assert_fails(result, 3, "no longer valid", "interactively", only=True)
     assert_clean(result, [old["access_token"], old["refresh_token"], server.client_secret])
 
 
@@ -171,7 +168,7 @@ def trail(immediate: DoorkeeperServer, tmp_path_factory: pytest.TempPathFactory,
     setup = people.client(immediate, folder)
     setup.store_token(expired=True)
     report = folder / "trail.txt"
-    proc = start(setup, "-c", LINE_KILL_LAUNCHER, "0", str(report), *setup.args)
+    proc = launch(setup, "-c", LINE_KILL_LAUNCHER, "0", str(report), *setup.args)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.decode() == MEMO_JSON, err.decode()
     steps = report.read_text().splitlines()
@@ -194,7 +191,7 @@ def test_killed_at_any_moment_leaves_a_loadable_token(immediate: DoorkeeperServe
     old = setup.store_token(expired=True)
     mark = immediate.log_mark()
     report = tmp_path / "killed-at.txt"
-    proc = start(setup, "-c", LINE_KILL_LAUNCHER, str(kill_lines[moment - 1]), str(report), *setup.args)
+    proc = launch(setup, "-c", LINE_KILL_LAUNCHER, str(kill_lines[moment - 1]), str(report), *setup.args)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before its moment"
     state, next_exit = check_after_kill(setup, old, mark)
@@ -207,7 +204,7 @@ def test_killed_right_after_the_server_refreshed(immediate: DoorkeeperServer, tm
     setup = people.client(immediate, tmp_path)
     old = setup.store_token(expired=True)
     mark = immediate.log_mark()
-    proc = start(setup, str(SCRIPT), *setup.args)
+    proc = launch(setup, str(SCRIPT), *setup.args)
     deadline = time.monotonic() + 30
     while not grants(setup, mark) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -230,7 +227,7 @@ def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: li
         setup = people.client(immediate, tmp_path / f"kill-{number:02d}")
         old = setup.store_token(expired=True)
         mark = immediate.log_mark()
-        proc = start(setup, "-c", LINE_KILL_LAUNCHER, str(line), str(setup.folder / "killed-at"), *setup.args)
+        proc = launch(setup, "-c", LINE_KILL_LAUNCHER, str(line), str(setup.folder / "killed-at"), *setup.args)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL
         wait_until_server_idle(setup.server, 0.05)
@@ -275,7 +272,7 @@ def test_killed_while_writing_the_token(request: pytest.FixtureRequest, tmp_path
     old = setup.store_token(expired=True)
     mark = server.log_mark()
     marker = tmp_path / "fsync"
-    proc = start(setup, "-c", SLOW_FSYNC_LAUNCHER, str(marker), str(fsync_call), *setup.args)
+    proc = launch(setup, "-c", SLOW_FSYNC_LAUNCHER, str(marker), str(fsync_call), *setup.args)
     deadline = time.monotonic() + 30
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1].decode()
@@ -304,7 +301,7 @@ def test_temp_file_of_a_killed_save_is_cleaned_up_later(rotation: DoorkeeperServ
     setup = people.client(rotation, tmp_path)
     setup.store_token(expired=True)
     marker = tmp_path / "fsync"
-    proc = start(setup, "-c", SLOW_FSYNC_LAUNCHER, str(marker), "1", *setup.args)
+    proc = launch(setup, "-c", SLOW_FSYNC_LAUNCHER, str(marker), "1", *setup.args)
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -323,7 +320,7 @@ def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: Doorkeep
     setup = people.client(rotation, tmp_path)
     setup.store_token(expired=True)
     holding = tmp_path / "holding"
-    holder = start(setup, "-c", LOCK_HOLDER, str(setup.token_file), str(holding))
+    holder = launch(setup, "-c", LOCK_HOLDER, str(setup.token_file), str(holding))
     deadline = time.monotonic() + 30
     while not holding.exists():
         assert holder.poll() is None and time.monotonic() < deadline, "the lock holder did not start"
@@ -331,7 +328,7 @@ def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: Doorkeep
 
     # While the holder lives, a refreshing run waits for the lock (so this test can fail)...
     mark = rotation.log_mark()
-    run = start(setup, str(SCRIPT), *setup.args)
+    run = launch(setup, str(SCRIPT), *setup.args)
     time.sleep(2.0)
     assert run.poll() is None, "the run did not wait for a held lock"
     assert grants(setup, mark) == [], "the run refreshed without the lock"
