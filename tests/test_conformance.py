@@ -138,7 +138,7 @@ def test_warm_run_makes_exactly_one_request_and_asks_nothing(authorized):
         ("GET", path_of(server.memos_url), "bearer", 200)]
 
 
-def test_pasting_where_the_browser_landed_works(client, mode):
+def test_pasting_the_address_the_person_landed_on_works(client, mode):
     """The code page's address (oob), or the listener's address when the browser is on another machine."""
     landed = []
 
