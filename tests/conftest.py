@@ -1,7 +1,13 @@
-"""Fixtures shared by the tests: real servers in temporary folders, and the script configured for them."""
+"""Fixtures shared by the tests: real servers in temporary folders, and the script configured for them.
+
+The one rig is Client (the script configured for one server, with its own token file); secrets_of() lists what
+must never be printed; People keeps one logged-in person per server. The conformance suite's profiles and
+their parametrization (pytest_generate_tests) are described in tests/profiles.py and tests/test_conformance.py.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -18,14 +24,30 @@ if str(REPO) not in sys.path:
 
 import fetch_memos  # noqa: E402
 
+from profiles import Profile, Target, profile_params  # noqa: E402
 from runner import Result, run_script, script_env  # noqa: E402
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer, require_ruby_stack  # noqa: E402
 
+MARKERS = {
+    "doorkeeper": "needs the Doorkeeper test server (Ruby stack)",
+    "dot": "needs the django-oauth-toolkit test server",
+    "browser": "needs Chromium (Playwright)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
 
 class Client:
-    """fetch_memos.py configured for one test server, with its own token file and an empty .env."""
+    """fetch_memos.py configured for one test server, with its own token file and an empty .env.
 
-    def __init__(self, server: Any, folder: Path, person: Any) -> None:
+    `person` answers the authorization URL (its authorize(url) returns what to paste, or None); `issued` holds
+    every token stored here by store_token(), so that secrets_of() can check none is ever printed.
+    """
+
+    def __init__(self, server: Any, folder: Path, person: Any = None) -> None:
         self.server = server
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -34,6 +56,8 @@ class Client:
         self.env_file.write_text("")
         self.person = person
         self.extra_env: dict[str, str] = {}
+        self.issued: list[dict[str, Any]] = []
+        self.args = ["--env-file", str(self.env_file)]
 
     def env(self, **extra: str) -> dict[str, str]:
         values = {
@@ -56,6 +80,21 @@ class Client:
     def approve(self, url: str) -> str:
         return self.person.authorize(url)
 
+    def store_token(self, env: dict[str, str] | None = None, *, expired: bool = False,
+                    aged: bool = False) -> dict[str, Any]:
+        """A real grant from the server (Doorkeeper's grant_token), saved as the script saves it for `env`.
+
+        expired: its expires_at is in the past for the client; aged: the server agrees that it expired.
+        """
+        token = self.server.grant_token(self.person)
+        if expired:
+            token["expires_at"] = time.time() - 60
+        if aged:
+            assert self.server.age_tokens(token["expires_in"] + 60) >= 1
+        save_token(self.token_file, env or self.env(), token)
+        self.issued.append(token)
+        return self.token()
+
     def expire_locally(self) -> dict[str, Any]:
         """Move the stored token's expires_at into the past, as time would; the server may still accept it."""
         token = self.token()
@@ -68,26 +107,52 @@ class Client:
         return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
 
 
+def secrets_of(client: Client, *tokens: dict[str, Any], codes: tuple[str, ...] = ()) -> list[str]:
+    """What must never be printed: the client secret, the codes the person got, every token held or named."""
+    values = [client.server.client_secret, *codes, *getattr(client.person, "codes", ())]
+    tokens = (*tokens, *client.issued)
+    if client.token_file.is_file():
+        with contextlib.suppress(fetch_memos.BadTokenFile):
+            tokens = (*tokens, client.token())
+    for token in tokens:
+        values += [token.get("access_token") or "", token.get("refresh_token") or ""]
+    return [value for value in values if len(value) >= 4]
+
+
+class People:
+    """One logged-in person per server, as a person's browser stays logged in (Doorkeeper then skips the login)."""
+
+    def __init__(self) -> None:
+        self._by_server: dict[str, BrowserPerson] = {}
+
+    def __call__(self, server: DoorkeeperServer) -> BrowserPerson:
+        if server.base_url not in self._by_server:
+            self._by_server[server.base_url] = BrowserPerson.for_server(server)
+        return self._by_server[server.base_url]
+
+    def client(self, server: DoorkeeperServer, folder: Path, **extra_env: str) -> Client:
+        """The script configured for the server (settings beyond the usual in extra_env), with its person."""
+        client = Client(server, folder, self(server))
+        client.extra_env.update(extra_env)
+        return client
+
+    def close(self) -> None:
+        for person in self._by_server.values():
+            person.close()
+        self._by_server.clear()
+
+
+@pytest.fixture(scope="module")
+def people() -> Iterator[People]:
+    made = People()
+    yield made
+    made.close()
+
+
 def save_token(token_file: Path, env: dict[str, str], token: dict[str, Any]) -> None:
     """Store a token exactly as the script would for the settings in env (same store, same metadata)."""
     settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), env)
     fetch_memos.TokenStore(token_file).save(token, fetch_memos.token_meta(settings))
-
-
-@pytest.fixture
-def doorkeeper_factory(tmp_path: Path) -> Iterator[Callable[..., DoorkeeperServer]]:
-    """Start real Doorkeeper servers (each in its own folder); all are stopped after the test."""
-    require_ruby_stack()
-    servers: list[DoorkeeperServer] = []
-
-    def start(**options: Any) -> DoorkeeperServer:
-        server = DoorkeeperServer(tmp_path / f"doorkeeper-{len(servers)}", **options)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -107,23 +172,39 @@ def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperSe
         yield server
 
 
-@pytest.fixture
-def doorkeeper(doorkeeper_factory: Callable[..., DoorkeeperServer]) -> DoorkeeperServer:
-    return doorkeeper_factory()
+# --- the conformance suite: one scenario, every server profile that has what it needs ----------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking `profile` runs once per profile that has its features (profiles.needs), `mode` once per
+    redirect mode of that profile; module scope, so each profile's server boots once per module."""
+    if "profile" not in metafunc.fixturenames:
+        return
+    with_mode = "mode" in metafunc.fixturenames
+    metafunc.parametrize(["profile", "mode"] if with_mode else ["profile"],
+                         profile_params(metafunc.function, with_mode), scope="module")
+
+
+@pytest.fixture(scope="module")
+def target(profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """The profile's server, shared by the module's scenarios (each starts from a state it sets up itself)."""
+    started = profile.launch(tmp_path_factory.mktemp(profile.name))
+    yield started
+    started.server.stop()
 
 
 @pytest.fixture
-def client(doorkeeper: DoorkeeperServer, tmp_path: Path) -> Iterator[Client]:
-    person = BrowserPerson.for_server(doorkeeper)
-    yield Client(doorkeeper, tmp_path / "client", person)
-    person.close()
+def fresh_target(profile: Profile, tmp_path: Path) -> Iterator[Target]:
+    """A server of its own, for a scenario that changes the server for good (stops it, say)."""
+    started = profile.launch(tmp_path / "server")
+    yield started
+    started.server.stop()
 
 
-@pytest.fixture
-def authorized(client: Client) -> Client:
-    """A client whose first run has completed: a token is stored."""
-    result = client.run()
-    assert result.exit_code == 0, result.output
+def conformance_client(target: Target, folder: Path, mode: str | None = None) -> Client:
+    """The script configured for the target in a redirect mode (its default one unless named), with a person."""
+    client = Client(target, folder, target.person())
+    client.extra_env.update(target.client_env(mode or target.profile.modes[0]))
     return client
 
 

@@ -7,6 +7,7 @@ prove it carries nothing but the JSON.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,20 +16,30 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
 
 import pexpect
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "fetch_memos.py"
 
-# What the person does with the authorization URL: return the text to paste, or one of these.
+# What the person does with the authorization URL: return the text to paste, or one of these, or Replies.
 EOF_AT_PROMPT = object()
 CTRL_C_AT_PROMPT = object()
 Person = Callable[[str], object]
+
+
+class Replies(tuple):
+    """Answers to the prompt several times in a row for one URL (the script asks again after an empty paste).
+
+    Each item is text to type, EOF_AT_PROMPT, CTRL_C_AT_PROMPT, or a callable taking the URL and returning text.
+    A person returns Replies([...]) instead of one answer.
+    """
 
 # What the script prints on stdout for the test servers' demo user, and nothing else.
 MEMO_JSON = '{\n  "message": "ふじ"\n}\n'
@@ -44,6 +55,7 @@ class Result:
     stderr: str  # for a pty run: everything the terminal showed (stderr, and the echo of what was typed)
     authorize_urls: list[str]
     seconds: float
+    typed: list[str] = field(default_factory=list)  # the non-blank lines typed at the prompt (the tty echoes them)
 
     @property
     def output(self) -> str:
@@ -96,6 +108,7 @@ def run_script(
         child = spawn_in_terminal(argv, env, out_path, timeout=timeout, cwd=cwd)
         urls: list[str] = []
         transcript: list[str] = []
+        typed: list[str] = []
         try:
             while True:
                 index = child.expect([URL_LINE, pexpect.EOF])
@@ -108,18 +121,20 @@ def run_script(
                     child.sendeof()
                     continue
                 answer = person(url)
-                if answer is CTRL_C_AT_PROMPT:
+                for reply in (answer if isinstance(answer, Replies) else (answer,)):
+                    if reply is None:
+                        break
                     child.expect(PROMPT)
                     transcript.append(child.before + child.after)
-                    child.kill(signal.SIGINT)
-                elif answer is EOF_AT_PROMPT:
-                    child.expect(PROMPT)
-                    transcript.append(child.before + child.after)
-                    child.sendeof()
-                elif answer is not None:
-                    child.expect(PROMPT)
-                    transcript.append(child.before + child.after)
-                    child.sendline(str(answer))
+                    if reply is CTRL_C_AT_PROMPT:
+                        child.kill(signal.SIGINT)
+                    elif reply is EOF_AT_PROMPT:
+                        child.sendeof()
+                    else:
+                        text = str(reply(url) if callable(reply) else reply)
+                        if text.strip():
+                            typed.append(text)
+                        child.sendline(text)
         except pexpect.TIMEOUT:
             child.kill(signal.SIGKILL)
             raise AssertionError("fetch_memos.py did not finish in time; it showed:\n" + "".join(transcript)
@@ -127,16 +142,81 @@ def run_script(
         child.close()
         code = child.exitstatus if child.exitstatus is not None else 128 + (child.signalstatus or 0)
         stdout = Path(out_path).read_bytes().decode("utf-8", "replace")
-        return Result(code, stdout, "".join(transcript).replace("\r\n", "\n"), urls, time.monotonic() - started)
+        return Result(code, stdout, "".join(transcript).replace("\r\n", "\n"), urls, time.monotonic() - started,
+                      typed)
     finally:
         os.unlink(out_path)
 
 
-def assert_clean(result: Result, secrets: list[str]) -> None:
-    """No traceback and no secret in anything the person saw."""
-    assert "Traceback" not in result.output, result.output
+def assert_clean(result: Result, secrets: Iterable[str | None], typed: Sequence[str] = ()) -> None:
+    """No traceback and no secret in anything the person saw (what they typed themselves the tty echoes back)."""
+    shown = result.output
+    for text in typed:
+        shown = shown.replace(text, "")
+    assert "Traceback" not in shown, result.output
     for secret in secrets:
-        assert secret not in result.output, "a secret was printed"
+        if secret:
+            assert secret not in shown, "a secret was printed"
+
+
+def assert_json(result: Result, *, quiet: bool = False) -> None:
+    """Exit 0 and stdout is the memo JSON and nothing else; quiet: nothing on stderr either."""
+    assert result.exit_code == 0, result.output
+    assert result.stdout == MEMO_JSON
+    assert json.loads(result.stdout) == {"message": "ふじ"}
+    if quiet:
+        assert result.stderr == "", result.stderr
+
+
+def one_line(text: str, prefix: str = "fetch_memos: ") -> str:
+    """The only line of text, starting with `prefix` (an error main() reports is one such line)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0]
+
+
+def assert_fails(result: Result, exit_code: int, *fragments: str, only: bool = False) -> str:
+    """Exit code as documented, nothing on stdout, and the error line (the last line on stderr; with only, the
+    only one) names what went wrong; returns that line."""
+    assert result.exit_code == exit_code, result.output
+    assert result.stdout == ""
+    if only:
+        line = one_line(result.stderr)
+    else:
+        line = result.stderr.strip().splitlines()[-1]
+        line = line.removeprefix("> ")  # in a terminal, a message after Ctrl-D follows the prompt on its line
+        assert line.startswith("fetch_memos: "), result.stderr
+    for fragment in fragments:
+        assert fragment in line, result.stderr
+    return line
+
+
+# --- what reached a test server (DoorkeeperServer and DotServer have the same shape) ----------------
+
+
+def path_of(url: str) -> str:
+    return urlsplit(url).path
+
+
+def token_requests(server: Any, since: int = 0, grant_type: str | None = None) -> list[dict[str, Any]]:
+    """The access-log entries of the token endpoint after mark `since` (of one grant type, if given)."""
+    path = path_of(server.token_endpoint)
+    return [e for e in server.access_log(since=since)
+            if e["path"] == path and (grant_type is None or e["grant_type"] == grant_type)]
+
+
+def api_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
+    """The access-log entries of the memo API after mark `since`."""
+    path = path_of(server.memos_url)
+    return [e for e in server.access_log(since=since) if e["path"] == path]
+
+
+def client_calls(server: Any, since: int = 0) -> list[tuple[str, str, str | None, int]]:
+    """What the script asked (token, API, revocation; not the person's pages): (method, path, grant_type, status)."""
+    paths = {path_of(server.token_endpoint), path_of(server.memos_url), path_of(server.revoke_endpoint)}
+    return [(e["method"], e["path"], e.get("grant_type"), e["status"]) for e in server.access_log(since=since)
+            if e["path"] in paths]
 
 
 class LiveRun:

@@ -7,10 +7,7 @@ checks that machinery on its own, with a stand-in listener instead of the client
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
-import secrets
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ import pytest
 import requests
 
 from servers.browser import BrowserFlowError, RealBrowser, chromium_available
+from servers.doorkeeper import pkce_pair
 from servers.dot import DotServer, dot_stack_available
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,10 +105,6 @@ def authorize_url(server: DotServer, redirect_uri: str, state: str, challenge: s
     }
     return server.authorize_url + "?" + urlencode(params)
 
-
-def pkce_pair() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    return verifier, base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
 
 def free_port() -> int:

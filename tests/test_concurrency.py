@@ -26,9 +26,9 @@ import requests
 
 import fetch_memos
 
-from conftest import save_token
-from runner import MEMO_JSON, SCRIPT, script_env
-from servers.doorkeeper import BrowserPerson, DoorkeeperServer
+from conftest import Client, People
+from runner import MEMO_JSON, SCRIPT, token_requests
+from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -63,67 +63,43 @@ class Run:
     ended: float
 
 
-class Setup:
-    def __init__(self, server: DoorkeeperServer, folder: Path) -> None:
-        self.server = server
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.token_file = folder / "token.pickle"
-        self.env_file = folder / "empty.env"
-        self.env_file.write_text("")
-        self.env = script_env({"CLIENT_ID": server.client_id, "CLIENT_SECRET": server.client_secret,
-                               "OAUTH_SERVER_URL": server.base_url, "OAUTH_TOKEN_FILE": str(self.token_file),
-                               "OAUTH_TIMEOUT": "20"})
-
-    def store_expired_token(self) -> dict[str, Any]:
-        """A real grant, saved as the script saves it, then expired for the client and for the server."""
-        person = BrowserPerson.for_server(self.server)
-        try:
-            token = self.server.grant_token(person)
-        finally:
-            person.close()
-        token["expires_at"] = time.time() - 60  # the client sees it expired...
-        assert self.server.age_tokens(token["expires_in"] + 60) >= 1  # ...and so does the server
-        save_token(self.token_file, self.env, token)
-        return token
-
-    def run_at_once(self, *, barrier: bool, debug: bool = False, remove_lock: bool = False) -> list[Run]:
-        """Start RUNS processes before waiting on any; with barrier, release them all at one moment."""
-        args = ["--env-file", str(self.env_file), *(["--debug"] if debug else [])]
-        env = {**self.env, **({"TEST_REMOVE_LOCK": "1"} if remove_lock else {})}
-        go = self.folder / "go"
-        procs: list[tuple[subprocess.Popen[bytes], float]] = []
-        try:
-            for i in range(RUNS):
-                argv = ([sys.executable, "-c", BARRIER_LAUNCHER, str(self.folder / f"ready-{i}"), str(go), *args]
-                        if barrier else [sys.executable, str(SCRIPT), *args])
-                procs.append((subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE), time.monotonic()))
-            if barrier:
-                deadline = time.monotonic() + 60
-                while not all((self.folder / f"ready-{i}").exists() for i in range(RUNS)):
-                    assert time.monotonic() < deadline, "the runs did not reach the barrier"
-                    assert all(proc.poll() is None for proc, _ in procs), "a run died before the barrier"
-                    time.sleep(0.01)
-                go.touch()
-            runs = []
-            for proc, started in procs:
-                out, err = proc.communicate(timeout=90)
-                runs.append(Run(proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
-                                started, time.monotonic()))
-            return runs
-        finally:
-            for proc, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-
-    def refresh_posts(self, mark: int) -> list[dict[str, Any]]:
-        return [e for e in self.server.access_log(mark)
-                if e["method"] == "POST" and e["path"] == "/oauth/token" and e["grant_type"] == "refresh_token"]
+def run_at_once(client: Client, *, barrier: bool, debug: bool = False, remove_lock: bool = False) -> list[Run]:
+    """Start RUNS processes before waiting on any; with barrier, release them all at one moment."""
+    args = ["--env-file", str(client.env_file), *(["--debug"] if debug else [])]
+    env = {**client.env(), **({"TEST_REMOVE_LOCK": "1"} if remove_lock else {})}
+    go = client.folder / "go"
+    procs: list[tuple[subprocess.Popen[bytes], float]] = []
+    try:
+        for i in range(RUNS):
+            argv = ([sys.executable, "-c", BARRIER_LAUNCHER, str(client.folder / f"ready-{i}"), str(go), *args]
+                    if barrier else [sys.executable, str(SCRIPT), *args])
+            procs.append((subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE), time.monotonic()))
+        if barrier:
+            deadline = time.monotonic() + 60
+            while not all((client.folder / f"ready-{i}").exists() for i in range(RUNS)):
+                assert time.monotonic() < deadline, "the runs did not reach the barrier"
+                assert all(proc.poll() is None for proc, _ in procs), "a run died before the barrier"
+                time.sleep(0.01)
+            go.touch()
+        runs = []
+        for proc, started in procs:
+            out, err = proc.communicate(timeout=90)
+            runs.append(Run(proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
+                            started, time.monotonic()))
+        return runs
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def assert_all_printed_the_json(runs: list[Run], old: dict[str, Any], setup: Setup) -> None:
+def refresh_posts(server: DoorkeeperServer, mark: int) -> list[dict[str, Any]]:
+    return [e for e in token_requests(server, mark, "refresh_token") if e["method"] == "POST"]
+
+
+def assert_all_printed_the_json(runs: list[Run], old: dict[str, Any], setup: Client) -> None:
     new = fetch_memos.parse_token_bytes(setup.token_file.read_bytes())
     secrets = [setup.server.client_secret, old["access_token"], old["refresh_token"], new["access_token"],
                new["refresh_token"]]
@@ -136,7 +112,7 @@ def assert_all_printed_the_json(runs: list[Run], old: dict[str, Any], setup: Set
         assert all(secret not in run.stderr for secret in secrets), f"run {number} printed a secret"
 
 
-def assert_token_file_valid(setup: Setup, old: dict[str, Any]) -> None:
+def assert_token_file_valid(setup: Client, old: dict[str, Any]) -> None:
     """The file loads with the script's own loader, holds the new token, and that token works."""
     stored = fetch_memos.parse_token_bytes(setup.token_file.read_bytes())
     assert stored["access_token"] != old["access_token"]
@@ -150,26 +126,27 @@ def assert_token_file_valid(setup: Setup, old: dict[str, Any]) -> None:
     assert api.status_code == 200
     # And a later run just uses it: no token request at all.
     mark = setup.server.log_mark()
-    later = setup.run_at_once(barrier=False)[0]  # (one is enough here; RUNS would only repeat it)
+    later = run_at_once(setup, barrier=False)[0]  # (one is enough here; RUNS would only repeat it)
     assert later.exit_code == 0 and later.stdout == MEMO_JSON, later.stderr
-    assert [e for e in setup.server.access_log(mark) if e["path"] == "/oauth/token"] == []
+    assert token_requests(setup.server, mark) == []
 
 
 def all_alive_together(runs: list[Run]) -> bool:
     return max(run.started for run in runs) < min(run.ended for run in runs)
 
 
-def test_twenty_runs_released_together_refresh_once(immediate: DoorkeeperServer, tmp_path: Path) -> None:
+def test_twenty_runs_released_together_refresh_once(immediate: DoorkeeperServer, tmp_path: Path,
+        people: People) -> None:
     """Immediate revocation: a second refresh with the same refresh token would fail, so the lock must hold."""
-    setup = Setup(immediate, tmp_path)
-    old = setup.store_expired_token()
+    setup = people.client(immediate, tmp_path, OAUTH_TIMEOUT="20")
+    old = setup.store_token(expired=True, aged=True)
     mark = immediate.log_mark()
 
-    runs = setup.run_at_once(barrier=True, debug=True)
+    runs = run_at_once(setup, barrier=True, debug=True)
 
     assert len(runs) == RUNS and all_alive_together(runs)
     assert_all_printed_the_json(runs, old, setup)
-    posts = setup.refresh_posts(mark)
+    posts = refresh_posts(setup.server, mark)
     assert [(e["status"], e["auth"]) for e in posts] == [(200, "basic")]  # exactly one refresh reached the server
     refreshed = sum("refreshed the token at" in run.stderr for run in runs)
     adopted = sum(ADOPTED in run.stderr for run in runs)
@@ -184,33 +161,34 @@ def test_twenty_runs_released_together_refresh_once(immediate: DoorkeeperServer,
 
 @pytest.mark.parametrize("mode", ["immediate", "rotation"], ids=["20-plain-runs-immediate", "20-plain-runs-rotation"])
 def test_twenty_plain_runs_started_at_once_refresh_once(request: pytest.FixtureRequest, tmp_path: Path,
-                                                        mode: str) -> None:
+                                                        mode: str, people: People) -> None:
     """`python fetch_memos.py` 20 times, launched back to back, no barrier and no --debug: the literal case."""
     server: DoorkeeperServer = request.getfixturevalue(mode)
-    setup = Setup(server, tmp_path)
-    old = setup.store_expired_token()
+    setup = people.client(server, tmp_path, OAUTH_TIMEOUT="20")
+    old = setup.store_token(expired=True, aged=True)
     mark = server.log_mark()
 
-    runs = setup.run_at_once(barrier=False)
+    runs = run_at_once(setup, barrier=False)
 
     assert len(runs) == RUNS
     assert_all_printed_the_json(runs, old, setup)
     assert all(run.stderr == "" for run in runs)
-    assert [e["status"] for e in setup.refresh_posts(mark)] == [200]
+    assert [e["status"] for e in refresh_posts(setup.server, mark)] == [200]
     api = [e for e in server.access_log(mark) if e["path"].startswith("/api/memos")]
     assert [e["status"] for e in api] == [200] * RUNS
     assert_token_file_valid(setup, old)
 
 
-def test_control_without_the_lock_the_same_checks_fail(immediate: DoorkeeperServer, tmp_path: Path) -> None:
+def test_control_without_the_lock_the_same_checks_fail(immediate: DoorkeeperServer, tmp_path: Path,
+        people: People) -> None:
     """Proof that the checks above can fail: with TokenStore.locked() removed, runs race to refresh."""
-    setup = Setup(immediate, tmp_path)
-    old = setup.store_expired_token()
+    setup = people.client(immediate, tmp_path, OAUTH_TIMEOUT="20")
+    old = setup.store_token(expired=True, aged=True)
     mark = immediate.log_mark()
 
-    runs = setup.run_at_once(barrier=True, remove_lock=True)
+    runs = run_at_once(setup, barrier=True, remove_lock=True)
 
-    posts = setup.refresh_posts(mark)
+    posts = refresh_posts(setup.server, mark)
     assert len(posts) >= 2  # "exactly one refresh" would fail
     assert [e["status"] for e in posts].count(200) == 1  # Doorkeeper refused the used refresh token
     failed = [run for run in runs if run.exit_code != 0]

@@ -8,8 +8,6 @@ Everything goes through real HTTP and the real HTML pages; nothing is mocked.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import secrets
 import threading
@@ -20,6 +18,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
+from servers.doorkeeper import pkce_pair
 from servers.dot import DEVICE_GRANT, DotServer, dot_stack_available
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,11 +44,6 @@ def dot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
     with DotServer(tmp_path_factory.mktemp("dot"), access_token_ttl=TTL) as server:
         yield server
 
-
-def pkce_pair() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
 
 
 def authorize_url(server: DotServer, *, challenge: str | None, state: str, scope: str = "read", **extra: str) -> str:

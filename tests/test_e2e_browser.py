@@ -11,7 +11,6 @@ server (its access log). Chromium and each server are started once per module.
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import socket
 import struct
@@ -24,8 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import Client
-from runner import MEMO_JSON, Result
+from conftest import Client, secrets_of
+from profiles import require
+from runner import MEMO_JSON, api_requests, assert_clean, token_requests
 from servers.browser import RealBrowser, chromium_available
 from servers.doorkeeper import DoorkeeperServer, require_ruby_stack
 from servers.dot import DotServer, dot_stack_available
@@ -34,16 +34,6 @@ pytestmark = pytest.mark.timeout(120)
 
 REGISTERED = "http://127.0.0.1/callback"  # both servers then accept any loopback port (RFC 8252 7.3)
 CLOSE_THIS_TAB = "You can close this tab"
-
-
-def require(ok_why: tuple[bool, str], what: str) -> None:
-    """Skip when a piece of the stack is missing, but fail under CI=true, where it must be installed."""
-    ok, why = ok_why
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{what} required under CI=true: {why}", pytrace=False)
-    pytest.skip(f"{what} unavailable: {why}")
 
 
 # --- the browser ----------------------------------------------------------------------------------
@@ -199,32 +189,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def token_path(server: Any) -> str:
-    return urlsplit(server.token_endpoint).path
+def grants(server: Any, mark: int) -> list[tuple[str | None, int]]:
+    return [(e["grant_type"], e["status"]) for e in token_requests(server, mark)]
 
 
-def token_requests(server: Any, mark: int) -> list[tuple[str | None, int]]:
-    path = token_path(server)
-    return [(e["grant_type"], e["status"]) for e in server.access_log(since=mark) if e["path"] == path]
+def api_calls(server: Any, mark: int) -> list[tuple[str, int]]:
+    return [(e["method"], e["status"]) for e in api_requests(server, mark)]
 
 
-def api_requests(server: Any, mark: int) -> list[tuple[str, int]]:
-    return [(e["method"], e["status"]) for e in server.access_log(since=mark) if e["path"] == "/api/memos/"]
-
-
-def codes_in(landings: list[Landing]) -> list[str]:
-    return [code for landing in landings for code in parse_qs(urlsplit(landing.url).query).get("code", [])]
-
-
-def assert_clean(result: Result, client: Client, landings: list[Landing]) -> None:
-    """No traceback, and no secret (client secret, code, tokens) in anything the person saw."""
-    assert "Traceback" not in result.output, result.output
-    secrets = [client.server.client_secret, *codes_in(landings)]
-    if client.token_file.exists():
-        token = client.token()
-        secrets += [token["access_token"], token.get("refresh_token")]
-    for secret in filter(None, secrets):
-        assert secret not in result.output, "a secret was printed"
+def codes_in(landings: list[Landing]) -> tuple[str, ...]:
+    return tuple(code for landing in landings for code in parse_qs(urlsplit(landing.url).query).get("code", []))
 
 
 def last_line(stderr: str) -> str:
@@ -253,9 +227,9 @@ def test_first_run_in_chromium_lands_on_the_listener_page(browser, client, tmp_p
     assert landing.text.startswith("Authorized") and CLOSE_THIS_TAB in landing.text
     assert screenshot.is_file() and screenshot.stat().st_size > 1000
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert token_requests(server, mark) == [("authorization_code", 200)]
-    assert api_requests(server, mark) == [("GET", 200)]
-    assert_clean(result, client, [landing])
+    assert grants(server, mark) == [("authorization_code", 200)]
+    assert api_calls(server, mark) == [("GET", 200)]
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 def test_denied_consent_shows_the_error_page_and_exits_3(browser, client):
@@ -274,9 +248,9 @@ def test_denied_consent_shows_the_error_page_and_exits_3(browser, client):
     assert "error=access_denied" in landing.url
     assert landing.text.startswith("Authorization failed")
     assert "access_denied" in landing.text and "close this tab" in landing.text
-    assert token_requests(server, mark) == []
+    assert grants(server, mark) == []
     assert not client.token_file.exists()
-    assert_clean(result, client, [landing])
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 def test_dead_grant_is_authorized_again_in_chromium(browser, client):
@@ -294,9 +268,9 @@ def test_dead_grant_is_authorized_again_in_chromium(browser, client):
     assert "no longer valid" in result.stderr and "Authorizing again" in result.stderr
     [landing] = browser.landings[before:]
     assert CLOSE_THIS_TAB in landing.text
-    assert token_requests(server, mark) == [("refresh_token", 400), ("authorization_code", 200)]
+    assert grants(server, mark) == [("refresh_token", 400), ("authorization_code", 200)]
     assert client.token()["access_token"] != old["access_token"]
-    assert_clean(result, client, [landing])
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 # --- what the listener refuses, and when it gives up ----------------------------------------------
@@ -326,9 +300,9 @@ def test_a_forged_request_with_a_wrong_state_gets_400_and_the_real_redirect_stil
     assert result.stdout == MEMO_JSON
     [landing] = browser.landings[before:]
     assert landing.status == 200 and CLOSE_THIS_TAB in landing.text
-    assert token_requests(server, mark) == [("authorization_code", 200)]  # the forged code never reached it
+    assert grants(server, mark) == [("authorization_code", 200)]  # the forged code never reached it
     assert "forged-code" not in result.output
-    assert_clean(result, client, [landing])
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 def test_a_browser_that_comes_too_late_finds_nothing_listening(browser, dot_client):
@@ -351,9 +325,9 @@ def test_a_browser_that_comes_too_late_finds_nothing_listening(browser, dot_clie
     [landing] = browser.landings[before:]
     assert landing.status is None and landing.failure == "net::ERR_CONNECTION_REFUSED"
     assert "refused to connect" in landing.text  # Chromium's own error page
-    assert token_requests(server, mark) == []  # the code the server issued was never used
+    assert grants(server, mark) == []  # the code the server issued was never used
     assert not client.token_file.exists()
-    assert_clean(result, client, [landing])
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 def test_a_port_in_use_is_refused_before_anything_is_printed_and_another_port_works(browser, doorkeeper_client):
@@ -385,7 +359,7 @@ def test_a_port_in_use_is_refused_before_anything_is_printed_and_another_port_wo
     [landing] = browser.landings[before:]
     assert landing.url.startswith(f"http://127.0.0.1:{other}/callback?code=")
     assert CLOSE_THIS_TAB in landing.text
-    assert_clean(result, client, [landing])
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 # --- opening the person's browser ---------------------------------------------------------------
@@ -492,7 +466,7 @@ def test_a_reset_connection_prints_no_traceback(browser, dot_client):
     assert result.stdout == MEMO_JSON
     [landing] = browser.landings[before:]
     assert CLOSE_THIS_TAB in landing.text
-    assert_clean(result, client, [landing])
+    assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
 # --- the terminal after the browser's redirect ------------------------------------------------------

@@ -36,6 +36,8 @@ from fetch_memos import (
     token_meta,
 )
 
+from runner import one_line
+
 SERVER = "https://memos.example.test"
 TOKEN_URL = SERVER + "/oauth/token"
 API_URL = SERVER + "/api/memos/"
@@ -565,12 +567,6 @@ def run(environ, env_file, capsys):
 
     return _run
 
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fetch_memos: ")
-    return lines[0]
 
 
 def test_main_prints_the_memos(mock, run, settings, store) -> None:

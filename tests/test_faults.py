@@ -13,20 +13,16 @@ refresh requests, 1 lost code exchange.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import fetch_memos
-
 import faultproxy as fp
-from conftest import save_token
-from runner import MEMO_JSON, Result, run_script, script_env
-from servers.doorkeeper import BrowserPerson, DoorkeeperServer
+from conftest import Client, People, secrets_of
+from runner import MEMO_JSON, Result, assert_clean, assert_fails, assert_json, token_requests
+from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,69 +34,23 @@ STARTUP = 1.5  # a run's own time: interpreter, imports, one or two requests on 
 # --- servers, tokens, runs ----------------------------------------------------------------------
 
 
-class Rig:
-    """One server, one person, one token file; runs the script pointed at a given base URL (a proxy)."""
-
-    def __init__(self, server: DoorkeeperServer, folder: Path) -> None:
-        self.server = server
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.token_file = folder / "token.pickle"
-        self.env_file = folder / "empty.env"
-        self.env_file.write_text("")
-        # One person per server, logged in once (as a person's browser stays logged in).
-        if server.base_url not in _PEOPLE:
-            _PEOPLE[server.base_url] = BrowserPerson.for_server(server)
-        self.person = _PEOPLE[server.base_url]
-        self.issued: list[dict[str, Any]] = []
-
-    def env(self, base_url: str) -> dict[str, str]:
-        return script_env({"CLIENT_ID": self.server.client_id, "CLIENT_SECRET": self.server.client_secret,
-                           "OAUTH_SERVER_URL": base_url, "OAUTH_TOKEN_FILE": str(self.token_file),
-                           "OAUTH_TIMEOUT": str(TIMEOUT)})
-
-    def store_token(self, base_url: str, *, expired: bool = False) -> dict[str, Any]:
-        """Authorize directly at the server, then save the token as the script would have for base_url."""
-        token = self.server.grant_token(self.person)
-        if expired:  # as time would: the client sees it expired, and so does the server
-            token["expires_at"] = time.time() - 60
-            self.server.age_tokens(token["expires_in"] + 60)
-        save_token(self.token_file, self.env(base_url), token)
-        self.issued.append(token)
-        return self.stored()
-
-    def stored(self) -> dict[str, Any]:
-        return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
-
-    def run(self, base_url: str, person: Any = None, **extra_env: str) -> Result:
-        return run_script("--env-file", str(self.env_file), env={**self.env(base_url), **extra_env},
-                          tty=person is not None, person=person, timeout=90)
-
-    def secrets(self) -> list[str]:
-        values = [self.server.client_secret]
-        for token in self.issued:
-            values += [token["access_token"], token.get("refresh_token") or ""]
-        if self.token_file.is_file():
-            stored = self.stored()
-            values += [stored["access_token"], stored.get("refresh_token") or ""]
-        return [value for value in values if value]
+def via(rig: Client, base_url: str) -> dict[str, str]:
+    """The script's environment with the server reached through base_url (a proxy, or a refusing port)."""
+    return rig.env(OAUTH_SERVER_URL=base_url)
 
 
+def store(rig: Client, base_url: str, *, expired: bool = False) -> dict[str, Any]:
+    """Authorize directly at the server, then save the token as the script would have for base_url."""
+    return rig.store_token(via(rig, base_url), expired=expired, aged=expired)
 
-_PEOPLE: dict[str, BrowserPerson] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_people() -> Iterator[None]:
-    yield
-    for person in _PEOPLE.values():
-        person.close()
-    _PEOPLE.clear()
+def run(rig: Client, base_url: str, person: Any = None) -> Result:
+    return rig.run(env=via(rig, base_url), tty=person is not None, person=person, timeout=90)
 
 
 @pytest.fixture
-def rig(rotation: DoorkeeperServer, tmp_path: Path) -> Rig:
-    return Rig(rotation, tmp_path / "client")
+def rig(rotation: DoorkeeperServer, tmp_path: Path, people: People) -> Client:
+    return people.client(rotation, tmp_path / "client", OAUTH_TIMEOUT=str(TIMEOUT))
 
 
 @pytest.fixture
@@ -109,33 +59,16 @@ def proxy(rotation: DoorkeeperServer) -> Iterator[fp.FaultProxy]:
         yield proxy
 
 
-def token_posts(server: DoorkeeperServer, mark: int, grant_type: str) -> list[dict[str, Any]]:
-    return [e for e in server.access_log(mark) if e["path"] == "/oauth/token" and e["grant_type"] == grant_type]
+def assert_printed(result: Result, rig: Client) -> None:
+    assert_json(result)
+    assert_clean(result, secrets_of(rig))
 
 
-def assert_json(result: Result, rig: Rig) -> None:
-    assert result.exit_code == 0, result.output
-    assert result.stdout == MEMO_JSON
-    assert json.loads(result.stdout) == {"message": "ふじ"}
-    assert_clean(result, rig)
-
-
-def assert_one_line(result: Result, rig: Rig, exit_code: int, *fragments: str) -> str:
-    """Nothing on stdout, one line on stderr naming the failure, the documented exit code."""
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fetch_memos: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert_clean(result, rig)
-    return lines[0]
-
-
-def assert_clean(result: Result, rig: Rig) -> None:
-    assert "Traceback" not in result.output, result.output
-    for secret in rig.secrets():
-        assert secret not in result.output, "a secret was printed"
+def assert_one_line(result: Result, rig: Client, exit_code: int, *fragments: str) -> str:
+    """Nothing on stdout, one line on stderr naming the failure, the documented exit code, no secret."""
+    line = assert_fails(result, exit_code, *fragments, only=True)
+    assert_clean(result, secrets_of(rig))
+    return line
 
 
 def same_grant(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -146,15 +79,15 @@ def same_grant(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize("expired", [False, True], ids=["refused-1-api-get", "refused-2-refresh-post"])
-def test_connection_refused_is_one_line_and_exit_1(rig: Rig, expired: bool) -> None:
+def test_connection_refused_is_one_line_and_exit_1(rig: Client, expired: bool) -> None:
     with fp.refusing_port() as port:
         url = f"http://127.0.0.1:{port}"
-        before = rig.store_token(url, expired=expired)
+        before = store(rig, url, expired=expired)
         mark = rig.server.log_mark()
-        result = rig.run(url)
+        result = run(rig, url)
     assert_one_line(result, rig, 1, "connection refused", url)
     assert result.seconds < 3 * (STARTUP + BACKOFF)  # connects are retried (nothing was sent), with backoff
-    assert same_grant(rig.stored(), before)  # nothing was lost
+    assert same_grant(rig.token(), before)  # nothing was lost
     assert rig.server.access_log(mark) == []
 
 
@@ -171,11 +104,11 @@ EXHAUSTING = [
 
 
 @pytest.mark.parametrize(("action", "message"), EXHAUSTING)
-def test_api_get_is_retried_twice_then_fails_in_one_line(rig: Rig, proxy: fp.FaultProxy, action: str,
+def test_api_get_is_retried_twice_then_fails_in_one_line(rig: Client, proxy: fp.FaultProxy, action: str,
                                                          message: str) -> None:
-    before = rig.store_token(proxy.url)
+    before = store(rig, proxy.url)
     proxy.rule = fp.always(action)
-    result = rig.run(proxy.url)
+    result = run(rig, proxy.url)
 
     gets = proxy.attempts("GET", "/api/memos")
     assert [s.action for s in gets] == [action] * 3  # the first try and at most 2 retries
@@ -185,7 +118,7 @@ def test_api_get_is_retried_twice_then_fails_in_one_line(rig: Rig, proxy: fp.Fau
     # backoff (urllib3 waits 0 s, then 2 x 0.5 s). Loose, as seen from the proxy's threads.
     assert gets[2].t - gets[0].t >= 0.8 * (2 * per_try + 1.0)
     assert result.seconds < 3 * (STARTUP + 3 * per_try + BACKOFF)
-    assert same_grant(rig.stored(), before)
+    assert same_grant(rig.token(), before)
     assert_one_line(result, rig, 1, message, proxy.url + "/api/memos/")
 
 
@@ -200,41 +133,41 @@ TRANSIENT = [
 
 
 @pytest.mark.parametrize(("action", "failures"), TRANSIENT)
-def test_transient_api_failure_ends_with_the_json(rig: Rig, proxy: fp.FaultProxy, action: str,
+def test_transient_api_failure_ends_with_the_json(rig: Client, proxy: fp.FaultProxy, action: str,
                                                   failures: int) -> None:
-    rig.store_token(proxy.url)
+    store(rig, proxy.url)
     mark = rig.server.log_mark()
     proxy.rule = fp.first(failures, action, method="GET")
-    result = rig.run(proxy.url)
+    result = run(rig, proxy.url)
 
-    assert_json(result, rig)
+    assert_printed(result, rig)
     assert [s.action for s in proxy.attempts("GET", "/api/memos")] == [action] * failures + [fp.PASS]
-    assert token_posts(rig.server, mark, "refresh_token") == []
+    assert token_requests(rig.server, mark, "refresh_token") == []
     hung = TIMEOUT if action == fp.HANG else 0
     assert result.seconds < 3 * (STARTUP + hung + BACKOFF)
 
 
-def test_mixed_failures_share_one_retry_budget(rig: Rig, proxy: fp.FaultProxy) -> None:
-    rig.store_token(proxy.url)
+def test_mixed_failures_share_one_retry_budget(rig: Client, proxy: fp.FaultProxy) -> None:
+    store(rig, proxy.url)
     proxy.rule = fp.sequence(fp.RESET_BODY, fp.RESET, fp.RESET, fp.RESET_BODY, fp.RESET, fp.RESET, fp.RESET_BODY,
                              fp.RESET, fp.RESET, method="GET")
-    result = rig.run(proxy.url)
+    result = run(rig, proxy.url)
     assert len(proxy.attempts("GET")) <= 3, [s.action for s in proxy.attempts("GET")]
     assert_one_line(result, rig, 1, proxy.url + "/api/memos/")
 
 
-def test_slow_refresh_and_slow_api_still_work(rig: Rig, proxy: fp.FaultProxy) -> None:
+def test_slow_refresh_and_slow_api_still_work(rig: Client, proxy: fp.FaultProxy) -> None:
     """Each answer dribbles in over more than OAUTH_TIMEOUT seconds, but never pauses that long: it works."""
-    rig.store_token(proxy.url, expired=True)
+    store(rig, proxy.url, expired=True)
     mark = rig.server.log_mark()
     proxy.rule = fp.always(fp.SLOW)
-    result = rig.run(proxy.url)
-    assert_json(result, rig)
+    result = run(rig, proxy.url)
+    assert_printed(result, rig)
     assert [(s.method, s.action) for s in proxy.seen] == [("POST", fp.SLOW), ("GET", fp.SLOW)]
-    assert [e["status"] for e in token_posts(rig.server, mark, "refresh_token")] == [200]
+    assert [e["status"] for e in token_requests(rig.server, mark, "refresh_token")] == [200]
     post, get = proxy.seen
     assert get.t - post.t > TIMEOUT  # the refresh's answer alone took longer than OAUTH_TIMEOUT to arrive
-    assert not same_grant(rig.stored(), rig.issued[-1])  # the refreshed token was saved
+    assert not same_grant(rig.token(), rig.issued[-1])  # the refreshed token was saved
 
 
 # --- token requests are never replayed ---------------------------------------------------------------
@@ -249,41 +182,41 @@ LOST = [
 
 @pytest.mark.parametrize(("mode", "action", "message"), LOST)
 def test_refresh_whose_answer_is_lost_is_not_replayed(request: pytest.FixtureRequest, tmp_path: Path, mode: str,
-                                                      action: str, message: str) -> None:
+                                                      action: str, message: str, people: People) -> None:
     server: DoorkeeperServer = request.getfixturevalue(mode)
-    rig = Rig(server, tmp_path / "client")
+    rig = people.client(server, tmp_path / "client", OAUTH_TIMEOUT=str(TIMEOUT))
     with fp.FaultProxy(server.base_url) as proxy:
-        before = rig.store_token(proxy.url, expired=True)
+        before = store(rig, proxy.url, expired=True)
         mark = server.log_mark()
         proxy.rule = fp.first(1, action, method="POST", path="/oauth/token")
-        result = rig.run(proxy.url)
+        result = run(rig, proxy.url)
 
         # Exactly one refresh reached the server, and the server did it; the script did not try again.
-        assert [e["status"] for e in token_posts(server, mark, "refresh_token")] == [200]
+        assert [e["status"] for e in token_requests(server, mark, "refresh_token")] == [200]
         assert len(proxy.attempts("POST")) == 1
         assert proxy.attempts("GET") == []
         line = assert_one_line(result, rig, 1, "while refreshing the token", "The stored token was kept")
         assert message in line
         assert result.seconds < 3 * (STARTUP + TIMEOUT)
-        assert same_grant(rig.stored(), before)  # kept, not deleted, not half-written
+        assert same_grant(rig.token(), before)  # kept, not deleted, not half-written
 
         # The next run recovers.
         mark = server.log_mark()
-        again = rig.run(proxy.url)
+        again = run(rig, proxy.url)
         if mode == "rotation":  # the kept refresh token still works until the new access token is used
-            assert_json(again, rig)
-            assert [e["status"] for e in token_posts(server, mark, "refresh_token")] == [200]
-            assert not same_grant(rig.stored(), before)
+            assert_printed(again, rig)
+            assert [e["status"] for e in token_requests(server, mark, "refresh_token")] == [200]
+            assert not same_grant(rig.token(), before)
         else:  # the server used it up: say that authorization is needed, keep the file
             assert_one_line(again, rig, 3, "no longer valid", "interactively")
-            assert [e["status"] for e in token_posts(server, mark, "refresh_token")] == [400]
-            assert same_grant(rig.stored(), before)
+            assert [e["status"] for e in token_requests(server, mark, "refresh_token")] == [400]
+            assert same_grant(rig.token(), before)
             # With a person at the terminal, the run authorizes again and prints the JSON.
-            third = rig.run(proxy.url, person=rig.person.authorize)
+            third = run(rig, proxy.url, person=rig.person.authorize)
             assert third.exit_code == 0, third.output
             assert third.stdout == MEMO_JSON
             assert "Authorizing again" in third.stderr
-            assert not same_grant(rig.stored(), before)
+            assert not same_grant(rig.token(), before)
 
 
 FAILED_REFRESH = [
@@ -295,31 +228,31 @@ FAILED_REFRESH = [
 
 
 @pytest.mark.parametrize(("action", "message"), FAILED_REFRESH)
-def test_refresh_post_is_never_retried(rig: Rig, proxy: fp.FaultProxy, action: str, message: str) -> None:
+def test_refresh_post_is_never_retried(rig: Client, proxy: fp.FaultProxy, action: str, message: str) -> None:
     """A refresh that never reached the server: one try only, one line, the token kept; the next run works."""
-    before = rig.store_token(proxy.url, expired=True)
+    before = store(rig, proxy.url, expired=True)
     mark = rig.server.log_mark()
     proxy.rule = fp.first(1, action, method="POST")
-    result = rig.run(proxy.url)
+    result = run(rig, proxy.url)
 
     assert [s.action for s in proxy.attempts("POST")] == [action]
-    assert token_posts(rig.server, mark, "refresh_token") == []
+    assert token_requests(rig.server, mark, "refresh_token") == []
     assert_one_line(result, rig, 1, message, "/oauth/token")
     assert result.seconds < 3 * (STARTUP + (TIMEOUT if action == fp.HANG else 0))
-    assert same_grant(rig.stored(), before)
+    assert same_grant(rig.token(), before)
 
-    again = rig.run(proxy.url)
-    assert_json(again, rig)
-    assert [e["status"] for e in token_posts(rig.server, mark, "refresh_token")] == [200]
+    again = run(rig, proxy.url)
+    assert_printed(again, rig)
+    assert [e["status"] for e in token_requests(rig.server, mark, "refresh_token")] == [200]
 
 
-def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Rig, proxy: fp.FaultProxy) -> None:
+def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Client, proxy: fp.FaultProxy) -> None:
     """The code is single-use: its exchange is sent once; nothing is saved; the next run authorizes again."""
     mark = rig.server.log_mark()
     proxy.rule = fp.first(1, fp.LOSE_ANSWER, method="POST", path="/oauth/token")
-    result = rig.run(proxy.url, person=rig.person.authorize)
+    result = run(rig, proxy.url, person=rig.person.authorize)
 
-    assert [e["status"] for e in token_posts(rig.server, mark, "authorization_code")] == [200]
+    assert [e["status"] for e in token_requests(rig.server, mark, "authorization_code")] == [200]
     assert len(proxy.attempts("POST", "/oauth/token")) == 1
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
@@ -328,7 +261,7 @@ def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Rig, proxy: fp.
     assert "Traceback" not in result.output and rig.server.client_secret not in result.output
     assert not rig.token_file.exists()
 
-    again = rig.run(proxy.url, person=rig.person.authorize)
+    again = run(rig, proxy.url, person=rig.person.authorize)
     assert again.exit_code == 0, again.output
     assert again.stdout == MEMO_JSON
-    assert rig.stored()["access_token"]
+    assert rig.token()["access_token"]

@@ -20,7 +20,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,20 +28,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import pexpect
 import pytest
 import requests
 
 import fetch_memos
 
-from conftest import Client
-from runner import CTRL_C_AT_PROMPT, EOF_AT_PROMPT, MEMO_JSON, PROMPT, SCRIPT, URL_LINE, Result, run_script, script_env
+from conftest import Client, secrets_of
+from runner import (
+    CTRL_C_AT_PROMPT,
+    EOF_AT_PROMPT,
+    SCRIPT,
+    Replies,
+    assert_clean,
+    assert_fails,
+    assert_json,
+    run_script,
+    script_env,
+)
 from servers.doorkeeper import (
-    OOB_REDIRECT_URI,
     AuthorizationDenied,
     BrowserPerson,
     DoorkeeperServer,
-    pkce_pair,
     require_ruby_stack,
 )
 
@@ -60,7 +66,7 @@ LOOPBACK_URI = "http://127.0.0.1:8765/callback"
 
 @pytest.fixture(scope="module")
 def doorkeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    """One server for the module (overrides conftest's per-test one): boots once, ~1 s saved per test."""
+    """One server for the module: boots once, ~1 s saved per test."""
     require_ruby_stack()
     with DoorkeeperServer(tmp_path_factory.mktemp("dk-hostile"), redirect_uris=[LOOPBACK_URI]) as server:
         yield server
@@ -92,88 +98,6 @@ class Codes:
         return code
 
 
-def issue_token(client: Client, env: dict[str, str] | None = None, *, expired: bool = False) -> dict[str, Any]:
-    """Authorize at the server directly and save the token as the script does for these settings."""
-    server = client.server
-    verifier, challenge = pkce_pair()
-    code = client.person.authorize(server.authorize_url(code_challenge=challenge))
-    response = requests.post(server.token_endpoint, auth=(server.client_id, server.client_secret), timeout=10,
-                             data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                   "redirect_uri": OOB_REDIRECT_URI})
-    assert response.status_code == 200, response.text
-    token = response.json()
-    token["scope"] = token["scope"].split()
-    token["expires_at"] = time.time() + (-60 if expired else token["expires_in"])
-    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), env or client.env())
-    fetch_memos.TokenStore(client.token_file).save(token, fetch_memos.token_meta(settings))
-    return client.token()
-
-
-def secrets_of(client: Client, *tokens: dict[str, Any], codes: tuple[str, ...] = ()) -> list[str]:
-    values = [client.server.client_secret, *codes]
-    if client.token_file.is_file():
-        with contextlib.suppress(fetch_memos.BadTokenFile):
-            tokens = (*tokens, client.token())
-    for token in tokens:
-        values += [token.get("access_token") or "", token.get("refresh_token") or ""]
-    return [value for value in values if len(value) >= 4]
-
-
-def assert_clean(result: Result, secrets: list[str], typed: tuple[str, ...] = ()) -> None:
-    """No traceback and no secret in what the person saw (what they typed themselves is echoed by the tty)."""
-    shown = result.stdout + result.stderr
-    for text in typed:
-        shown = shown.replace(text, "")
-    assert "Traceback" not in shown, result.output
-    for secret in secrets:
-        assert secret not in shown, "a secret was printed"
-
-
-def assert_fails(result: Result, exit_code: int, fragment: str) -> str:
-    """Nothing on stdout; the last line on stderr is the one error line, naming what went wrong."""
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    last = result.stderr.strip().splitlines()[-1]
-    last = last.removeprefix("> ")  # in a terminal, a message after Ctrl-D follows the prompt on its line
-    assert last.startswith("fetch_memos: ") and fragment in last, result.stderr
-    return last
-
-
-def assert_json(result: Result) -> None:
-    assert result.exit_code == 0, result.output
-    assert result.stdout == MEMO_JSON
-
-
-def converse(client: Client, answers: list[Any], env: dict[str, str] | None = None) -> tuple[Result, list[str]]:
-    """Answer the prompt several times in a row (runner.run_script answers once per URL)."""
-    out = client.folder / "stdout.bin"
-    argv = [sys.executable, str(SCRIPT), "--env-file", str(client.env_file)]
-    child = pexpect.spawn("/bin/sh", ["-c", 'exec "$@" >"$FETCH_MEMOS_TEST_STDOUT"', "sh", *argv],
-                          env={**(env or client.env()), "FETCH_MEMOS_TEST_STDOUT": str(out)}, encoding="utf-8",
-                          codec_errors="replace", timeout=60, dimensions=(50, 400))
-    shown, typed = [], []
-    try:
-        child.expect(URL_LINE)
-        url = child.match.group(1)
-        shown.append(child.before + child.after)
-        for answer in answers:
-            child.expect(PROMPT)
-            shown.append(child.before + child.after)
-            if answer is EOF_AT_PROMPT:
-                child.sendeof()
-            else:
-                text = answer(url) if callable(answer) else answer
-                typed.append(text)
-                child.sendline(text)
-        child.expect(pexpect.EOF)
-        shown.append(child.before)
-    finally:
-        child.close(force=True)
-    code = child.exitstatus if child.exitstatus is not None else 128 + (child.signalstatus or 0)
-    return Result(code, out.read_bytes().decode("utf-8", "replace"), "".join(shown).replace("\r\n", "\n"), [url],
-                  0.0), [t for t in typed if t.strip()]
-
-
 # --- at the paste prompt --------------------------------------------------------------------------
 
 PASTED_FORMS: list[Any] = [
@@ -194,7 +118,7 @@ def test_code_pasted_with_extra_characters_works(client: Client, form: Callable[
 
 
 def test_empty_paste_asks_again_then_end_of_input(client: Client) -> None:
-    result, _ = converse(client, ["", "   ", EOF_AT_PROMPT])
+    result = client.run(person=lambda url: Replies(["", "   ", EOF_AT_PROMPT]))
     assert result.stderr.count("Nothing was pasted.") == 2
     assert result.stderr.count("Paste the code") == 3
     assert_fails(result, 3, "no code was entered (end of input)")
@@ -204,14 +128,14 @@ def test_empty_paste_asks_again_then_end_of_input(client: Client) -> None:
 
 def test_empty_paste_then_the_code_works(client: Client) -> None:
     codes = Codes(client.person)
-    result, typed = converse(client, ["", codes.code])
+    result = client.run(person=lambda url: Replies(["", codes.code]))
     assert "Nothing was pasted." in result.stderr
     assert_json(result)
-    assert_clean(result, secrets_of(client, codes=tuple(codes.seen)), typed=tuple(typed))
+    assert_clean(result, secrets_of(client, codes=tuple(codes.seen)), typed=result.typed)
 
 
 def test_three_empty_pastes_give_up(client: Client) -> None:
-    result, _ = converse(client, ["", "\t", " "])
+    result = client.run(person=lambda url: Replies(["", "\t", " "]))
     assert_fails(result, 3, "no code was entered")
     assert not client.token_file.exists()
 
@@ -351,7 +275,7 @@ def test_ctrl_c_at_the_prompt(client: Client) -> None:
 
 
 def test_ctrl_c_while_authorizing_again_keeps_the_old_token(client: Client) -> None:
-    before = issue_token(client)
+    before = client.store_token()
     data = client.token_file.read_bytes()
     client.server.reset()  # the stored grant is dead: the run asks the person to authorize again
     result = client.run(person=lambda url: CTRL_C_AT_PROMPT)
@@ -413,7 +337,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize(("settings", "fragment"), BAD_SETTINGS)
 def test_bad_setting_exits_2_before_any_request(client: Client, settings: dict[str, str], fragment: str) -> None:
-    issue_token(client)
+    client.store_token()
     before = client.token_file.read_bytes()
     mark = client.server.log_mark()
     result = client.run(env=client.env(**settings), tty=False)
@@ -435,7 +359,7 @@ def test_wrong_client_secret_at_code_exchange(client: Client) -> None:
 
 
 def test_wrong_client_secret_at_refresh_keeps_the_token(client: Client) -> None:
-    before = issue_token(client, expired=True)
+    before = client.store_token(expired=True)
     wrong = "wrong-secret-0123456789"
     mark = client.server.log_mark()
     result = client.run(env=client.env(CLIENT_SECRET=wrong), tty=False)
@@ -540,7 +464,7 @@ def test_token_path_under_a_regular_file(client: Client) -> None:
 
 
 def test_token_file_readable_by_others_is_tightened(client: Client) -> None:
-    issue_token(client)
+    client.store_token()
     client.token_file.chmod(0o644)
     result = client.run(tty=False)
     assert_json(result)
@@ -564,7 +488,7 @@ def immutable(folder: Path) -> Iterator[None]:
 
 
 def test_folder_not_writable_on_refresh_prints_json_and_warns(client: Client) -> None:
-    before = issue_token(client, expired=True)
+    before = client.store_token(expired=True)
     data = client.token_file.read_bytes()
     with immutable(client.folder):
         result = client.run(tty=False)
@@ -640,7 +564,7 @@ def test_bad_api_answer_is_one_line_and_exit_1(client: Client, status: int, cont
     stand_in = StandIn(status, content_type, body)
     try:
         env = client.env(MEMOS_API_URL=stand_in.url)
-        before = issue_token(client, env)  # the token is for this API origin, else it would not be sent there
+        before = client.store_token(env)  # the token is for this API origin, else it would not be sent there
         mark = client.server.log_mark()
         result = client.run(env=env, tty=False)
     finally:
@@ -658,7 +582,7 @@ def test_bad_api_answer_is_one_line_and_exit_1(client: Client, status: int, cont
 def test_api_403_insufficient_scope(client: Client) -> None:
     """The admin route needs a scope the client never gets: Doorkeeper answers a bare 403."""
     env = client.env(MEMOS_API_URL=client.server.admin_api_url)
-    before = issue_token(client, env)
+    before = client.store_token(env)
     mark = client.server.log_mark()
     result = client.run(env=env, tty=False)
     line = assert_fails(result, 1, "refused access (403 Forbidden)")
@@ -676,7 +600,7 @@ def test_api_403_insufficient_scope(client: Client) -> None:
 
 
 def test_server_database_reset_without_a_person(client: Client) -> None:
-    before = issue_token(client)
+    before = client.store_token()
     client.server.reset()
     mark = client.server.log_mark()
     result = client.run(tty=False)
@@ -689,7 +613,7 @@ def test_server_database_reset_without_a_person(client: Client) -> None:
 
 
 def test_server_database_reset_with_a_person_authorizes_again(client: Client) -> None:
-    before = issue_token(client)
+    before = client.store_token()
     client.server.reset()
     codes = Codes(client.person)
     mark = client.server.log_mark()

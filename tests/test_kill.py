@@ -15,12 +15,10 @@ synced); 1 in the temp-file cleanup check; 1 of a process holding the lock.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,9 @@ import pytest
 
 import fetch_memos
 
-from conftest import save_token
-from runner import MEMO_JSON, SCRIPT, Result, run_script, script_env
-from servers.doorkeeper import BrowserPerson, DoorkeeperServer
+from conftest import Client, People
+from runner import MEMO_JSON, SCRIPT, Result, assert_clean, assert_fails, assert_json, token_requests
+from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,62 +68,22 @@ OUTCOMES: dict[int, tuple[str, str, int]] = {}  # moment -> (function killed in,
 SWEEP: list[str] = []  # "old"/"new" after each kill of the line-by-line sweep of TokenStore.save()
 
 
-_PEOPLE: dict[str, BrowserPerson] = {}
+def launch(client: Client, *argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *argv], env=client.env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _close_people() -> Iterator[None]:
-    yield
-    for person in _PEOPLE.values():
-        person.close()
-    _PEOPLE.clear()
+def grants(client: Client, mark: int) -> list[tuple[str, int]]:
+    return [(e["grant_type"], e["status"]) for e in token_requests(client.server, mark)]
 
 
-class Setup:
-    def __init__(self, server: DoorkeeperServer, folder: Path) -> None:
-        self.server = server
-        # One person per server: logged in once, then Doorkeeper skips the login for later grants.
-        if server.base_url not in _PEOPLE:
-            _PEOPLE[server.base_url] = BrowserPerson.for_server(server)
-        self.person = _PEOPLE[server.base_url]
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.token_file = folder / "token.pickle"
-        self.env_file = folder / "empty.env"
-        self.env_file.write_text("")
-        self.env = script_env({"CLIENT_ID": server.client_id, "CLIENT_SECRET": server.client_secret,
-                               "OAUTH_SERVER_URL": server.base_url, "OAUTH_TOKEN_FILE": str(self.token_file),
-                               "OAUTH_TIMEOUT": "10"})
-        self.args = ["--env-file", str(self.env_file)]
-
-    def store_expired_token(self) -> dict[str, Any]:
-        """A real grant, saved as the script saves it, with expires_at in the past (the server is not told)."""
-        token = self.server.grant_token(self.person)
-        token["expires_at"] = time.time() - 60  # expired for the client, which therefore refreshes first
-        save_token(self.token_file, self.env, token)
-        return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
-
-    def start(self, *argv: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, *argv], env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def run(self) -> Result:
-        return run_script(*self.args, env=self.env, tty=False, timeout=60)
-
-    def stored(self) -> dict[str, Any]:
-        """The file must load with the script's own loader: anything else fails the test."""
-        return fetch_memos.parse_token_bytes(self.token_file.read_bytes())
-
-    def token_requests(self, mark: int) -> list[tuple[str, int]]:
-        return [(e["grant_type"], e["status"]) for e in self.server.access_log(mark) if e["path"] == "/oauth/token"]
-
-    def wait_until_server_idle(self, quiet: float = 0.05) -> None:
-        """A killed run's last request may still be in the server: wait until the access log stops growing."""
-        mark, since = self.server.log_mark(), time.monotonic()
-        while time.monotonic() - since < quiet:
-            time.sleep(0.03)
-            if self.server.log_mark() != mark:
-                mark, since = self.server.log_mark(), time.monotonic()
+def wait_until_server_idle(server: DoorkeeperServer, quiet: float = 0.05) -> None:
+    """A killed run's last request may still be in the server: wait until the access log stops growing."""
+    mark, since = server.log_mark(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.03)
+        if server.log_mark() != mark:
+            mark, since = server.log_mark(), time.monotonic()
 
 
 def kill(proc: subprocess.Popen[bytes]) -> bool:
@@ -137,28 +95,16 @@ def kill(proc: subprocess.Popen[bytes]) -> bool:
     return alive and proc.returncode == -signal.SIGKILL
 
 
-def assert_json(result: Result) -> None:
-    assert result.exit_code == 0, result.output
-    assert result.stdout == MEMO_JSON
-    assert json.loads(result.stdout) == {"message": "ふじ"}
-    assert result.stderr == ""
-
-
 def assert_needs_person(result: Result, old: dict[str, Any], server: DoorkeeperServer) -> None:
-    assert result.exit_code == 3, result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fetch_memos: "), result.stderr
-    assert "no longer valid" in lines[0] and "interactively" in lines[0]
-    assert "Traceback" not in result.stderr
-    assert all(s not in result.stderr for s in (old["access_token"], old["refresh_token"], server.client_secret))
+    assert_fails(result, 3, "no longer valid", "interactively", only=True)
+    assert_clean(result, [old["access_token"], old["refresh_token"], server.client_secret])
 
 
-def check_after_kill(setup: Setup, old: dict[str, Any], mark: int) -> tuple[str, int]:
+def check_after_kill(setup: Client, old: dict[str, Any], mark: int) -> tuple[str, int]:
     """The file holds the old token or a new one; the next run succeeds, or says a person is needed."""
-    setup.wait_until_server_idle()
-    stored = setup.stored()
-    killed_run = setup.token_requests(mark)
+    wait_until_server_idle(setup.server)
+    stored = setup.token()
+    killed_run = grants(setup, mark)
     state = "old" if stored["access_token"] == old["access_token"] else "new"
     if state == "old":
         assert stored == old  # every field, meta included: untouched
@@ -168,20 +114,20 @@ def check_after_kill(setup: Setup, old: dict[str, Any], mark: int) -> tuple[str,
         assert stored["expires_at"] > time.time() + 3600
 
     mark2 = setup.server.log_mark()
-    result = setup.run()
-    next_run = setup.token_requests(mark2)
+    result = setup.run(tty=False, timeout=60)
+    next_run = grants(setup, mark2)
     if state == "new":
-        assert_json(result)
+        assert_json(result, quiet=True)
         assert next_run == []  # the saved token simply works
     elif result.exit_code == 0:
-        assert_json(result)
+        assert_json(result, quiet=True)
         assert next_run == [("refresh_token", 200)]  # the old refresh token was still good
     else:  # the killed run's refresh reached the server and the rotated token died with the run
         assert setup.server.previous_refresh_token is False
         assert killed_run == [("refresh_token", 200)]
         assert_needs_person(result, old, setup.server)
         assert next_run == [("refresh_token", 400)]
-        assert setup.stored() == old  # kept: it loads, and it was not deleted
+        assert setup.token() == old  # kept: it loads, and it was not deleted
     return state, result.exit_code
 
 
@@ -216,13 +162,13 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module")
-def trail(immediate: DoorkeeperServer, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def trail(immediate: DoorkeeperServer, tmp_path_factory: pytest.TempPathFactory, people: People) -> list[str]:
     """The lines of fetch_memos.py ("function:line") that a refreshing run reaches, in the order first reached."""
     folder = tmp_path_factory.mktemp("trail")
-    setup = Setup(immediate, folder)
-    setup.store_expired_token()
+    setup = people.client(immediate, folder)
+    setup.store_token(expired=True)
     report = folder / "trail.txt"
-    proc = setup.start("-c", LINE_KILL_LAUNCHER, "0", str(report), *setup.args)
+    proc = launch(setup, "-c", LINE_KILL_LAUNCHER, "0", str(report), *setup.args)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.decode() == MEMO_JSON, err.decode()
     steps = report.read_text().splitlines()
@@ -240,33 +186,35 @@ def kill_lines(trail: list[str]) -> list[int]:
 
 @pytest.mark.parametrize("moment", range(1, MOMENTS + 1), ids=lambda m: f"kill-{m:02d}-of-{MOMENTS}")
 def test_killed_at_any_moment_leaves_a_loadable_token(immediate: DoorkeeperServer, kill_lines: list[int],
-                                                      tmp_path: Path, moment: int) -> None:
-    setup = Setup(immediate, tmp_path)
-    old = setup.store_expired_token()
+                                                      tmp_path: Path, moment: int, people: People) -> None:
+    setup = people.client(immediate, tmp_path)
+    old = setup.store_token(expired=True)
     mark = immediate.log_mark()
     report = tmp_path / "killed-at.txt"
-    proc = setup.start("-c", LINE_KILL_LAUNCHER, str(kill_lines[moment - 1]), str(report), *setup.args)
+    proc = launch(setup, "-c", LINE_KILL_LAUNCHER, str(kill_lines[moment - 1]), str(report), *setup.args)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before its moment"
     state, next_exit = check_after_kill(setup, old, mark)
     OUTCOMES[moment] = (report.read_text().split(":")[0], state, next_exit)
 
 
-def test_killed_right_after_the_server_refreshed(immediate: DoorkeeperServer, tmp_path: Path) -> None:
+def test_killed_right_after_the_server_refreshed(immediate: DoorkeeperServer, tmp_path: Path,
+                                                 people: People) -> None:
     """The worst moment in the immediate mode: the server has rotated the token, the run has not saved it."""
-    setup = Setup(immediate, tmp_path)
-    old = setup.store_expired_token()
+    setup = people.client(immediate, tmp_path)
+    old = setup.store_token(expired=True)
     mark = immediate.log_mark()
-    proc = setup.start(str(SCRIPT), *setup.args)
+    proc = launch(setup, str(SCRIPT), *setup.args)
     deadline = time.monotonic() + 30
-    while not setup.token_requests(mark) and proc.poll() is None and time.monotonic() < deadline:
+    while not grants(setup, mark) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     assert kill(proc), "the run ended before the kill"
     state, next_exit = check_after_kill(setup, old, mark)
     assert (state, next_exit) in (("old", 3), ("new", 0))
 
 
-def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: list[str], tmp_path: Path) -> None:
+def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: list[str], tmp_path: Path,
+                                          people: People) -> None:
     """A kill before each line that TokenStore.save() reaches once it holds the lock: old or new, never half.
 
     (The 25 moments above are ~10 lines apart; here no line of the write is skipped.)
@@ -276,19 +224,19 @@ def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: li
     end = max(i for i, step in enumerate(trail) if step.startswith("save:"))
     states = []
     for number, line in enumerate(range(start + 1, end + 3)):  # the kill comes before line number `line` runs
-        setup = Setup(immediate, tmp_path / f"kill-{number:02d}")
-        old = setup.store_expired_token()
+        setup = people.client(immediate, tmp_path / f"kill-{number:02d}")
+        old = setup.store_token(expired=True)
         mark = immediate.log_mark()
-        proc = setup.start("-c", LINE_KILL_LAUNCHER, str(line), str(setup.folder / "killed-at"), *setup.args)
+        proc = launch(setup, "-c", LINE_KILL_LAUNCHER, str(line), str(setup.folder / "killed-at"), *setup.args)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL
-        setup.wait_until_server_idle(0.05)
-        stored = setup.stored()  # loads, or the test fails
+        wait_until_server_idle(setup.server, 0.05)
+        stored = setup.token()  # loads, or the test fails
         if stored["access_token"] == old["access_token"]:
             assert stored == old
             states.append("old")
         else:
-            assert setup.token_requests(mark) == [("refresh_token", 200)]
+            assert grants(setup, mark) == [("refresh_token", 200)]
             assert stored["refresh_token"] != old["refresh_token"] and stored["expires_at"] > time.time() + 3600
             states.append("new")
     assert len(states) >= 10 and states[0] == "old" and states[-1] == "new"
@@ -318,13 +266,13 @@ IN_SAVE = [
 
 @pytest.mark.parametrize(("mode", "fsync_call"), IN_SAVE)
 def test_killed_while_writing_the_token(request: pytest.FixtureRequest, tmp_path: Path, mode: str,
-                                        fsync_call: int) -> None:
+                                        fsync_call: int, people: People) -> None:
     server: DoorkeeperServer = request.getfixturevalue(mode)
-    setup = Setup(server, tmp_path)
-    old = setup.store_expired_token()
+    setup = people.client(server, tmp_path)
+    old = setup.store_token(expired=True)
     mark = server.log_mark()
     marker = tmp_path / "fsync"
-    proc = setup.start("-c", SLOW_FSYNC_LAUNCHER, str(marker), str(fsync_call), *setup.args)
+    proc = launch(setup, "-c", SLOW_FSYNC_LAUNCHER, str(marker), str(fsync_call), *setup.args)
     deadline = time.monotonic() + 30
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1].decode()
@@ -336,10 +284,10 @@ def test_killed_while_writing_the_token(request: pytest.FixtureRequest, tmp_path
     if fsync_call == 1:  # the new token is in a temp file that was never renamed
         assert len(temp_files) == 1
         assert temp_files[0].stat().st_mode & 0o077 == 0  # litter, but private litter
-        assert setup.stored() == old
+        assert setup.token() == old
     else:
         assert temp_files == []
-        assert setup.stored()["access_token"] != old["access_token"]
+        assert setup.token()["access_token"] != old["access_token"]
     started = time.monotonic()
     state, next_exit = check_after_kill(setup, old, mark)  # the killed run held the lock: no matter
     assert time.monotonic() - started < 30
@@ -347,29 +295,32 @@ def test_killed_while_writing_the_token(request: pytest.FixtureRequest, tmp_path
     assert (state, next_exit) == expected[(mode, fsync_call)]
 
 
-def test_temp_file_of_a_killed_save_is_cleaned_up_later(rotation: DoorkeeperServer, tmp_path: Path) -> None:
+def test_temp_file_of_a_killed_save_is_cleaned_up_later(rotation: DoorkeeperServer, tmp_path: Path,
+                                                         people: People) -> None:
     """The temp file a killed save leaves holds a live token: the next save removes it."""
-    setup = Setup(rotation, tmp_path)
-    setup.store_expired_token()
+    setup = people.client(rotation, tmp_path)
+    setup.store_token(expired=True)
     marker = tmp_path / "fsync"
-    proc = setup.start("-c", SLOW_FSYNC_LAUNCHER, str(marker), "1", *setup.args)
+    proc = launch(setup, "-c", SLOW_FSYNC_LAUNCHER, str(marker), "1", *setup.args)
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.005)
     assert kill(proc)
     assert list(tmp_path.glob(".token.pickle.*.tmp"))
-    assert_json(setup.run())  # rotation mode: the next run refreshes with the kept token and saves
+    # rotation mode: the next run refreshes with the kept token and saves
+    assert_json(setup.run(tty=False, timeout=60), quiet=True)
     assert list(tmp_path.glob(".token.pickle.*.tmp")) == []
 
 
 # --- a lock left by a killed process -------------------------------------------------------------------
 
 
-def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: DoorkeeperServer, tmp_path: Path) -> None:
-    setup = Setup(rotation, tmp_path)
-    setup.store_expired_token()
+def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: DoorkeeperServer, tmp_path: Path,
+                                                               people: People) -> None:
+    setup = people.client(rotation, tmp_path)
+    setup.store_token(expired=True)
     holding = tmp_path / "holding"
-    holder = setup.start("-c", LOCK_HOLDER, str(setup.token_file), str(holding))
+    holder = launch(setup, "-c", LOCK_HOLDER, str(setup.token_file), str(holding))
     deadline = time.monotonic() + 30
     while not holding.exists():
         assert holder.poll() is None and time.monotonic() < deadline, "the lock holder did not start"
@@ -377,10 +328,10 @@ def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: Doorkeep
 
     # While the holder lives, a refreshing run waits for the lock (so this test can fail)...
     mark = rotation.log_mark()
-    run = setup.start(str(SCRIPT), *setup.args)
+    run = launch(setup, str(SCRIPT), *setup.args)
     time.sleep(2.0)
     assert run.poll() is None, "the run did not wait for a held lock"
-    assert setup.token_requests(mark) == [], "the run refreshed without the lock"
+    assert grants(setup, mark) == [], "the run refreshed without the lock"
 
     # ...and once the holder is killed, its lock is gone: the run goes on at once.
     killed_at = time.monotonic()
@@ -392,4 +343,4 @@ def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: Doorkeep
     assert setup.token_file.with_name("token.pickle.lock").exists()  # the lock file stays; it is harmless
 
     # A lock file left behind by killed runs never blocks later runs either.
-    assert_json(setup.run())
+    assert_json(setup.run(tty=False, timeout=60), quiet=True)

@@ -21,7 +21,7 @@ import pytest
 
 import fetch_memos
 
-from runner import SCRIPT, script_env
+from runner import SCRIPT, one_line, script_env
 
 SECRET = "client-secret-s3ttings-9Qz"
 BASE_ENV = {"CLIENT_ID": "client-id-settings", "CLIENT_SECRET": SECRET}
@@ -79,13 +79,6 @@ def run_main(empty_env_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 
     return _run
 
-
-def one_line(err: str) -> str:
-    """The single message line main() prints for an error."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fetch_memos: ")
-    return lines[0]
 
 
 def write_legacy_token(path: Path) -> None:

@@ -1,0 +1,302 @@
+"""Server profiles for the conformance suite (tests/test_conformance.py): each test server, with its switches,
+and what it does, as features that scenarios can ask for.
+
+Adding a profile is adding one entry to PROFILES:
+
+    Profile(
+        name="dot-strict",                    # the test id: test_first_run[dot-strict-loopback]
+        marker="dot",                         # the server's marker (doorkeeper / dot / browser, see conftest)
+        features=frozenset({"loopback", "rotation_immediate", "dead_token_403", "metadata", "iss", ...}),
+        start=lambda folder: DotServer(folder, redirect_uris=[LOOPBACK], strict=True).start(),
+        adapter=DotTarget,                    # or DoorkeeperTarget, or a new Target subclass for a new server
+        require=require_dot_stack,            # skips (fails under CI=true) when the server's stack is missing
+    )
+
+Adding a feature: name it in FEATURES (one line: what a server with it does), give it to the profiles that
+have it, and let a scenario ask for it with `@needs("feature")` (or `@needs(lacks=("feature",))`).
+
+Adding a scenario: see the docstring of tests/test_conformance.py.
+
+A Target (the adapter) gives every server the same shape for the scenarios: base_url, client_id, client_secret,
+the endpoints (authorize_endpoint, token_endpoint, revoke_endpoint, memos_url), access_log(since)/log_mark(),
+age_tokens(seconds), reset(), live_tokens(); client_env(mode) is the script's configuration for the server in a
+redirect mode ("oob" or "loopback"), written as the README tells a user to; person() is someone at a browser who
+authorizes or denies an authorization URL the way the mode needs (oob: returns the code to paste; loopback:
+the browser follows the redirect to the script's listener).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_ruby_stack
+from servers.dot import DotServer, dot_stack_available
+
+LOOPBACK = "http://127.0.0.1/callback"  # registered without a port: any loopback port is accepted (RFC 8252 7.3)
+
+FEATURES = {
+    "oob": "shows the code on a page to paste (urn:ietf:wg:oauth:2.0:oob is registered)",
+    "loopback": f"redirects to {LOOPBACK} on any port (RFC 8252 7.3)",
+    "rotation_grace": "a refresh rotates the refresh token; the old one works until the new access token is used",
+    "rotation_immediate": "a refresh rotates the refresh token; the used one dies at once",
+    "dead_token_401": "the API answers an expired or revoked access token with 401 (+ WWW-Authenticate)",
+    "dead_token_403": "the API answers an expired or revoked access token with a bare 403 (no challenge)",
+    "revoke_kills_both": "revoking the access token (RFC 7009) kills its refresh token as well",
+    "write_scope": "the client may ask for scope write, which the memo API does not accept (it needs read)",
+    "insufficient_scope_challenge": "403 for a token without the needed scope names insufficient_scope (RFC 6750)",
+    "log_body_keys": "the access log names the body parameters of token requests",
+}
+
+
+def require(ok_why: tuple[bool, str], what: str) -> None:
+    """Skip when a server's stack is missing, but fail under CI=true, where it must be installed."""
+    ok, why = ok_why
+    if ok:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} required under CI=true: {why}", pytrace=False)
+    pytest.skip(f"{what} unavailable: {why}")
+
+
+def require_dot_stack() -> None:
+    require(dot_stack_available(), "django-oauth-toolkit stack")
+
+
+def goes_to_listener(authorize_url: str) -> bool:
+    """Whether the authorization request's redirect_uri is a loopback listener (else out-of-band)."""
+    return parse_qs(urlsplit(authorize_url).query)["redirect_uri"][0].startswith("http://")
+
+
+# --- the person at a browser --------------------------------------------------------------------
+
+
+class Person:
+    """Someone at a browser, playing the authorization URL the script printed.
+
+    authorize(url) is what they do at the prompt: the text to paste (oob), or None after their browser went to
+    the script's listener (loopback); deny(url) the same with Deny pressed. landing(url): approve, but stop
+    where the browser was sent (the code page, or the listener's address), for a person who pastes that address.
+    codes: every code they were given (secrets that must never be printed); pages: what the listener answered.
+    """
+
+    def __init__(self) -> None:
+        self.codes: list[str] = []
+        self.pages: list[requests.Response] = []
+
+    def landing(self, url: str, *, approve: bool = True) -> str:
+        raise NotImplementedError
+
+    def authorize(self, url: str) -> str | None:
+        return self._go(url, self.landing(url))
+
+    def deny(self, url: str) -> None:
+        self._go(url, self.landing(url, approve=False))
+
+    def _go(self, url: str, landed: str) -> str | None:
+        """A browser sent to a loopback listener goes there; from an out-of-band code page the code is pasted."""
+        if goes_to_listener(url):
+            self.pages.append(requests.get(landed, timeout=10))
+            return None
+        return self.codes[-1]
+
+    def _keep_code(self, landed: str, code: str | None = None) -> str:
+        code = code or next(iter(parse_qs(urlsplit(landed).query).get("code", [])), None)
+        if code:
+            self.codes.append(code)
+        return landed
+
+    def close(self) -> None:
+        pass
+
+
+class DoorkeeperPerson(Person):
+    def __init__(self, server: DoorkeeperServer) -> None:
+        super().__init__()
+        self.browser = BrowserPerson.for_server(server)
+
+    def landing(self, url: str, *, approve: bool = True) -> str:
+        try:
+            code = self.browser.authorize(url, approve=approve)
+        except AuthorizationDenied:
+            if approve or not goes_to_listener(url):
+                raise
+            return str(self.browser.last_url)
+        return self._keep_code(str(self.browser.last_url), code)
+
+    def close(self) -> None:
+        self.browser.close()
+
+
+class DotPerson(Person):
+    def __init__(self, server: DotServer) -> None:
+        super().__init__()
+        self.server = server
+        self.session = requests.Session()
+
+    def landing(self, url: str, *, approve: bool = True) -> str:
+        return self._keep_code(self.server.login_and_authorize_http(url, approve=approve, session=self.session))
+
+    def close(self) -> None:
+        self.session.close()
+
+
+# --- one shape for every server -------------------------------------------------------------------
+
+
+class Target:
+    """A started server of one profile, in the shape the scenarios use (attributes not named here: the server's)."""
+
+    person_class: type[Person] = Person
+
+    def __init__(self, profile: Profile, server: Any) -> None:
+        self.profile = profile
+        self.server = server
+
+    def __getattr__(self, name: str) -> Any:  # base_url, client_id, endpoints, access_log, age_tokens, reset, ...
+        return getattr(self.server, name)
+
+    def has(self, feature: str) -> bool:
+        return feature in self.profile.features
+
+    @property
+    def dead_token_status(self) -> int:
+        return 401 if self.has("dead_token_401") else 403
+
+    def client_env(self, mode: str) -> dict[str, str]:
+        """The script's settings for this server, as the README gives them (beyond CLIENT_ID/SECRET)."""
+        env = {"OAUTH_SERVER_URL": self.base_url, "OAUTH_LOGIN_TIMEOUT": "30"}
+        if mode == "loopback":
+            env["OAUTH_REDIRECT_URI"] = LOOPBACK
+        return env
+
+    def person(self) -> Person:
+        return self.person_class(self.server)
+
+    def token_works(self, access_token: str) -> bool:
+        response = requests.get(self.memos_url, headers={"Authorization": f"Bearer {access_token}"}, timeout=10)
+        return response.status_code == 200
+
+    def api_status(self, access_token: str) -> int:
+        return requests.get(self.memos_url, headers={"Authorization": f"Bearer {access_token}"}, timeout=10).status_code
+
+    def refresh_answer(self, refresh_token: str) -> tuple[int, str | None]:
+        """What the token endpoint says to a refresh with this token: (status, error)."""
+        response = requests.post(self.token_endpoint, data={"grant_type": "refresh_token",
+                                                            "refresh_token": refresh_token},
+                                 auth=(self.client_id, self.client_secret), timeout=10)
+        try:
+            error = response.json().get("error")
+        except ValueError:
+            error = None
+        return response.status_code, error
+
+    def revoke(self, token: str) -> int:
+        return requests.post(self.revoke_endpoint, data={"token": token}, auth=(self.client_id, self.client_secret),
+                             timeout=10).status_code
+
+    def live_tokens(self) -> int:
+        """How many access or refresh tokens the server would still honour (none after a logout)."""
+        raise NotImplementedError
+
+
+class DoorkeeperTarget(Target):
+    person_class = DoorkeeperPerson
+
+    def live_tokens(self) -> int:
+        return sum(1 for row in self.server.tokens() if not row["revoked"])
+
+
+class DotTarget(Target):
+    person_class = DotPerson
+
+    def client_env(self, mode: str) -> dict[str, str]:
+        base = self.base_url
+        return {**super().client_env(mode), "OAUTH_AUTHORIZE_URL": f"{base}/o/authorize/",
+                "OAUTH_TOKEN_URL": f"{base}/o/token/", "OAUTH_REVOKE_URL": f"{base}/o/revoke_token/",
+                "MEMOS_API_URL": f"{base}/api/memos/"}
+
+    def live_tokens(self) -> int:
+        summary = self.server.tokens()
+        return summary["active_access_tokens"] + summary["active_refresh_tokens"]
+
+
+# --- the profiles -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    marker: str
+    features: frozenset[str]
+    start: Callable[[Path], Any]  # starts the server with this profile's switches in a folder; returns it
+    adapter: type[Target]
+    require: Callable[[], None] = lambda: None
+    modes: tuple[str, ...] = field(init=False)  # the redirect modes it has, the default first
+
+    def __post_init__(self) -> None:
+        unknown = self.features - FEATURES.keys()
+        assert not unknown, f"profile {self.name}: unknown features {sorted(unknown)} (add them to FEATURES)"
+        object.__setattr__(self, "modes", tuple(m for m in ("oob", "loopback") if m in self.features))
+
+    def launch(self, folder: Path) -> Target:
+        self.require()
+        return self.adapter(self, self.start(folder))
+
+
+DOORKEEPER = frozenset({"oob", "loopback", "dead_token_401", "revoke_kills_both"})
+DOT = frozenset({"loopback", "rotation_immediate", "revoke_kills_both", "write_scope", "log_body_keys"})
+
+PROFILES: list[Profile] = [
+    Profile("doorkeeper", "doorkeeper", DOORKEEPER | {"rotation_grace"},
+            lambda folder: DoorkeeperServer(folder, redirect_uris=[LOOPBACK]).start(),
+            DoorkeeperTarget, require_ruby_stack),
+    Profile("doorkeeper-immediate", "doorkeeper", DOORKEEPER | {"rotation_immediate"},
+            lambda folder: DoorkeeperServer(folder, redirect_uris=[LOOPBACK], previous_refresh_token=False).start(),
+            DoorkeeperTarget, require_ruby_stack),
+    Profile("dot", "dot", DOT | {"dead_token_403"},
+            lambda folder: DotServer(folder, redirect_uris=[LOOPBACK]).start(), DotTarget, require_dot_stack),
+    Profile("dot-challenge", "dot", DOT | {"dead_token_401", "insufficient_scope_challenge"},
+            lambda folder: DotServer(folder, redirect_uris=[LOOPBACK], bearer_challenge=True).start(),
+            DotTarget, require_dot_stack),
+]
+
+
+# --- what a scenario needs --------------------------------------------------------------------------
+
+
+def needs(*features: str, lacks: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Generate the scenario only for the profiles that have every one of `features` and none of `lacks`.
+
+    A profile without them gets no test at all (not a skip: under CI=true a skip fails the run).
+    """
+    unknown = (set(features) | set(lacks)) - FEATURES.keys()
+    assert not unknown, f"unknown features {sorted(unknown)} (add them to profiles.FEATURES)"
+
+    def mark(scenario: Callable[..., Any]) -> Callable[..., Any]:
+        scenario.needs = (frozenset(features), frozenset(lacks))  # type: ignore[attr-defined]
+        return scenario
+
+    return mark
+
+
+def profile_params(scenario: Callable[..., Any], with_mode: bool) -> list[Any]:
+    """pytest.param(profile[, mode]) for each profile the scenario applies to, with the profile's server marker."""
+    wanted, unwanted = getattr(scenario, "needs", (frozenset(), frozenset()))
+    params = []
+    for profile in PROFILES:
+        if not wanted <= profile.features or unwanted & profile.features:
+            continue
+        marks = [getattr(pytest.mark, profile.marker)]
+        if with_mode:
+            params += [pytest.param(profile, mode, id=f"{profile.name}-{mode}", marks=marks) for mode in profile.modes]
+        else:
+            params.append(pytest.param(profile, id=profile.name, marks=marks))
+    return params

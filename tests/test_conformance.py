@@ -1,0 +1,627 @@
+"""The conformance suite: each scenario written once, run against every server profile that has what it needs.
+
+fetch_memos.py runs as its own process in a pseudo-terminal against a real test server (tests/profiles.py:
+Doorkeeper in both rotation modes, django-oauth-toolkit with its bare 403 and with the RFC 6750 challenge),
+configured through its settings alone; a person logs in through the server's real pages. Assertions are on
+what a user sees (exit code, stdout, stderr), what reached the server (its access log), what the token file
+holds, and what the tokens can still do at the server.
+
+Adding a scenario: write `def test_...(client)` (or take `target`, the profile's server shared by the module,
+and make your own clients with conformance_client(target, folder, mode)); a scenario that relies on what
+only some servers do says so with `@needs("feature", ...)` or `@needs(lacks=("feature",))` (features:
+profiles.FEATURES) and is then generated only for the profiles that have them. Ask for `mode` to run once per
+redirect mode of the profile (oob, loopback), and for `fresh_target` instead of `target` when the scenario
+changes the server for good (stops it). A scenario that needs a clean server state calls target.reset().
+Branch on a feature inside a scenario (`target.has(...)`, `target.dead_token_status`) only for the expected
+value of one assertion; behaviour that differs in kind is a scenario of its own with its own @needs.
+Adding a profile or a feature: see tests/profiles.py.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from oauthlib.oauth2.rfc6749.tokens import OAuth2Token
+
+from conftest import Client, conformance_client, secrets_of
+from profiles import Target, needs
+from runner import (
+    EOF_AT_PROMPT,
+    assert_clean,
+    assert_json,
+    client_calls,
+    one_line,
+    path_of,
+    token_requests,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def client(target: Target, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Client]:
+    mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
+    made = conformance_client(target, tmp_path / "client", mode)
+    yield made
+    made.person.close()
+
+
+@pytest.fixture
+def authorized(client: Client) -> Client:
+    """A client whose first run has completed: a token is stored."""
+    result = client.run()
+    assert result.exit_code == 0, result.output
+    return client
+
+
+@pytest.fixture
+def loopback(target: Target, tmp_path: Path) -> Iterator[Client]:
+    made = conformance_client(target, tmp_path / "client", "loopback")
+    yield made
+    made.person.close()
+
+
+def redirect_uri_of(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["redirect_uri"][0]
+
+
+def refresh_and_hold_two(client: Client) -> list[dict]:
+    """First run, then a refresh: the client has now held two tokens."""
+    assert client.run().exit_code == 0
+    held = [client.token()]
+    client.expire_locally()
+    client.server.age_tokens(10_000)
+    assert client.run(tty=False).exit_code == 0
+    held.append(client.token())
+    return held
+
+
+# --- first run, warm run ---------------------------------------------------------------------------
+
+
+def test_first_run_authorizes_and_prints_the_json(client, mode):
+    server = client.server
+    mark = server.log_mark()
+
+    result = client.run()
+
+    assert_json(result)
+    assert "open this URL in a browser" in result.stderr  # no display: printed, no browser started
+    assert "Authorized." in result.stderr
+    [url] = result.authorize_urls
+    assert url.startswith(server.authorize_endpoint + "?")
+    query = parse_qs(urlsplit(url).query)
+    assert query["code_challenge_method"] == ["S256"] and len(query["code_challenge"][0]) == 43
+    assert len(query["state"][0]) >= 32
+    redirect = urlsplit(query["redirect_uri"][0])
+    if mode == "oob":
+        assert query["redirect_uri"] == ["urn:ietf:wg:oauth:2.0:oob"]
+        assert client.person.pages == []
+    else:
+        assert (redirect.scheme, redirect.hostname, redirect.path) == ("http", "127.0.0.1", "/callback")
+        assert redirect.port and f"{redirect.hostname}:{redirect.port}" in result.stderr
+        [page] = client.person.pages
+        assert page.status_code == 200 and "You can close this tab" in page.text
+    [exchange] = token_requests(server, mark)
+    assert (exchange["grant_type"], exchange["status"], exchange["auth"]) == ("authorization_code", 200, "basic")
+    if client.server.has("log_body_keys"):
+        assert {"code", "code_verifier", "redirect_uri"} <= set(exchange["body_keys"])
+        assert "client_secret" not in exchange["body_keys"]  # HTTP Basic, never in the body
+    log = server.access_log(since=mark)
+    assert [(e["method"], e["status"], e["auth"]) for e in log if e["path"] == path_of(server.memos_url)] == [
+        ("GET", 200, "bearer")]
+    token = client.token()
+    assert token["scope"] == ["read"]
+    assert token["fetch_memos"]["server_url"] == server.base_url
+    assert token["fetch_memos"]["token_url"] == server.token_endpoint
+    assert stat.S_IMODE(client.token_file.stat().st_mode) == 0o600
+    assert_clean(result, secrets_of(client, token), typed=result.typed)
+
+
+def test_warm_run_makes_exactly_one_request_and_asks_nothing(authorized):
+    server = authorized.server
+    mark = server.log_mark()
+
+    result = authorized.run(tty=False)
+
+    assert_json(result, quiet=True)
+    assert [(e["method"], e["path"], e["auth"], e["status"]) for e in server.access_log(since=mark)] == [
+        ("GET", path_of(server.memos_url), "bearer", 200)]
+
+
+def test_pasting_the_address_the_person_landed_on_works(client, mode):
+    """The code page's address (oob), or the listener's address when the browser is on another machine."""
+    landed = []
+
+    def person(url):
+        landed.append(client.person.landing(url))
+        return f"  '{landed[0]}'  "
+
+    result = client.run(person=person)
+
+    assert_json(result)
+    assert client.person.pages == []  # the listener never saw the browser
+    assert "code=" in landed[0]
+    if mode == "loopback":
+        assert landed[0].startswith("http://127.0.0.1:")
+    [code] = client.person.codes
+    assert result.output.count(code) == 1  # only the terminal's echo of what was pasted
+    assert_clean(result, secrets_of(client, client.token()), typed=result.typed)
+
+
+@needs(lacks=("oob",))
+def test_without_an_oob_page_the_default_redirect_uri_gets_no_code(target, tmp_path):
+    """A user who keeps the default redirect URI gets the server's error page, and no code to paste."""
+    client = conformance_client(target, tmp_path / "client", "oob")
+    mark = target.log_mark()
+    pages = []
+
+    def person(url):
+        assert "redirect_uri=urn%3Aietf%3Awg%3Aoauth%3A2.0%3Aoob" in url
+        with pytest.raises(AssertionError) as refused:
+            client.person.landing(url)
+        pages.append(str(refused.value))
+        return EOF_AT_PROMPT  # nothing to paste
+
+    result = client.run(person=person)
+
+    assert "invalid_request" in pages[0] and "redirect uri" in pages[0].lower()
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    assert "no code was entered (end of input)" in result.stderr
+    assert token_requests(target, mark) == []
+    assert not client.token_file.exists()
+
+
+# --- refresh --------------------------------------------------------------------------------------
+
+
+def test_expired_token_is_refreshed_once_rotated_and_saved(authorized):
+    server = authorized.server
+    old = authorized.expire_locally()
+    server.age_tokens(10_000)  # the server agrees that it expired
+    mark = server.log_mark()
+
+    result = authorized.run(tty=False)
+
+    assert_json(result, quiet=True)
+    log = server.access_log(since=mark)
+    assert client_calls(server, mark) == [("POST", path_of(server.token_endpoint), "refresh_token", 200),
+                                          ("GET", path_of(server.memos_url), None, 200)]
+    assert len(log) == 2
+    assert log[0]["remote_port"] == log[1]["remote_port"], "refresh and API call should share one connection"
+    new = authorized.token()
+    assert new["access_token"] != old["access_token"]
+    assert new["refresh_token"] != old["refresh_token"], "the refresh token is rotated"
+    assert new["expires_at"] > time.time() + 1000
+    assert server.token_works(new["access_token"])
+    # Used and rotated: dead in both rotation modes once the new access token was used.
+    assert server.refresh_answer(old["refresh_token"]) == (400, "invalid_grant")
+    assert server.api_status(old["access_token"]) == server.dead_token_status
+    assert_clean(result, secrets_of(authorized, old, new), typed=result.typed)
+
+
+def test_token_in_its_last_seconds_is_refreshed_before_use(authorized):
+    """The original script crashed on runs that landed in a token's last second."""
+    server = authorized.server
+    token = authorized.token()
+    token["expires_at"] = time.time() + 1  # one second left by our clock
+    authorized.token_file.write_bytes(pickle.dumps(token))
+    server.age_tokens(token["expires_in"] - 1)
+    mark = server.log_mark()
+
+    result = authorized.run(tty=False)
+
+    assert_json(result)
+    assert [e["grant_type"] for e in token_requests(server, mark)] == ["refresh_token"]
+
+
+def test_token_expired_only_at_the_server_is_refreshed_once_and_retried(authorized):
+    """The client's clock says valid; the server says no (401 with a challenge, or a bare 403)."""
+    server = authorized.server
+    old = authorized.token()
+    server.age_tokens(10_000)
+    mark = server.log_mark()
+
+    result = authorized.run(tty=False)
+
+    assert_json(result, quiet=True)
+    assert client_calls(server, mark) == [
+        ("GET", path_of(server.memos_url), None, server.dead_token_status),
+        ("POST", path_of(server.token_endpoint), "refresh_token", 200),
+        ("GET", path_of(server.memos_url), None, 200),
+    ]
+    assert authorized.token()["access_token"] != old["access_token"]
+    assert_clean(result, secrets_of(authorized, old, authorized.token()))
+
+
+@needs("write_scope")
+def test_a_token_without_the_needed_scope_is_a_clear_error_not_a_loop(client):
+    """A 403 naming insufficient_scope is final; a bare 403 gets exactly one refresh, then stops."""
+    server = client.server
+    client.extra_env["OAUTH_SCOPE"] = "write"  # the memo list needs read
+    mark = server.log_mark()
+
+    result = client.run()
+
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert "refused access (403 Forbidden)" in last and "OAUTH_SCOPE" in last
+    api, token = path_of(server.memos_url), path_of(server.token_endpoint)
+    calls = client_calls(server, mark)
+    assert calls[0] == ("POST", token, "authorization_code", 200)
+    if server.has("insufficient_scope_challenge"):
+        assert calls[1:] == [("GET", api, None, 403)]
+    else:
+        assert calls[1:] == [("GET", api, None, 403), ("POST", token, "refresh_token", 200), ("GET", api, None, 403)]
+    assert_clean(result, secrets_of(client), typed=result.typed)
+
+
+# --- what the person does at the prompt ------------------------------------------------------------
+
+
+@needs("oob")
+def test_a_wrong_code_is_reported_without_traceback(client):
+    mark = client.server.log_mark()
+    result = client.run(person=lambda url: "not-the-code-the-server-showed")
+
+    assert result.exit_code == 3, result.output
+    assert "did not accept the code" in result.stderr
+    assert result.stdout == ""
+    assert not client.token_file.exists()
+    assert len(token_requests(client.server, mark)) == 1  # never replayed
+    assert_clean(result, secrets_of(client), typed=result.typed)
+
+
+@needs("oob")
+def test_a_code_used_twice_is_refused(client):
+    codes = []
+
+    def same_code_twice(url):
+        if not codes:
+            codes.append(client.person.authorize(url))
+        return codes[0]
+
+    assert client.run(person=same_code_twice).exit_code == 0
+    client.token_file.unlink()
+    result = client.run(person=same_code_twice)
+
+    assert result.exit_code == 3
+    assert "already used" in result.stderr
+    assert codes[0] not in result.stderr.split("> ")[-1].split("\n", 1)[-1]  # not repeated back after use
+
+
+@needs("oob")
+def test_end_of_input_at_the_prompt_exits_3(client):
+    result = client.run(person=lambda url: EOF_AT_PROMPT)
+    assert result.exit_code == 3
+    assert "end of input" in result.stderr
+
+
+def test_wrong_client_secret_is_a_configuration_error(client):
+    result = client.run(env=client.env(CLIENT_SECRET="wrong-secret"))
+
+    assert result.exit_code == 2, result.output
+    assert "rejected the client credentials" in result.stderr
+    assert "CLIENT_SECRET" in result.stderr
+    assert_clean(result, ["wrong-secret", client.server.client_secret])
+
+
+def test_no_token_and_no_terminal_exits_3_instead_of_waiting(client):
+    mark = client.server.log_mark()
+    result = client.run(tty=False)
+    assert result.exit_code == 3
+    assert "interactively" in one_line(result.stderr)
+    assert client.server.access_log(since=mark) == []
+
+
+# --- the loopback listener --------------------------------------------------------------------------
+
+
+@needs("loopback")
+def test_listener_binds_loopback_only_and_gives_up_in_time(loopback):
+    seen = {}
+
+    def person(url):
+        port = urlsplit(redirect_uri_of(url)).port
+        with socket.socket() as probe:
+            seen["reachable"] = probe.connect_ex(("127.0.0.1", port)) == 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if int(local.split(":")[1], 16) == port and state == "0A":  # LISTEN
+                seen["address"] = local.split(":")[0]
+        return None
+
+    result = loopback.run(person=person, env=loopback.env(OAUTH_LOGIN_TIMEOUT="2"))
+    assert seen["reachable"]
+    assert seen["address"] == "0100007F"  # 127.0.0.1, never 0.0.0.0
+    assert result.exit_code == 3
+    assert "no authorization arrived within 2 s" in result.stderr
+
+
+@needs("loopback")
+def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
+    server = loopback.server
+    mark = server.log_mark()
+    answers = []
+
+    def person(url):
+        redirect = redirect_uri_of(url)
+        answers.append(requests.get(f"{redirect}?code=forged&state=not-ours", timeout=5))
+        answers.append(requests.get(f"{redirect}?code=forged", timeout=5))
+        return loopback.person.authorize(url)
+
+    result = loopback.run(person=person)
+
+    assert [a.status_code for a in answers] == [400, 400]
+    assert "does not belong" in answers[0].text
+    assert_json(result)  # the real redirect still went through
+    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
+    assert "forged" not in result.output
+
+
+@needs("loopback")
+def test_denied_consent_is_reported(loopback):
+    server = loopback.server
+    server.reset()  # Doorkeeper skips the consent page (so no Deny button) while the user holds a token
+    mark = server.log_mark()
+
+    result = loopback.run(person=loopback.person.deny)
+
+    assert result.exit_code == 3
+    assert "denied" in result.stderr
+    [page] = loopback.person.pages
+    assert "Authorization failed" in page.text
+    assert token_requests(server, mark) == []
+    assert not loopback.token_file.exists()
+
+
+@needs("loopback")
+def test_a_port_in_use_is_a_clear_error(loopback):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = loopback.run(f"--loopback={port}", "--no-browser", person=lambda url: None)
+    assert result.exit_code == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert result.authorize_urls == []
+
+
+@needs("loopback")
+def test_end_of_input_does_not_stop_the_wait(loopback):
+    """Closing the terminal's input must not abort a login still going on in the browser."""
+
+    def eof_then_browser(url):
+        threading.Timer(0.5, loopback.person.authorize, args=(url,)).start()
+        return EOF_AT_PROMPT
+
+    result = loopback.run(person=eof_then_browser)
+    assert_json(result)
+
+
+# --- dead grants, revocation, server trouble ---------------------------------------------------------
+
+
+@needs("revoke_kills_both")
+def test_revoked_grant_leads_to_a_new_authorization(authorized):
+    server = authorized.server
+    old = authorized.token()
+    assert server.revoke(old["access_token"]) == 200
+
+    without_person = authorized.run(tty=False)
+    assert without_person.exit_code == 3
+    line = one_line(without_person.stderr)
+    assert "no longer valid" in line and "interactively" in line
+    assert authorized.token()["access_token"] == old["access_token"]  # kept, not deleted
+
+    result = authorized.run()
+    assert_json(result)
+    assert "Authorizing again" in result.stderr
+    assert authorized.token()["access_token"] != old["access_token"]
+    assert_clean(result, secrets_of(authorized, old, authorized.token()), typed=result.typed)
+
+
+def test_dead_grant_needs_a_person_and_one_at_the_terminal_authorizes_again(authorized):
+    server = authorized.server
+    api, token = path_of(server.memos_url), path_of(server.token_endpoint)
+    before = authorized.token_file.read_bytes()
+    old = authorized.token()
+    server.reset()  # the server forgot every grant, as after its database was rebuilt
+    mark = server.log_mark()
+
+    without_person = authorized.run(tty=False)
+
+    assert without_person.exit_code == 3
+    assert without_person.stdout == ""
+    line = one_line(without_person.stderr)
+    assert "no longer valid" in line and "interactively" in line
+    assert client_calls(server, mark) == [("GET", api, None, server.dead_token_status),
+                                          ("POST", token, "refresh_token", 400)]
+    assert authorized.token_file.read_bytes() == before  # kept, not deleted
+
+    mark = server.log_mark()
+    result = authorized.run()
+
+    assert_json(result)
+    assert "Authorizing again" in result.stderr
+    assert len(result.authorize_urls) == 1
+    assert client_calls(server, mark) == [
+        ("GET", api, None, server.dead_token_status),
+        ("POST", token, "refresh_token", 400),
+        ("POST", token, "authorization_code", 200),
+        ("GET", api, None, 200),
+    ]
+    new = authorized.token()
+    assert new["access_token"] != old["access_token"]
+    assert_clean(result, secrets_of(authorized, old, new), typed=result.typed)
+    assert_clean(without_person, secrets_of(authorized, old), typed=without_person.typed)
+
+
+def test_server_down_is_one_clear_line_and_the_token_is_kept(fresh_target, tmp_path):
+    """Both the fetch and --logout: exit 1, one line naming the server, and the token file untouched."""
+    client = conformance_client(fresh_target, tmp_path / "client")
+    try:
+        assert client.run().exit_code == 0
+    finally:
+        client.person.close()
+    before = client.token_file.read_bytes()
+    fresh_target.server.stop()
+
+    result = client.run(tty=False)
+    logout = client.run("--logout", tty=False)
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    line = one_line(result.stderr)
+    assert "connection refused" in line and fresh_target.base_url in line
+    assert logout.exit_code == 1
+    assert "connection refused" in logout.stderr
+    assert client.token_file.read_bytes() == before
+    assert_clean(result, secrets_of(client), typed=result.typed)
+    assert_clean(logout, secrets_of(client), typed=logout.typed)
+
+
+def test_a_token_is_never_sent_to_another_server(authorized, profile, tmp_path):
+    other = profile.launch(tmp_path / "other")
+    try:
+        env = authorized.env(**other.client_env(authorized.server.profile.modes[0]))
+        first_token = authorized.token()
+
+        without_person = authorized.run(tty=False, env=env)
+        assert without_person.exit_code == 3
+        assert f"issued by {authorized.server.base_url}" in without_person.stderr
+        assert other.access_log() == []  # the token did not travel
+        assert authorized.token() == first_token
+
+        person = other.person()
+        try:
+            result = authorized.run(env=env, person=person.authorize)
+        finally:
+            person.close()
+        assert result.exit_code == 0, result.output
+        assert "It was kept as" in result.stderr
+        kept = list(authorized.token_file.parent.glob("token.pickle.other-server-*"))
+        assert len(kept) == 1
+        assert authorized.token()["fetch_memos"]["server_url"] == other.base_url
+    finally:
+        other.server.stop()
+
+
+# --- token files from the original script, and hostile ones -------------------------------------------
+
+
+def test_token_file_of_the_original_script_loads_and_keeps_working(authorized):
+    token = authorized.token()
+    del token["fetch_memos"]
+    authorized.token_file.write_bytes(pickle.dumps(OAuth2Token(token, old_scope=["read"]), protocol=5))
+    result = authorized.run(tty=False)
+    assert_json(result)
+
+    authorized.expire_locally()
+    authorized.token_file.write_bytes(pickle.dumps(OAuth2Token(authorized.token(), old_scope=["read"]), protocol=5))
+    result = authorized.run(tty=False)
+    assert_json(result)
+    assert isinstance(pickle.loads(authorized.token_file.read_bytes()), dict)  # rewritten in our own format
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_malicious_token_file_is_never_run_and_is_set_aside(client, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(marker))
+    client.token_file.write_bytes(payload)
+
+    result = client.run()
+
+    assert not marker.exists(), "code from the token file was executed"
+    assert_json(result)
+    assert "was not usable" in result.stderr and "set aside" in result.stderr
+    aside = list(client.token_file.parent.glob("token.pickle.bad-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == payload
+    assert client.token()["access_token"]
+
+
+# --- logout, status, output ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
+def test_logout_leaves_no_token_that_works(target, tmp_path, expired):
+    target.reset()  # only this test's tokens exist, so the server's own count can be checked as well
+    client = conformance_client(target, tmp_path / "client")
+    try:
+        held = refresh_and_hold_two(client)
+        if expired:
+            client.expire_locally()
+            target.age_tokens(10_000)
+        mark = target.log_mark()
+
+        result = client.run("--logout", tty=False)
+    finally:
+        client.person.close()
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "Logged out" in one_line(result.stderr, prefix="")
+    assert not client.token_file.exists()
+    revokes = [(e["method"], e["status"], e["auth"]) for e in target.access_log(since=mark)
+               if e["path"] == path_of(target.revoke_endpoint)]
+    assert revokes == [("POST", 200, "basic")] * 2
+    assert target.live_tokens() == 0
+    for token in held:
+        assert not target.token_works(token["access_token"])
+        assert target.refresh_answer(token["refresh_token"]) == (400, "invalid_grant")
+    assert_clean(result, secrets_of(client, *held), typed=result.typed)
+
+
+def test_logout_without_a_token_or_with_a_dead_grant_says_so(authorized):
+    authorized.server.reset()
+    result = authorized.run("--logout", tty=False)
+    assert result.exit_code == 0, result.output
+    assert "already dead" in result.stderr
+    assert not authorized.token_file.exists()
+
+    again = authorized.run("--logout", tty=False)
+    assert again.exit_code == 0
+    assert "nothing to revoke" in again.stderr
+
+
+def test_status_shows_the_token_without_secrets(authorized):
+    mark = authorized.server.log_mark()
+    result = authorized.run("--status", tty=False)
+    assert result.exit_code == 0, result.output
+    assert authorized.server.base_url in result.stdout
+    assert "Scope:         read" in result.stdout
+    assert "expires" in result.stdout
+    assert authorized.server.access_log(since=mark) == []
+    assert_clean(result, secrets_of(authorized, authorized.token()))
+
+
+def test_debug_output_names_requests_but_no_secret(authorized):
+    server = authorized.server
+    old = authorized.expire_locally()
+    result = authorized.run("--debug", tty=False)
+    assert_json(result)
+    assert path_of(server.token_endpoint) in result.stderr and path_of(server.memos_url) in result.stderr
+    assert_clean(result, secrets_of(authorized, old, authorized.token()))
+
+
+def test_output_is_utf8_whatever_the_locale(authorized):
+    result = authorized.run(tty=False, env=authorized.env(LANG="C", LC_ALL="C", PYTHONIOENCODING="ascii"))
+    assert_json(result)
