@@ -127,6 +127,20 @@ def authorized(client: Client) -> Client:
     return client
 
 
+TIERS = {
+    "doorkeeper": "needs the Doorkeeper test server (Ruby stack)",
+    "dot": "needs the django-oauth-toolkit test server (its own venv)",
+    "browser": "needs Chromium through Playwright",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The test tiers: a test with none of these markers needs no server (the unit tier).
+    The runs on other Pythons and dependency sets select `-m "not dot and not browser"`."""
+    for name, why in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {why}")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Under CI a skip is a failure: the end-to-end tiers must not silently drop out."""
     if os.environ.get("CI") != "true" or exitstatus != 0:

@@ -30,7 +30,7 @@ from conftest import save_token
 from runner import MEMO_JSON, SCRIPT, script_env
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.doorkeeper]
 
 RUNS = 20
 REPO = Path(fetch_memos.__file__).resolve().parent

@@ -17,6 +17,8 @@ from oauthlib.oauth2.rfc6749.tokens import OAuth2Token
 
 from runner import EOF_AT_PROMPT, MEMO_JSON, assert_clean
 
+pytestmark = pytest.mark.doorkeeper
+
 
 def secrets_of(client, *tokens) -> list[str]:
     values = [client.server.client_secret]

@@ -26,7 +26,7 @@ from conftest import Client
 from runner import EOF_AT_PROMPT, MEMO_JSON, assert_clean
 from servers.dot import DotServer, dot_stack_available
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.dot]
 
 REGISTERED = "http://127.0.0.1/callback"  # registered without a port: DOT accepts any loopback port (RFC 8252 7.3)
 TOKEN_PATH = "/o/token/"

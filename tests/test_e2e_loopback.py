@@ -16,6 +16,8 @@ import requests
 
 from runner import EOF_AT_PROMPT, MEMO_JSON
 
+pytestmark = pytest.mark.doorkeeper
+
 REGISTERED = "http://127.0.0.1/callback"  # RFC 8252 7.3: the server accepts any port on the loopback address
 
 

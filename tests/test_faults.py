@@ -28,7 +28,7 @@ from conftest import save_token
 from runner import MEMO_JSON, Result, run_script, script_env
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
 TIMEOUT = 2.0  # OAUTH_TIMEOUT for every run here
 BACKOFF = 0.5 + 1.0  # urllib3 sleeps 0 s before the first retry, then 2 * 0.5 s; generous on purpose

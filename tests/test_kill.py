@@ -32,7 +32,7 @@ from conftest import save_token
 from runner import MEMO_JSON, SCRIPT, Result, run_script, script_env
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
 MOMENTS = 25
 REPO = Path(fetch_memos.__file__).resolve().parent
