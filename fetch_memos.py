@@ -1,4 +1,14 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#   "requests>=2.31,<3",
+#   "requests-oauthlib>=2.0,<3",
+#   "python-dotenv>=1.0,<2",
+#   "oauthlib>=3.2,<5",
+#   "urllib3>=1.26,<3",
+# ]
+# ///
 """Fetch your memos from a Doorkeeper-protected API, authorizing with OAuth 2.0 from a terminal.
 
 The first run prints an authorization URL; you log in in a browser, press Authorize, and paste
@@ -182,10 +192,31 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
+def _split_url(value: str) -> Any:
+    """urlsplit with one answer on every Python: a bracketed host must be an IPv6 address (RFC 3986 section 3.2.2).
+
+    Python 3.10 takes http://[127.0.0.1]/ and strips the brackets; 3.11 refuses it. We refuse it everywhere, and
+    a port that is not a number too (parts.port raises ValueError).
+    """
+    parts = urlsplit(value)
+    parts.port  # noqa: B018
+    host = parts.netloc.rpartition("@")[2]
+    if "[" in host or "]" in host:
+        literal, bracket, rest = host.partition("]")
+        if not literal.startswith("[") or not bracket or "[" in literal[1:] or "]" in rest:
+            raise ValueError("unbalanced brackets in the host")
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(literal[1:])
+        except ValueError:
+            raise ValueError(f"{literal[1:]!r} in brackets is not an IPv6 address") from None
+    return parts
+
+
 def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        parts = _split_url(value)
     except ValueError as exc:
         raise ConfigError(f"{name}={value!r} is not a valid URL ({exc}).") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or not value.isprintable() or " " in value:
@@ -208,10 +239,9 @@ def _check_redirect_uri(value: str) -> str:
     if value == OOB_REDIRECT_URI:
         return value
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL.") from None
+        parts = _split_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL ({exc}).") from None
     if parts.scheme != "http" or not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"OAUTH_REDIRECT_URI={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
@@ -957,10 +987,13 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
     """Say in words what went wrong on the wire, naming the URL."""
     import requests
-    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
+    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
+    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
     causes = list(_causes(exc))
-    if any(isinstance(c, (socket.gaierror, NameResolutionError)) for c in causes):
+    if any(isinstance(c, lookup_failed) for c in causes):
         return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return f"cannot reach {url}: connection refused (is the server running?)"
