@@ -278,14 +278,28 @@ def read_env_file(path: Path) -> dict[str, str]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
+    """A .env holding the client secret should be 0600. OpenSSH refuses such a key file; we only warn, on each run
+    until it is fixed, and never change the file (it is the person's)."""
+    if sys.platform == "win32" or not values.get("CLIENT_SECRET", "").strip():
+        return  # Windows: ACLs decide, and st_mode cannot tell
+    try:
+        mode = env_file.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        warn(f"{env_file} holds the client secret and other users can read it (mode {mode & 0o777:o}); "
+             f"make it private: chmod 600 {env_file}")
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Merge defaults < .env < environment < flags, then validate everything in one place."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
     merged: dict[str, str] = {}
     if args.env_file and not env_file.is_file():
         raise ConfigError(f"--env-file {env_file} does not exist.")
-    if env_file.is_file():
-        merged.update(read_env_file(env_file))
+    from_file = read_env_file(env_file) if env_file.is_file() else {}
+    merged.update(from_file)
     merged.update({key: environ[key] for key in SETTINGS_HELP if key in environ})
     for key, (flag, _help) in SETTINGS_HELP.items():
         value = getattr(args, flag[2:].replace("-", "_"), None) if flag else None
@@ -325,6 +339,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
     except RuntimeError as exc:  # ~user that does not exist
         raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
+    if from_file:  # after validation: a run stopped by a configuration error says only that
+        warn_if_others_can_read(env_file, from_file)
     return Settings(
         client_id=get("CLIENT_ID"),
         client_secret=get("CLIENT_SECRET"),
@@ -478,7 +494,8 @@ class TokenStore:
             aside = self.set_aside()
             warn(f"the token file {self.path} was not usable: {exc}. It was set aside as {aside}.")
             return None
-        if mode & 0o077:
+        # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say there.
+        if mode & 0o077 and sys.platform != "win32":
             with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o600)
                 warn(f"the token file {self.path} was readable by other users (mode {mode & 0o777:o}); "
@@ -521,6 +538,13 @@ class TokenStore:
     def _remove_stale_temp_files(self) -> None:
         """A run killed while saving leaves its temp file, which holds a token: remove it once its writer is gone."""
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            if sys.platform == "win32":
+                # os.kill(pid, 0) there would send CTRL_C_EVENT (= 0) or terminate the process, not probe it:
+                # a writer holds its temp file for milliseconds, so one a minute old is stale.
+                with contextlib.suppress(OSError):
+                    if time.time() - stale.stat().st_mtime > 60:
+                        stale.unlink()
+                continue
             try:
                 pid = int(stale.name[len(self.path.name) + 2:].split(".")[0])
                 os.kill(pid, 0)
@@ -557,12 +581,9 @@ class TokenStore:
             finally:
                 self._lock_depth -= 1
             return
-        try:
-            import fcntl
-        except ImportError:  # not on Windows: runs are then not serialised
-            fcntl = None  # type: ignore[assignment]
+        try_lock, unlock = _file_lock_functions()
         handle = None
-        if fcntl is not None:
+        if try_lock is not None:
             try:
                 handle = open(self.lock_path, "a+b")  # noqa: SIM115 - held for the duration of the lock
                 with contextlib.suppress(OSError):
@@ -573,10 +594,10 @@ class TokenStore:
             deadline = time.monotonic() + wait
             while True:
                 try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    try_lock(handle.fileno())
                     break
                 except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    if exc.errno not in _LOCK_BUSY:
                         raise
                     if time.monotonic() > deadline:
                         handle.close()
@@ -589,7 +610,37 @@ class TokenStore:
         finally:
             self._lock_depth = 0
             if handle is not None:
-                handle.close()  # closing releases the flock
+                with contextlib.suppress(OSError):
+                    unlock(handle.fileno())
+                handle.close()
+
+
+# What a non-blocking lock attempt raises while another run holds the lock (msvcrt: EACCES or EDEADLOCK).
+_LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+
+
+def _file_lock_functions() -> tuple[Any, Any]:
+    """(try_lock, unlock) for an open file descriptor: flock on POSIX, msvcrt.locking on Windows.
+
+    Both locks belong to the open file and die with the process, so a killed run never leaves a stale lock.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        def try_lock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position: always byte 0
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+        def unlock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+        return try_lock, unlock
+    try:
+        import fcntl
+    except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
+        return None, None
+    return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
 
 
 class TokenNotSaved(FetchMemosError):
@@ -710,7 +761,9 @@ def should_open_browser(settings: Settings, environ: Mapping[str, str]) -> bool:
     if not settings.open_browser:
         return False
     if sys.platform in ("darwin", "win32"):
-        return True
+        # A desktop always has a screen, but over SSH it is not the person's: `open` / start would show the page
+        # on the remote machine's screen (X forwarding on Linux sets DISPLAY to the person's own, so that works).
+        return not (environ.get("SSH_CONNECTION") or environ.get("SSH_TTY"))
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
 
 
@@ -802,12 +855,32 @@ class LoopbackListener:
 
     def wait(self, timeout: float, read_terminal: bool) -> str:
         """Wait for the redirect; meanwhile a URL pasted at the terminal (from another machine's browser) works too."""
+        import queue
         import selectors
 
         selector = selectors.DefaultSelector()
         selector.register(self.server.socket, selectors.EVENT_READ, "server")
-        if read_terminal:
+        typed: queue.Queue[str] | None = None
+        if read_terminal and sys.platform == "win32":
+            # Windows selects on sockets only: a thread reads the terminal and hands over each line.
+            typed = queue.Queue()
+
+            def read_terminal_lines(lines: queue.Queue[str]) -> None:
+                for line in iter(sys.stdin.readline, ""):
+                    lines.put(line)
+
+            threading.Thread(target=read_terminal_lines, args=(typed,), name="fetch_memos-terminal",
+                             daemon=True).start()
+        elif read_terminal:
             selector.register(sys.stdin, selectors.EVENT_READ, "terminal")
+
+        def take(line: str) -> None:
+            if not line:  # end of input: keep waiting for the browser
+                return
+            self.pasted = True
+            with contextlib.suppress(ValueError):
+                self.result = parse_pasted(line, self.expected_state)
+
         deadline = time.monotonic() + timeout
         try:
             while self.result is None:
@@ -822,10 +895,9 @@ class LoopbackListener:
                         line = sys.stdin.readline()
                         if not line:
                             selector.unregister(sys.stdin)
-                            continue
-                        self.pasted = True
-                        with contextlib.suppress(ValueError):
-                            self.result = parse_pasted(line, self.expected_state)
+                        take(line)
+                while typed is not None and not typed.empty() and self.result is None:
+                    take(typed.get_nowait())
         finally:
             selector.close()
             if self.result is not None and not self.pasted:
