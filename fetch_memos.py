@@ -1,4 +1,14 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#   "requests>=2.31,<3",
+#   "requests-oauthlib>=2.0,<3",
+#   "python-dotenv>=1.0,<2",
+#   "oauthlib>=3.2,<5",
+#   "urllib3>=1.26,<3",
+# ]
+# ///
 """Fetch your memos from a Doorkeeper-protected API, authorizing with OAuth 2.0 from a terminal.
 
 The first run prints an authorization URL; you log in in a browser, press Authorize, and paste
@@ -243,10 +253,31 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
+def _split_url(value: str) -> Any:
+    """urlsplit with one answer on every Python: a bracketed host must be an IPv6 address (RFC 3986 section 3.2.2).
+
+    Python 3.10 takes http://[127.0.0.1]/ and strips the brackets; 3.11 refuses it. We refuse it everywhere, and
+    a port that is not a number too (parts.port raises ValueError).
+    """
+    parts = urlsplit(value)
+    parts.port  # noqa: B018
+    host = parts.netloc.rpartition("@")[2]
+    if "[" in host or "]" in host:
+        literal, bracket, rest = host.partition("]")
+        if not literal.startswith("[") or not bracket or "[" in literal[1:] or "]" in rest:
+            raise ValueError("unbalanced brackets in the host")
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(literal[1:])
+        except ValueError:
+            raise ValueError(f"{literal[1:]!r} in brackets is not an IPv6 address") from None
+    return parts
+
+
 def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        parts = _split_url(value)
     except ValueError as exc:
         raise ConfigError(f"{name}={value!r} is not a valid URL ({exc}).") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or not value.isprintable() or " " in value:
@@ -269,10 +300,9 @@ def _check_redirect_uri(value: str) -> str:
     if value == OOB_REDIRECT_URI:
         return value
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL.") from None
+        parts = _split_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL ({exc}).") from None
     if parts.scheme != "http" or not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"OAUTH_REDIRECT_URI={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
@@ -309,14 +339,28 @@ def read_env_file(path: Path) -> dict[str, str]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
+    """A .env holding the client secret should be 0600. OpenSSH refuses such a key file; we only warn, on each run
+    until it is fixed, and never change the file (it is the person's)."""
+    if sys.platform == "win32" or not values.get("CLIENT_SECRET", "").strip():
+        return  # Windows: ACLs decide, and st_mode cannot tell
+    try:
+        mode = env_file.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        warn(f"{env_file} holds the client secret and other users can read it (mode {mode & 0o777:o}); "
+             f"make it private: chmod 600 {env_file}")
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Merge defaults < .env < environment < flags, then validate everything in one place."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
     merged: dict[str, str] = {}
     if args.env_file and not env_file.is_file():
         raise ConfigError(f"--env-file {env_file} does not exist.")
-    if env_file.is_file():
-        merged.update(read_env_file(env_file))
+    from_file = read_env_file(env_file) if env_file.is_file() else {}
+    merged.update(from_file)
     merged.update({key: environ[key] for key in SETTINGS_HELP if key in environ})
     for key, (flag, _help) in SETTINGS_HELP.items():
         value = getattr(args, flag[2:].replace("-", "_"), None) if flag else None
@@ -375,6 +419,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
     except RuntimeError as exc:  # ~user that does not exist
         raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
+    if from_file:  # after validation: a run stopped by a configuration error says only that
+        warn_if_others_can_read(env_file, from_file)
     return Settings(
         client_id=get("CLIENT_ID"),
         client_secret=client_secret,
@@ -697,7 +743,8 @@ class TokenStore:
             aside = self.set_aside()
             warn(f"the token file {self.path} was not usable: {exc}. It was set aside as {aside}.")
             return None
-        if mode & 0o077:
+        # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say there.
+        if mode & 0o077 and sys.platform != "win32":
             with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o600)
                 warn(f"the token file {self.path} was readable by other users (mode {mode & 0o777:o}); "
@@ -740,6 +787,13 @@ class TokenStore:
     def _remove_stale_temp_files(self) -> None:
         """A run killed while saving leaves its temp file, which holds a token: remove it once its writer is gone."""
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            if sys.platform == "win32":
+                # os.kill(pid, 0) there would send CTRL_C_EVENT (= 0) or terminate the process, not probe it:
+                # a writer holds its temp file for milliseconds, so one a minute old is stale.
+                with contextlib.suppress(OSError):
+                    if time.time() - stale.stat().st_mtime > 60:
+                        stale.unlink()
+                continue
             try:
                 pid = int(stale.name[len(self.path.name) + 2:].split(".")[0])
                 os.kill(pid, 0)
@@ -776,12 +830,9 @@ class TokenStore:
             finally:
                 self._lock_depth -= 1
             return
-        try:
-            import fcntl
-        except ImportError:  # not on Windows: runs are then not serialised
-            fcntl = None  # type: ignore[assignment]
+        try_lock, unlock = _file_lock_functions()
         handle = None
-        if fcntl is not None:
+        if try_lock is not None:
             try:
                 handle = open(self.lock_path, "a+b")  # noqa: SIM115 - held for the duration of the lock
                 with contextlib.suppress(OSError):
@@ -792,10 +843,10 @@ class TokenStore:
             deadline = time.monotonic() + wait
             while True:
                 try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    try_lock(handle.fileno())
                     break
                 except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    if exc.errno not in _LOCK_BUSY:
                         raise
                     if time.monotonic() > deadline:
                         handle.close()
@@ -808,7 +859,37 @@ class TokenStore:
         finally:
             self._lock_depth = 0
             if handle is not None:
-                handle.close()  # closing releases the flock
+                with contextlib.suppress(OSError):
+                    unlock(handle.fileno())
+                handle.close()
+
+
+# What a non-blocking lock attempt raises while another run holds the lock (msvcrt: EACCES or EDEADLOCK).
+_LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+
+
+def _file_lock_functions() -> tuple[Any, Any]:
+    """(try_lock, unlock) for an open file descriptor: flock on POSIX, msvcrt.locking on Windows.
+
+    Both locks belong to the open file and die with the process, so a killed run never leaves a stale lock.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        def try_lock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position: always byte 0
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+        def unlock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+        return try_lock, unlock
+    try:
+        import fcntl
+    except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
+        return None, None
+    return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
 
 
 class TokenNotSaved(FetchMemosError):
@@ -1005,7 +1086,9 @@ def should_open_browser(settings: Settings, environ: Mapping[str, str]) -> bool:
     if not settings.open_browser:
         return False
     if sys.platform in ("darwin", "win32"):
-        return True
+        # A desktop always has a screen, but over SSH it is not the person's: `open` / start would show the page
+        # on the remote machine's screen (X forwarding on Linux sets DISPLAY to the person's own, so that works).
+        return not (environ.get("SSH_CONNECTION") or environ.get("SSH_TTY"))
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
 
 
@@ -1116,12 +1199,33 @@ class LoopbackListener:
 
     def wait(self, timeout: float, read_terminal: bool) -> str:
         """Wait for the redirect; meanwhile a URL pasted at the terminal (from another machine's browser) works too."""
+        import queue
         import selectors
 
         selector = selectors.DefaultSelector()
         selector.register(self.server.socket, selectors.EVENT_READ, "server")
-        if read_terminal:
+        typed: queue.Queue[str] | None = None
+        if read_terminal and sys.platform == "win32":
+            # Windows selects on sockets only: a thread reads the terminal and hands over each line.
+            typed = queue.Queue()
+
+            def read_terminal_lines(lines: queue.Queue[str]) -> None:
+                for line in iter(sys.stdin.readline, ""):
+                    lines.put(line)
+
+            threading.Thread(target=read_terminal_lines, args=(typed,), name="fetch_memos-terminal",
+                             daemon=True).start()
+        elif read_terminal:
             selector.register(sys.stdin, selectors.EVENT_READ, "terminal")
+
+        def take(line: str) -> None:
+            if not line:  # end of input: keep waiting for the browser
+                return
+            self.pasted = True
+            with contextlib.suppress(ValueError):
+                self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
+                                           issuer_required=self.issuer_required)
+
         deadline = time.monotonic() + timeout
         try:
             while self.result is None:
@@ -1136,11 +1240,9 @@ class LoopbackListener:
                         line = sys.stdin.readline()
                         if not line:
                             selector.unregister(sys.stdin)
-                            continue
-                        self.pasted = True
-                        with contextlib.suppress(ValueError):
-                            self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
-                                                       issuer_required=self.issuer_required)
+                        take(line)
+                while typed is not None and not typed.empty() and self.result is None:
+                    take(typed.get_nowait())
         finally:
             selector.close()
             if self.result is not None and not self.pasted:
@@ -1693,10 +1795,13 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
     """Say in words what went wrong on the wire, naming the URL."""
     import requests
-    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
+    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
+    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
     causes = list(_causes(exc))
-    if any(isinstance(c, (socket.gaierror, NameResolutionError)) for c in causes):
+    if any(isinstance(c, lookup_failed) for c in causes):
         return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return f"cannot reach {url}: connection refused (is the server running?)"

@@ -28,17 +28,6 @@ from profiles import Profile, Target, profile_params  # noqa: E402
 from runner import Result, run_script, script_env  # noqa: E402
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer, require_ruby_stack  # noqa: E402
 
-MARKERS = {
-    "doorkeeper": "needs the Doorkeeper test server (Ruby stack)",
-    "dot": "needs the django-oauth-toolkit test server",
-    "browser": "needs Chromium (Playwright)",
-}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    for name, meaning in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {meaning}")
-
 
 class Client:
     """fetch_memos.py configured for one test server, with its own token file and an empty .env.
@@ -206,6 +195,20 @@ def conformance_client(target: Target, folder: Path, mode: str | None = None) ->
     client = Client(target, folder, target.person())
     client.extra_env.update(target.client_env(mode or target.profile.modes[0]))
     return client
+
+
+TIERS = {
+    "doorkeeper": "needs the Doorkeeper test server (Ruby stack)",
+    "dot": "needs the django-oauth-toolkit test server (its own venv)",
+    "browser": "needs Chromium through Playwright",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The test tiers: a test with none of these markers needs no server (the unit tier).
+    The runs on other Pythons and dependency sets select `-m "not dot and not browser"`."""
+    for name, why in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {why}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

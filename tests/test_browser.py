@@ -21,7 +21,7 @@ from servers.browser import BrowserFlowError, RealBrowser, chromium_available
 from servers.doorkeeper import pkce_pair
 from servers.dot import DotServer, dot_stack_available
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 
 CALLBACK_PATH = "/oauth/callback"
 
@@ -120,6 +120,7 @@ def test_chromium_available_reports_versions() -> None:
     assert "playwright" in why
 
 
+@pytest.mark.dot
 def test_login_and_authorize_reaches_listener(dot: DotServer, browser: RealBrowser, listener: Listener) -> None:
     verifier, challenge = pkce_pair()
     before = len(listener.hits)
@@ -151,6 +152,7 @@ def test_login_and_authorize_reaches_listener(dot: DotServer, browser: RealBrows
     assert ("POST", "/o/authorize/", 302) in steps
 
 
+@pytest.mark.dot
 def test_deny_reaches_listener_with_access_denied(dot: DotServer, browser: RealBrowser, listener: Listener) -> None:
     _, challenge = pkce_pair()
     before = len(listener.hits)
@@ -164,6 +166,7 @@ def test_deny_reaches_listener_with_access_denied(dot: DotServer, browser: RealB
     assert "error=access_denied" in url
 
 
+@pytest.mark.dot
 def test_logged_in_session_goes_straight_to_consent(dot: DotServer, browser: RealBrowser, listener: Listener) -> None:
     _, challenge = pkce_pair()
     url = authorize_url(dot, listener.redirect_uri, "s1", challenge)
@@ -178,6 +181,7 @@ def test_logged_in_session_goes_straight_to_consent(dot: DotServer, browser: Rea
     assert "/o/authorize/" in paths
 
 
+@pytest.mark.dot
 def test_nothing_listening_still_returns_the_redirect_url(dot: DotServer, browser: RealBrowser) -> None:
     _, challenge = pkce_pair()
     dead = f"http://127.0.0.1:{free_port()}/callback"  # the default registration covers any port
@@ -189,6 +193,7 @@ def test_nothing_listening_still_returns_the_redirect_url(dot: DotServer, browse
     assert "state=state-dead" in url
 
 
+@pytest.mark.dot
 def test_wrong_password_fails_clearly(dot: DotServer, browser: RealBrowser, listener: Listener) -> None:
     _, challenge = pkce_pair()
     with pytest.raises(BrowserFlowError, match="login keeps failing"):

@@ -30,7 +30,7 @@ from conftest import Client, People
 from runner import MEMO_JSON, SCRIPT, token_requests
 from servers.doorkeeper import DoorkeeperServer
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.doorkeeper]
 
 RUNS = 20
 REPO = Path(fetch_memos.__file__).resolve().parent

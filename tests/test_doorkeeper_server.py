@@ -31,6 +31,8 @@ from servers.doorkeeper import (
     require_ruby_stack,
 )
 
+pytestmark = pytest.mark.doorkeeper
+
 LOOPBACK = "http://127.0.0.1:8765/callback"
 
 

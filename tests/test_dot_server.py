@@ -21,7 +21,7 @@ import requests
 from servers.doorkeeper import pkce_pair
 from servers.dot import DEVICE_GRANT, DotServer, dot_stack_available
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.dot]
 
 TTL = 60
 LOOPBACK_PORT = 53682  # any port: DOT matches a registered 127.0.0.1 URI on every port (RFC 8252 7.3)

@@ -114,7 +114,8 @@ def dot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
         yield server
 
 
-@pytest.fixture(params=["doorkeeper", "dot"])
+@pytest.fixture(params=[pytest.param("doorkeeper", marks=pytest.mark.doorkeeper),
+                        pytest.param("dot", marks=pytest.mark.dot)])
 def server(request: pytest.FixtureRequest) -> DoorkeeperServer | DotServer:
     return request.getfixturevalue(f"{request.param}_server")
 
@@ -208,6 +209,7 @@ def last_line(stderr: str) -> str:
 # --- the flow as a person meets it, against both servers ------------------------------------------
 
 
+@pytest.mark.browser
 def test_first_run_in_chromium_lands_on_the_listener_page(browser, client, tmp_path):
     server = client.server
     mark = server.log_mark()
@@ -232,6 +234,7 @@ def test_first_run_in_chromium_lands_on_the_listener_page(browser, client, tmp_p
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
+@pytest.mark.browser
 def test_denied_consent_shows_the_error_page_and_exits_3(browser, client):
     server = client.server
     server.reset()  # Doorkeeper skips the consent page (so no Deny button) while the user holds a token
@@ -253,6 +256,7 @@ def test_denied_consent_shows_the_error_page_and_exits_3(browser, client):
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
+@pytest.mark.browser
 def test_dead_grant_is_authorized_again_in_chromium(browser, client):
     server = client.server
     assert client.run("--loopback", "--no-browser", person=in_chromium(browser, server)).exit_code == 0
@@ -276,6 +280,8 @@ def test_dead_grant_is_authorized_again_in_chromium(browser, client):
 # --- what the listener refuses, and when it gives up ----------------------------------------------
 
 
+@pytest.mark.browser
+@pytest.mark.doorkeeper
 def test_a_forged_request_with_a_wrong_state_gets_400_and_the_real_redirect_still_works(browser, doorkeeper_client):
     client = doorkeeper_client
     server = client.server
@@ -305,6 +311,8 @@ def test_a_forged_request_with_a_wrong_state_gets_400_and_the_real_redirect_stil
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
+@pytest.mark.browser
+@pytest.mark.dot
 def test_a_browser_that_comes_too_late_finds_nothing_listening(browser, dot_client):
     client = dot_client
     server = client.server
@@ -330,6 +338,8 @@ def test_a_browser_that_comes_too_late_finds_nothing_listening(browser, dot_clie
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
 
+@pytest.mark.browser
+@pytest.mark.doorkeeper
 def test_a_port_in_use_is_refused_before_anything_is_printed_and_another_port_works(browser, doorkeeper_client):
     client = doorkeeper_client
     server = client.server
@@ -368,6 +378,8 @@ def test_a_port_in_use_is_refused_before_anything_is_printed_and_another_port_wo
 CHROME_SAYS = "Opening in existing browser session."  # the kind of line a browser or launcher prints
 
 
+@pytest.mark.browser
+@pytest.mark.dot
 @pytest.mark.parametrize(("display", "flags", "chatter"), [
     pytest.param(":0", (), "", id="display"),
     pytest.param(":0", (), CHROME_SAYS, id="display-browser-that-prints"),
@@ -410,6 +422,8 @@ def test_the_browser_is_opened_only_on_a_graphical_session(browser, dot_client, 
 # can connect to the listener. Neither may stop the real redirect, the timeout, or print a traceback.
 
 
+@pytest.mark.browser
+@pytest.mark.dot
 def test_a_silent_connection_does_not_block_the_browsers_redirect(browser, dot_client):
     client = dot_client
     silent: list[socket.socket] = []
@@ -431,6 +445,7 @@ def test_a_silent_connection_does_not_block_the_browsers_redirect(browser, dot_c
     assert result.stdout == MEMO_JSON
 
 
+@pytest.mark.dot
 def test_a_silent_connection_does_not_defeat_the_timeout(dot_client):
     client = dot_client
     silent: list[socket.socket] = []
@@ -449,6 +464,8 @@ def test_a_silent_connection_does_not_defeat_the_timeout(dot_client):
     assert "no authorization arrived within 1 s" in last_line(result.stderr)
 
 
+@pytest.mark.browser
+@pytest.mark.dot
 def test_a_reset_connection_prints_no_traceback(browser, dot_client):
     client = dot_client
     chromium = in_chromium(browser, client.server)
@@ -472,6 +489,7 @@ def test_a_reset_connection_prints_no_traceback(browser, dot_client):
 # --- the terminal after the browser's redirect ------------------------------------------------------
 
 
+@pytest.mark.dot
 def test_the_message_after_the_wait_starts_on_its_own_line(dot_client):
     result = dot_client.run("--loopback", "--no-browser", person=lambda url: None,
                             env=dot_client.env(OAUTH_LOGIN_TIMEOUT="1"))

@@ -208,11 +208,17 @@ def _refused() -> Exception:
 
 
 def _dns() -> Exception:
-    from urllib3.exceptions import MaxRetryError, NameResolutionError
+    """What the installed urllib3 raises for a failed lookup: urllib3 2 has NameResolutionError; 1.26 raises
+    NewConnectionError while handling the socket.gaierror."""
+    from urllib3 import exceptions as urllib3_errors
 
     gai = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-    return requests.exceptions.ConnectionError(MaxRetryError(None, "/", reason=NameResolutionError(
-        "memos.example.test", None, gai)))
+    if hasattr(urllib3_errors, "NameResolutionError"):
+        reason: Exception = urllib3_errors.NameResolutionError("memos.example.test", None, gai)
+    else:
+        reason = urllib3_errors.NewConnectionError(None, f"Failed to establish a new connection: {gai}")
+        reason.__context__ = gai
+    return requests.exceptions.ConnectionError(urllib3_errors.MaxRetryError(None, "/", reason=reason))
 
 
 def _connect_timeout() -> Exception:

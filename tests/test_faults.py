@@ -24,7 +24,7 @@ from conftest import Client, People, secrets_of
 from runner import MEMO_JSON, Result, assert_clean, assert_fails, assert_json, token_requests
 from servers.doorkeeper import DoorkeeperServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
 TIMEOUT = 2.0  # OAUTH_TIMEOUT for every run here
 BACKOFF = 0.5 + 1.0  # urllib3 sleeps 0 s before the first retry, then 2 * 0.5 s; generous on purpose

@@ -52,7 +52,7 @@ from servers.doorkeeper import (
     require_ruby_stack,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
 
 

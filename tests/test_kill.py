@@ -30,7 +30,7 @@ from conftest import Client, People
 from runner import MEMO_JSON, SCRIPT, Result, assert_clean, assert_fails, assert_json, token_requests
 from servers.doorkeeper import DoorkeeperServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
 MOMENTS = 25
 REPO = Path(fetch_memos.__file__).resolve().parent

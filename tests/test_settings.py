@@ -634,6 +634,30 @@ def test_unparsable_redirect_uri_is_a_config_error(run_main, uri) -> None:
     assert "OAUTH_REDIRECT_URI=" in one_line(err)
 
 
+# Python 3.10's urlsplit strips the brackets from http://[127.0.0.1]/, 3.11 refuses it: the script answers the same
+# on every Python (a bracketed host must be an IPv6 address, RFC 3986 section 3.2.2).
+BRACKETED_HOSTS = [
+    ("http://[::1]:8765/cb", True),
+    ("http://[0:0:0:0:0:0:0:1]/cb", True),
+    ("http://[127.0.0.1]:8765/cb", False),
+    ("http://[localhost]:8765/cb", False),
+    ("http://[v1.fe]/cb", False),
+    ("http://[::1]]:8765/cb", False),
+    ("http://[::1][::2]/cb", False),
+]
+
+
+@pytest.mark.parametrize("variable", ["OAUTH_SERVER_URL", "OAUTH_REDIRECT_URI"])
+@pytest.mark.parametrize(("url", "accepted"), BRACKETED_HOSTS)
+def test_a_bracketed_host_must_be_an_ipv6_address_on_every_python(run_main, variable, url, accepted) -> None:
+    code, _out, err = run_main({**BASE_ENV, variable: url}, "--status")
+    if accepted:
+        assert code == 0, err
+    else:
+        assert code == 2, err
+        assert f"{variable}=" in one_line(err)
+
+
 def test_loopback_flag_sets_the_redirect_uri(load) -> None:
     assert load(BASE_ENV, "--loopback").redirect_uri == "http://127.0.0.1:0/callback"
     assert load(BASE_ENV, "--loopback", "8765").redirect_uri == "http://127.0.0.1:8765/callback"
