@@ -7,10 +7,14 @@ Adding a profile is adding one entry to PROFILES:
         name="dot-strict",                    # the test id: test_first_run[dot-strict-loopback]
         marker="dot",                         # the server's marker (doorkeeper / dot / browser, see conftest)
         features=frozenset({"loopback", "rotation_immediate", "dead_token_403", "metadata", "iss", ...}),
-        start=lambda folder: DotServer(folder, redirect_uris=[LOOPBACK], strict=True).start(),
+        start=dot(strict=True),               # start(folder, **switches): the server with the profile's switches
         adapter=DotTarget,                    # or DoorkeeperTarget, or a new Target subclass for a new server
         require=require_dot_stack,            # skips (fails under CI=true) when the server's stack is missing
+        variants={"wrong_iss": {"iss": "wrong"}},  # feature -> switches of a server a scenario starts itself
     )
+
+A scenario that needs a server the shared one cannot be (it sends a wrong iss, say) asks for the variant's
+feature and starts it with profile.launch(folder, "wrong_iss"), then stops it.
 
 Adding a feature: name it in FEATURES (one line: what a server with it does), give it to the profiles that
 have it, and let a scenario ask for it with `@needs("feature")` (or `@needs(lacks=("feature",))`).
@@ -20,7 +24,8 @@ Adding a scenario: see the docstring of tests/test_conformance.py.
 A Target (the adapter) gives every server the same shape for the scenarios: base_url, client_id, client_secret,
 the endpoints (authorize_endpoint, token_endpoint, revoke_endpoint, memos_url), access_log(since)/log_mark(),
 age_tokens(seconds), reset(), live_tokens(); client_env(mode) is the script's configuration for the server in a
-redirect mode ("oob" or "loopback"), written as the README tells a user to; person() is someone at a browser who
+redirect mode ("oob" or "loopback"), written as the README tells a user to (with metadata: OAUTH_ISSUER only; a
+public client: no CLIENT_SECRET; with the feature resource: OAUTH_RESOURCE); person() is someone at a browser who
 authorizes or denies an authorization URL the way the mode needs (oob: returns the code to paste; loopback:
 the browser follows the redirect to the script's listener).
 """

@@ -1,7 +1,8 @@
 """The conformance suite: each scenario written once, run against every server profile that has what it needs.
 
 fetch_memos.py runs as its own process in a pseudo-terminal against a real test server (tests/profiles.py:
-Doorkeeper in both rotation modes, django-oauth-toolkit with its bare 403 and with the RFC 6750 challenge),
+Doorkeeper in both rotation modes, with OIDC discovery and strict; django-oauth-toolkit with its bare 403,
+with the RFC 6750 challenge and strict),
 configured through its settings alone; a person logs in through the server's real pages. Assertions are on
 what a user sees (exit code, stdout, stderr), what reached the server (its access log), what the token file
 holds, and what the tokens can still do at the server.
