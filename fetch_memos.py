@@ -1056,7 +1056,8 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
     if state is not None and not _same_text(state[0], expected_state):
         raise AuthorizationError("the pasted URL belongs to a different authorization request (its state "
                                  "does not match); run again and use the URL this run printed.")
-    check_issuer(params, issuer, issuer_required)  # error responses carry iss too (RFC 9207 section 2)
+    if params.get("code") or params.get("error"):  # an authorization response; error ones carry iss too (RFC 9207 2)
+        check_issuer(params, issuer, issuer_required)
     if params.get("error") and params["error"][0]:
         _raise_authorization_error(params["error"][0], (params.get("error_description") or [""])[0])
     code = (params.get("code") or [""])[0]

@@ -105,7 +105,7 @@ def secrets_of(client: Client, *tokens: dict[str, Any], codes: tuple[str, ...] =
             tokens = (*tokens, client.token())
     for token in tokens:
         values += [token.get("access_token") or "", token.get("refresh_token") or ""]
-    return [value for value in values if len(value) >= 4]
+    return [value for value in values if value and len(value) >= 4]
 
 
 class People:

@@ -7,10 +7,14 @@ Adding a profile is adding one entry to PROFILES:
         name="dot-strict",                    # the test id: test_first_run[dot-strict-loopback]
         marker="dot",                         # the server's marker (doorkeeper / dot / browser, see conftest)
         features=frozenset({"loopback", "rotation_immediate", "dead_token_403", "metadata", "iss", ...}),
-        start=lambda folder: DotServer(folder, redirect_uris=[LOOPBACK], strict=True).start(),
+        start=dot(strict=True),               # start(folder, **switches): the server with the profile's switches
         adapter=DotTarget,                    # or DoorkeeperTarget, or a new Target subclass for a new server
         require=require_dot_stack,            # skips (fails under CI=true) when the server's stack is missing
+        variants={"wrong_iss": {"iss": "wrong"}},  # feature -> switches of a server a scenario starts itself
     )
+
+A scenario that needs a server the shared one cannot be (it sends a wrong iss, say) asks for the variant's
+feature and starts it with profile.launch(folder, "wrong_iss"), then stops it.
 
 Adding a feature: name it in FEATURES (one line: what a server with it does), give it to the profiles that
 have it, and let a scenario ask for it with `@needs("feature")` (or `@needs(lacks=("feature",))`).
@@ -20,7 +24,8 @@ Adding a scenario: see the docstring of tests/test_conformance.py.
 A Target (the adapter) gives every server the same shape for the scenarios: base_url, client_id, client_secret,
 the endpoints (authorize_endpoint, token_endpoint, revoke_endpoint, memos_url), access_log(since)/log_mark(),
 age_tokens(seconds), reset(), live_tokens(); client_env(mode) is the script's configuration for the server in a
-redirect mode ("oob" or "loopback"), written as the README tells a user to; person() is someone at a browser who
+redirect mode ("oob" or "loopback"), written as the README tells a user to (with metadata: OAUTH_ISSUER only; a
+public client: no CLIENT_SECRET; with the feature resource: OAUTH_RESOURCE); person() is someone at a browser who
 authorizes or denies an authorization URL the way the mode needs (oob: returns the code to paste; loopback:
 the browser follows the redirect to the script's listener).
 """
@@ -37,10 +42,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_ruby_stack
+from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_oidc, require_ruby_stack
 from servers.dot import DotServer, dot_stack_available
 
 LOOPBACK = "http://127.0.0.1/callback"  # registered without a port: any loopback port is accepted (RFC 8252 7.3)
+RESOURCE = "https://memos.example.test/api/"  # the RFC 8707 resource of the profiles with the feature "resource"
+MIXUP_ISS = "http://127.0.0.1:9/mix-up"  # the iss a "wrong_iss" variant sends: another issuer's
 
 FEATURES = {
     "oob": "shows the code on a page to paste (urn:ietf:wg:oauth:2.0:oob is registered)",
@@ -53,6 +60,19 @@ FEATURES = {
     "write_scope": "the client may ask for scope write, which the memo API does not accept (it needs read)",
     "insufficient_scope_challenge": "403 for a token without the needed scope names insufficient_scope (RFC 6750)",
     "log_body_keys": "the access log names the body parameters of token requests",
+    "refresh_scope_strict": "a refresh whose scope names anything not granted gets 400 invalid_scope",
+    "narrow_scope": "grants fewer scopes than asked (RFC 6749 3.3): never write; the token response says so",
+    "access_token_unrevocable": "revoking an access token gets 400 unsupported_token_type (RFC 7009 2.2.1); "
+                                "revoking the refresh token ends the grant",
+    "iss": "every authorization response carries iss (RFC 9207)",
+    "metadata": "publishes its metadata (RFC 8414 or OIDC discovery); the client is given OAUTH_ISSUER only",
+    "public_client": "the client is a public one: no CLIENT_SECRET, client_id in the body (RFC 8252 8.4)",
+    "resource": "requires the RFC 8707 resource at authorization and at the token endpoint; the client sets "
+                "OAUTH_RESOURCE",
+    "offline_access": "the client may ask for scope offline_access",
+    "wrong_iss": "a variant of the server sends an iss that names another issuer (the mix-up attack)",
+    "omitted_iss": "a variant of the server promises iss in its metadata but sends none",
+    "error_without_iss": "its error redirects (access_denied) carry no iss, though its metadata promises iss",
 }
 
 
@@ -91,11 +111,15 @@ class Person:
         self.codes: list[str] = []
         self.pages: list[requests.Response] = []
 
-    def landing(self, url: str, *, approve: bool = True) -> str:
+    def landing(self, url: str, *, approve: bool = True, error: bool = False) -> str:
         raise NotImplementedError
 
     def authorize(self, url: str) -> str | None:
         return self._go(url, self.landing(url))
+
+    def meets_an_error(self, url: str) -> None:
+        """Approve, where the server answers with an error redirect (no code): the browser goes to the listener."""
+        self._go(url, self.landing(url, error=True))
 
     def deny(self, url: str) -> None:
         self._go(url, self.landing(url, approve=False))
@@ -122,11 +146,11 @@ class DoorkeeperPerson(Person):
         super().__init__()
         self.browser = BrowserPerson.for_server(server)
 
-    def landing(self, url: str, *, approve: bool = True) -> str:
+    def landing(self, url: str, *, approve: bool = True, error: bool = False) -> str:
         try:
             code = self.browser.authorize(url, approve=approve)
         except AuthorizationDenied:
-            if approve or not goes_to_listener(url):
+            if (approve and not error) or not goes_to_listener(url):
                 raise
             return str(self.browser.last_url)
         return self._keep_code(str(self.browser.last_url), code)
@@ -141,7 +165,7 @@ class DotPerson(Person):
         self.server = server
         self.session = requests.Session()
 
-    def landing(self, url: str, *, approve: bool = True) -> str:
+    def landing(self, url: str, *, approve: bool = True, error: bool = False) -> str:
         return self._keep_code(self.server.login_and_authorize_http(url, approve=approve, session=self.session))
 
     def close(self) -> None:
@@ -170,12 +194,39 @@ class Target:
     def dead_token_status(self) -> int:
         return 401 if self.has("dead_token_401") else 403
 
-    def client_env(self, mode: str) -> dict[str, str]:
-        """The script's settings for this server, as the README gives them (beyond CLIENT_ID/SECRET)."""
-        env = {"OAUTH_SERVER_URL": self.base_url, "OAUTH_LOGIN_TIMEOUT": "30"}
+    @property
+    def client_id(self) -> str:
+        return self.server.public_client_id if self.has("public_client") else self.server.client_id
+
+    @property
+    def client_secret(self) -> str | None:
+        """The secret the client is configured with: None for a public client (CLIENT_SECRET unset)."""
+        return None if self.has("public_client") else self.server.client_secret
+
+    def client_env(self, mode: str) -> dict[str, str | None]:
+        """The script's settings for this server, as the README gives them (beyond CLIENT_ID/SECRET).
+
+        With metadata: the issuer alone ("issuer-only configuration"; None unsets what Client.env would set).
+        """
+        if self.has("metadata"):
+            env: dict[str, str | None] = {"OAUTH_SERVER_URL": None, "OAUTH_ISSUER": self.issuer}
+        else:
+            env = {"OAUTH_SERVER_URL": self.base_url, **self.endpoint_env()}
+        env["OAUTH_LOGIN_TIMEOUT"] = "30"
         if mode == "loopback":
             env["OAUTH_REDIRECT_URI"] = LOOPBACK
+        if self.has("resource"):
+            env["OAUTH_RESOURCE"] = RESOURCE
         return env
+
+    def endpoint_env(self) -> dict[str, str | None]:
+        """The endpoint settings a server without metadata needs beyond OAUTH_SERVER_URL."""
+        return {}
+
+    def _client_auth(self) -> dict[str, Any]:
+        if self.client_secret:
+            return {"auth": (self.client_id, self.client_secret), "data": {}}
+        return {"auth": None, "data": {"client_id": self.client_id}}
 
     def person(self) -> Person:
         return self.person_class(self.server)
@@ -187,11 +238,13 @@ class Target:
     def api_status(self, access_token: str) -> int:
         return requests.get(self.memos_url, headers={"Authorization": f"Bearer {access_token}"}, timeout=10).status_code
 
-    def refresh_answer(self, refresh_token: str) -> tuple[int, str | None]:
-        """What the token endpoint says to a refresh with this token: (status, error)."""
-        response = requests.post(self.token_endpoint, data={"grant_type": "refresh_token",
-                                                            "refresh_token": refresh_token},
-                                 auth=(self.client_id, self.client_secret), timeout=10)
+    def refresh_answer(self, refresh_token: str, **extra: str) -> tuple[int, str | None]:
+        """What the token endpoint says to a refresh with this token (and extra parameters): (status, error)."""
+        auth = self._client_auth()
+        data = {"grant_type": "refresh_token", "refresh_token": refresh_token, **auth["data"], **extra}
+        if self.has("resource"):
+            data.setdefault("resource", RESOURCE)
+        response = requests.post(self.token_endpoint, data=data, auth=auth["auth"], timeout=10)
         try:
             error = response.json().get("error")
         except ValueError:
@@ -199,7 +252,8 @@ class Target:
         return response.status_code, error
 
     def revoke(self, token: str) -> int:
-        return requests.post(self.revoke_endpoint, data={"token": token}, auth=(self.client_id, self.client_secret),
+        auth = self._client_auth()
+        return requests.post(self.revoke_endpoint, data={"token": token, **auth["data"]}, auth=auth["auth"],
                              timeout=10).status_code
 
     def live_tokens(self) -> int:
@@ -217,11 +271,10 @@ class DoorkeeperTarget(Target):
 class DotTarget(Target):
     person_class = DotPerson
 
-    def client_env(self, mode: str) -> dict[str, str]:
+    def endpoint_env(self) -> dict[str, str | None]:
         base = self.base_url
-        return {**super().client_env(mode), "OAUTH_AUTHORIZE_URL": f"{base}/o/authorize/",
-                "OAUTH_TOKEN_URL": f"{base}/o/token/", "OAUTH_REVOKE_URL": f"{base}/o/revoke_token/",
-                "MEMOS_API_URL": f"{base}/api/memos/"}
+        return {"OAUTH_AUTHORIZE_URL": f"{base}/o/authorize/", "OAUTH_TOKEN_URL": f"{base}/o/token/",
+                "OAUTH_REVOKE_URL": f"{base}/o/revoke_token/", "MEMOS_API_URL": f"{base}/api/memos/"}
 
     def live_tokens(self) -> int:
         summary = self.server.tokens()
@@ -236,36 +289,67 @@ class Profile:
     name: str
     marker: str
     features: frozenset[str]
-    start: Callable[[Path], Any]  # starts the server with this profile's switches in a folder; returns it
+    start: Callable[..., Any]  # start(folder, **switches): the server with this profile's switches; returns it
     adapter: type[Target]
     require: Callable[[], None] = lambda: None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # feature -> the switches that show it
     modes: tuple[str, ...] = field(init=False)  # the redirect modes it has, the default first
 
     def __post_init__(self) -> None:
         unknown = self.features - FEATURES.keys()
         assert not unknown, f"profile {self.name}: unknown features {sorted(unknown)} (add them to FEATURES)"
+        assert self.variants.keys() <= self.features, f"profile {self.name}: a variant's feature is not declared"
         object.__setattr__(self, "modes", tuple(m for m in ("oob", "loopback") if m in self.features))
 
-    def launch(self, folder: Path) -> Target:
+    def launch(self, folder: Path, variant: str | None = None) -> Target:
+        """Start the profile's server; with `variant` (a feature in `variants`), with that variant's switches."""
         self.require()
-        return self.adapter(self, self.start(folder))
+        return self.adapter(self, self.start(folder, **(self.variants[variant] if variant else {})))
 
 
-DOORKEEPER = frozenset({"oob", "loopback", "dead_token_401", "revoke_kills_both"})
-DOT = frozenset({"loopback", "rotation_immediate", "revoke_kills_both", "write_scope", "log_body_keys"})
+DOORKEEPER = frozenset({"oob", "loopback", "dead_token_401", "offline_access"})
+DOT = frozenset({"loopback", "rotation_immediate", "log_body_keys", "refresh_scope_strict", "offline_access"})
+
+
+def doorkeeper(**switches: Any) -> Callable[..., DoorkeeperServer]:
+    return lambda folder, **variant: DoorkeeperServer(folder, redirect_uris=[LOOPBACK],
+                                                        **{**switches, **variant}).start()
+
+
+def dot(**switches: Any) -> Callable[..., DotServer]:
+    return lambda folder, **variant: DotServer(folder, redirect_uris=[LOOPBACK], **{**switches, **variant}).start()
+
 
 PROFILES: list[Profile] = [
-    Profile("doorkeeper", "doorkeeper", DOORKEEPER | {"rotation_grace"},
-            lambda folder: DoorkeeperServer(folder, redirect_uris=[LOOPBACK]).start(),
+    Profile("doorkeeper", "doorkeeper", DOORKEEPER | {"rotation_grace", "revoke_kills_both"}, doorkeeper(),
             DoorkeeperTarget, require_ruby_stack),
-    Profile("doorkeeper-immediate", "doorkeeper", DOORKEEPER | {"rotation_immediate"},
-            lambda folder: DoorkeeperServer(folder, redirect_uris=[LOOPBACK], previous_refresh_token=False).start(),
-            DoorkeeperTarget, require_ruby_stack),
-    Profile("dot", "dot", DOT | {"dead_token_403"},
-            lambda folder: DotServer(folder, redirect_uris=[LOOPBACK]).start(), DotTarget, require_dot_stack),
-    Profile("dot-challenge", "dot", DOT | {"dead_token_401", "insufficient_scope_challenge"},
-            lambda folder: DotServer(folder, redirect_uris=[LOOPBACK], bearer_challenge=True).start(),
-            DotTarget, require_dot_stack),
+    Profile("doorkeeper-immediate", "doorkeeper", DOORKEEPER | {"rotation_immediate", "revoke_kills_both"},
+            doorkeeper(previous_refresh_token=False), DoorkeeperTarget, require_ruby_stack),
+    # ruby-doorkeeper-openid-connect: discovery at /.well-known/openid-configuration; no iss unless switched on.
+    Profile("doorkeeper-oidc", "doorkeeper",
+            DOORKEEPER | {"rotation_grace", "revoke_kills_both", "metadata", "wrong_iss", "omitted_iss"},
+            doorkeeper(oidc=True), DoorkeeperTarget, require_oidc,
+            variants={"wrong_iss": {"iss_value": MIXUP_ISS}, "omitted_iss": {"advertise_iss": True}}),
+    # What the strict server of issue 8 did, on Doorkeeper: scopes narrowed, strict refresh scope, JWT-like
+    # access tokens that cannot be revoked, iss, a resource indicator required.
+    Profile("doorkeeper-strict", "doorkeeper",
+            DOORKEEPER | {"rotation_grace", "narrow_scope", "refresh_scope_strict", "access_token_unrevocable",
+                          "iss", "resource", "wrong_iss"},
+            doorkeeper(grant_scopes=("read", "openid", "offline_access"), strict_refresh_scope=True,
+                       refuse_access_token_revocation=True, send_iss=True, require_resource=RESOURCE),
+            DoorkeeperTarget, require_ruby_stack, variants={"wrong_iss": {"iss_value": MIXUP_ISS}}),
+    Profile("dot", "dot", DOT | {"dead_token_403", "revoke_kills_both", "write_scope"}, dot(), DotTarget,
+            require_dot_stack),
+    Profile("dot-challenge", "dot",
+            DOT | {"dead_token_401", "insufficient_scope_challenge", "revoke_kills_both", "write_scope"},
+            dot(bearer_challenge=True), DotTarget, require_dot_stack),
+    # DOT strict: RFC 8414 metadata, iss, the public client, S256 only; and scopes narrowed, and access tokens
+    # that cannot be revoked while their grant lives (revoking the refresh token first removes them: 200).
+    Profile("dot-strict", "dot",
+            DOT | {"dead_token_403", "metadata", "iss", "error_without_iss", "public_client", "narrow_scope",
+                   "wrong_iss", "omitted_iss"},
+            dot(strict=True, narrow_scopes=("write",), revoke_access_tokens=False), DotTarget, require_dot_stack,
+            variants={"wrong_iss": {"iss": "wrong", "wrong_iss": MIXUP_ISS}, "omitted_iss": {"iss": "omit"}}),
 ]
 
 

@@ -206,6 +206,12 @@ def token_requests(server: Any, since: int = 0, grant_type: str | None = None) -
             if e["path"] == path and (grant_type is None or e["grant_type"] == grant_type)]
 
 
+def authorize_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
+    """The access-log entries of the browser's GETs of the authorization endpoint after mark `since`."""
+    path = path_of(server.authorize_endpoint)
+    return [e for e in server.access_log(since=since) if e["path"] == path and e["method"] == "GET"]
+
+
 def api_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
     """The access-log entries of the memo API after mark `since`."""
     path = path_of(server.memos_url)

@@ -1,7 +1,8 @@
 """The conformance suite: each scenario written once, run against every server profile that has what it needs.
 
 fetch_memos.py runs as its own process in a pseudo-terminal against a real test server (tests/profiles.py:
-Doorkeeper in both rotation modes, django-oauth-toolkit with its bare 403 and with the RFC 6750 challenge),
+Doorkeeper in both rotation modes, with OIDC discovery and strict; django-oauth-toolkit with its bare 403,
+with the RFC 6750 challenge and strict),
 configured through its settings alone; a person logs in through the server's real pages. Assertions are on
 what a user sees (exit code, stdout, stderr), what reached the server (its access log), what the token file
 holds, and what the tokens can still do at the server.
@@ -19,7 +20,9 @@ Adding a profile or a feature: see tests/profiles.py.
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 import socket
 import stat
 import threading
@@ -33,11 +36,13 @@ import requests
 from oauthlib.oauth2.rfc6749.tokens import OAuth2Token
 
 from conftest import Client, conformance_client, secrets_of
-from profiles import Target, needs
+from profiles import MIXUP_ISS, RESOURCE, Target, needs
 from runner import (
     EOF_AT_PROMPT,
     assert_clean,
+    assert_fails,
     assert_json,
+    authorize_requests,
     client_calls,
     one_line,
     path_of,
@@ -72,6 +77,18 @@ def loopback(target: Target, tmp_path: Path) -> Iterator[Client]:
 
 def redirect_uri_of(url: str) -> str:
     return parse_qs(urlsplit(url).query)["redirect_uri"][0]
+
+
+def client_auth_of(target: Target) -> str:
+    """How the script authenticates at the token and revocation endpoints: HTTP Basic, or none (public)."""
+    return "none" if target.has("public_client") else "basic"
+
+
+def expire(client: Client) -> dict:
+    """The stored token expired, for the client and the server alike; returns it."""
+    old = client.expire_locally()
+    client.server.age_tokens(10_000)
+    return old
 
 
 def refresh_and_hold_two(client: Client) -> list[dict]:
@@ -111,11 +128,13 @@ def test_first_run_authorizes_and_prints_the_json(client, mode):
         assert redirect.port and f"{redirect.hostname}:{redirect.port}" in result.stderr
         [page] = client.person.pages
         assert page.status_code == 200 and "You can close this tab" in page.text
+    assert "prompt" not in query  # only for offline_access
     [exchange] = token_requests(server, mark)
-    assert (exchange["grant_type"], exchange["status"], exchange["auth"]) == ("authorization_code", 200, "basic")
+    assert (exchange["grant_type"], exchange["status"], exchange["client_auth"]) == (
+        "authorization_code", 200, client_auth_of(server))
     if client.server.has("log_body_keys"):
         assert {"code", "code_verifier", "redirect_uri"} <= set(exchange["body_keys"])
-        assert "client_secret" not in exchange["body_keys"]  # HTTP Basic, never in the body
+        assert "client_secret" not in exchange["body_keys"]  # HTTP Basic (or no secret), never in the body
     log = server.access_log(since=mark)
     assert [(e["method"], e["status"], e["auth"]) for e in log if e["path"] == path_of(server.memos_url)] == [
         ("GET", 200, "bearer")]
@@ -199,6 +218,8 @@ def test_expired_token_is_refreshed_once_rotated_and_saved(authorized):
                                           ("GET", path_of(server.memos_url), None, 200)]
     assert len(log) == 2
     assert log[0]["remote_port"] == log[1]["remote_port"], "refresh and API call should share one connection"
+    assert "scope" not in log[0]["params"], "RFC 6749 section 6: a refresh without scope keeps the granted scope"
+    assert log[0]["client_auth"] == client_auth_of(server)
     new = authorized.token()
     assert new["access_token"] != old["access_token"]
     assert new["refresh_token"] != old["refresh_token"], "the refresh token is rotated"
@@ -322,7 +343,7 @@ def test_no_token_and_no_terminal_exits_3_instead_of_waiting(client):
     result = client.run(tty=False)
     assert result.exit_code == 3
     assert "interactively" in one_line(result.stderr)
-    assert client.server.access_log(since=mark) == []
+    assert client_calls(client.server, mark) == []  # at most the metadata (issuer-only configuration)
 
 
 # --- the loopback listener --------------------------------------------------------------------------
@@ -379,9 +400,11 @@ def test_denied_consent_is_reported(loopback):
     result = loopback.run(person=loopback.person.deny)
 
     assert result.exit_code == 3
-    assert "denied" in result.stderr
     [page] = loopback.person.pages
-    assert "Authorization failed" in page.text
+    if server.has("error_without_iss"):  # promised iss in every response, sent none: refused (RFC 9207 2.4)
+        assert "carries no iss" in result.stderr and "RFC 9207 iss" in page.text
+    else:
+        assert "denied" in result.stderr and "Authorization failed" in page.text
     assert token_requests(server, mark) == []
     assert not loopback.token_file.exists()
 
@@ -501,7 +524,7 @@ def test_a_token_is_never_sent_to_another_server(authorized, profile, tmp_path):
         without_person = authorized.run(tty=False, env=env)
         assert without_person.exit_code == 3
         assert f"issued by {authorized.server.base_url}" in without_person.stderr
-        assert other.access_log() == []  # the token did not travel
+        assert client_calls(other) == []  # the token did not travel (the metadata may have been read)
         assert authorized.token() == first_token
 
         person = other.person()
@@ -561,6 +584,7 @@ def test_malicious_token_file_is_never_run_and_is_set_aside(client, tmp_path):
 # --- logout, status, output ------------------------------------------------------------------------
 
 
+@needs(lacks=("access_token_unrevocable",))
 @pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
 def test_logout_leaves_no_token_that_works(target, tmp_path, expired):
     target.reset()  # only this test's tokens exist, so the server's own count can be checked as well
@@ -580,9 +604,10 @@ def test_logout_leaves_no_token_that_works(target, tmp_path, expired):
     assert result.stdout == ""
     assert "Logged out" in one_line(result.stderr, prefix="")
     assert not client.token_file.exists()
-    revokes = [(e["method"], e["status"], e["auth"]) for e in target.access_log(since=mark)
-               if e["path"] == path_of(target.revoke_endpoint)]
-    assert revokes == [("POST", 200, "basic")] * 2
+    revokes = [(e["method"], e["status"], e["client_auth"], e["params"].get("token_type_hint"))
+               for e in target.access_log(since=mark) if e["path"] == path_of(target.revoke_endpoint)]
+    auth = client_auth_of(target)
+    assert revokes == [("POST", 200, auth, "refresh_token"), ("POST", 200, auth, "access_token")]  # the grant first
     assert target.live_tokens() == 0
     for token in held:
         assert not target.token_works(token["access_token"])
@@ -625,3 +650,284 @@ def test_debug_output_names_requests_but_no_secret(authorized):
 def test_output_is_utf8_whatever_the_locale(authorized):
     result = authorized.run(tty=False, env=authorized.env(LANG="C", LC_ALL="C", PYTHONIOENCODING="ascii"))
     assert_json(result)
+
+
+# --- standards: scope, logout, RFC 9207, RFC 8414, public clients, RFC 8707, offline_access ---------------
+
+
+def refresh_requests(server, mark) -> list[dict]:
+    return token_requests(server, mark, grant_type="refresh_token")
+
+
+@needs("narrow_scope")
+def test_a_narrowed_scope_is_said_once_and_later_refreshes_keep_working(client):
+    """RFC 6749 3.3: the server grants less than asked; refreshes ask for no scope (section 6), so they work."""
+    server = client.server
+    client.extra_env["OAUTH_SCOPE"] = "read write"
+
+    result = client.run()
+
+    assert_json(result)
+    [note] = [line for line in result.stderr.splitlines() if "did not grant" in line]
+    assert "scope write (asked for read write, granted read)" in note
+    token = client.token()
+    assert token["scope"] == ["read"]
+    assert token["fetch_memos"]["scope"] == ["read", "write"]  # asked for, recorded beside the token
+    if server.has("refresh_scope_strict"):  # what the old script's refresh (scope=read write) ran into
+        assert server.refresh_answer(token["refresh_token"], scope="read write") == (400, "invalid_scope")
+    held = [token]
+    for _ in range(2):
+        expire(client)
+        mark = server.log_mark()
+        again = client.run(tty=False)
+        assert_json(again, quiet=True)  # the note was said once, at the authorization
+        [refresh] = refresh_requests(server, mark)
+        assert refresh["status"] == 200 and "scope" not in refresh["params"]
+        held.append(client.token())
+        assert held[-1]["access_token"] != held[-2]["access_token"]
+        assert held[-1]["fetch_memos"]["scope"] == ["read", "write"]
+        assert_clean(again, secrets_of(client, *held))
+    assert_clean(result, secrets_of(client, *held), typed=result.typed)
+
+
+def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized):
+    """A refresh cannot widen a grant (RFC 6749 6): a scope never asked for means authorizing again."""
+    server = authorized.server
+    old = authorized.token()
+    env = authorized.env(OAUTH_SCOPE="read write")
+    mark = server.log_mark()
+
+    without_person = authorized.run(tty=False, env=env)
+
+    line = assert_fails(without_person, 3, "scope write", "not asked for", "interactively")
+    assert client_calls(server, mark) == []
+    assert authorized.token() == old  # kept
+
+    mark = server.log_mark()
+    result = authorized.run(env=env)
+
+    assert_json(result)
+    assert "Authorizing again" in result.stderr
+    [url] = result.authorize_urls
+    assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
+    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    new = authorized.token()
+    assert new["fetch_memos"]["scope"] == ["read", "write"]
+    assert new["scope"] == (["read"] if server.has("narrow_scope") else ["read", "write"])
+
+    mark = server.log_mark()
+    warm = authorized.run(tty=False, env=env)  # granted or not, write was asked for: no new authorization
+    assert_json(warm, quiet=True)
+    assert client_calls(server, mark) == [("GET", path_of(server.memos_url), None, 200)]
+    assert "write" in line
+    assert_clean(result, secrets_of(authorized, old, new), typed=result.typed)
+
+
+@needs("access_token_unrevocable")
+@pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
+def test_logout_ends_the_grant_when_access_tokens_cannot_be_revoked(target, tmp_path, expired):
+    """RFC 7009 2.2.1: unsupported_token_type for the access token, after the refresh token was revoked."""
+    client = conformance_client(target, tmp_path / "client")
+    try:
+        held = refresh_and_hold_two(client)
+        if expired:
+            expire(client)
+        mark = target.log_mark()
+
+        result = client.run("--logout", tty=False)
+    finally:
+        client.person.close()
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    line = one_line(result.stderr, prefix="")
+    assert line.startswith("Logged out: the grant was revoked")
+    assert "cannot revoke access tokens (unsupported_token_type)" in line
+    assert re.search(r"stays valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(in \d+ h \d+ min\)\.$", line), line
+    assert not client.token_file.exists()
+    revokes = [(e["status"], e["params"].get("token_type_hint"), e.get("error"))
+               for e in target.access_log(since=mark) if e["path"] == path_of(target.revoke_endpoint)]
+    assert [(status, hint) for status, hint, _ in revokes] == [(200, "refresh_token"), (400, "access_token")]
+    for token in held:
+        assert target.refresh_answer(token["refresh_token"]) == (400, "invalid_grant")  # the grant is dead
+    assert_clean(result, secrets_of(client, *held), typed=result.typed)
+
+
+def _with_variant(profile, variant, tmp_path):
+    return profile.launch(tmp_path / f"server-{variant}", variant)
+
+
+@needs("wrong_iss")
+def test_an_authorization_response_naming_another_issuer_is_refused(profile, tmp_path):
+    """RFC 9207 (the mix-up attack, RFC 9700 4.4): refused before any token request, in every redirect mode."""
+    server = _with_variant(profile, "wrong_iss", tmp_path)
+    try:
+        for mode in profile.modes:
+            client = conformance_client(server, tmp_path / mode, mode)
+            # oob: the person pastes the code page's address, which carries iss (a bare code carries none)
+            person = client.person.landing if mode == "oob" else client.person.authorize
+            mark = server.log_mark()
+            try:
+                result = client.run(person=person)
+            finally:
+                client.person.close()
+
+            line = assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
+                                "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
+            assert token_requests(server, mark) == [], mode
+            assert not client.token_file.exists()
+            if mode == "loopback":
+                [page] = client.person.pages
+                assert page.status_code == 400 and "iss" in page.text
+            assert line
+            assert_clean(result, secrets_of(client), typed=result.typed)
+    finally:
+        server.server.stop()
+
+
+@needs("omitted_iss")
+def test_a_response_without_the_iss_the_metadata_promised_is_refused(profile, tmp_path):
+    server = _with_variant(profile, "omitted_iss", tmp_path)
+    client = conformance_client(server, tmp_path / "client", "loopback")
+    try:
+        mark = server.log_mark()
+        result = client.run()
+    finally:
+        client.person.close()
+        server.server.stop()
+
+    assert_fails(result, 3, "carries no iss", f"the metadata of {server.issuer}", "OAUTH_ISSUER")
+    [code_page] = client.person.pages
+    assert code_page.status_code == 400
+    assert token_requests(server, mark) == []
+    assert not client.token_file.exists()
+    assert_clean(result, secrets_of(client), typed=result.typed)
+
+
+@needs("metadata")
+def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(client):
+    """RFC 8414: CLIENT_ID (and a secret) and OAUTH_ISSUER are all the script is told."""
+    server = client.server
+    configured = {key for key in client.env() if key.startswith(("OAUTH_", "CLIENT_", "MEMOS_"))}
+    assert configured <= {"CLIENT_ID", "CLIENT_SECRET", "OAUTH_ISSUER", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT",
+                          "OAUTH_LOGIN_TIMEOUT", "OAUTH_REDIRECT_URI"}
+    mark = server.log_mark()
+
+    result = client.run()
+
+    assert_json(result)
+    discovery = [(e["method"], e["path"], e["status"]) for e in server.access_log(since=mark)
+                 if "/.well-known/" in e["path"]]
+    assert discovery[-1] == ("GET", path_of(server.metadata_url), 200)
+    assert len(discovery) == len(set(discovery))  # each URL asked once
+    cache = client.token_file.with_name(client.token_file.name + ".metadata.json")
+    record = json.loads(cache.read_text())
+    assert record["issuer"] == server.issuer and server.token_endpoint in record["endpoints"].values()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+
+    mark = server.log_mark()
+    warm = client.run(tty=False)
+    assert_json(warm, quiet=True)
+    assert [(e["method"], e["path"]) for e in server.access_log(since=mark)] == [
+        ("GET", path_of(server.memos_url))]  # the metadata came from the cache
+
+    status = client.run("--status", tty=False)
+    assert status.exit_code == 0, status.output
+    assert f"Issuer:        {server.issuer} (OAUTH_ISSUER; metadata cached" in status.stdout
+    for title, url in (("Authorize:", server.authorize_endpoint), ("Token:", server.token_endpoint)):
+        [shown] = [line for line in status.stdout.splitlines() if line.startswith(title)]
+        assert f"{url} (from the metadata;" in shown
+    assert server.access_log(since=mark)[1:] == []  # --status asks nothing
+    assert_clean(result, secrets_of(client), typed=result.typed)
+    assert_clean(status, secrets_of(client))
+
+
+@needs("public_client")
+def test_a_public_client_authenticates_with_its_client_id_alone(client):
+    """RFC 8252 8.4-8.5: no CLIENT_SECRET; client_id in the body, no Authorization header (RFC 6749 2.3, 3.2.1)."""
+    server = client.server
+    assert "CLIENT_SECRET" not in client.env()
+    mark = server.log_mark()
+
+    held = refresh_and_hold_two(client)
+    logout = client.run("--logout", tty=False)
+
+    assert logout.exit_code == 0, logout.output
+    calls = [e for e in server.access_log(since=mark)
+             if e["path"] in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
+    assert [e["path"] for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
+    for entry in calls:
+        assert (entry["client_auth"], entry["auth"], entry["params"].get("client_id")) == (
+            "none", None, server.client_id), entry
+        assert "client_secret" not in entry.get("has", entry.get("secrets_present", ()))
+    assert not client.token_file.exists()
+    assert_clean(logout, secrets_of(client, *held))
+
+
+@needs("resource")
+def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path):
+    """RFC 8707: OAUTH_RESOURCE on the authorization request and on the code and refresh token requests."""
+    server = client.server
+    mark = server.log_mark()
+
+    held = refresh_and_hold_two(client)
+
+    assert [e["params"].get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
+    assert [(e["grant_type"], e["params"].get("resource"), e["status"]) for e in token_requests(server, mark)] == [
+        ("authorization_code", RESOURCE, 200), ("refresh_token", RESOURCE, 200)]
+
+    without = conformance_client(server, tmp_path / "without", "loopback")
+    without.extra_env["OAUTH_RESOURCE"] = None
+    mark = server.log_mark()
+    try:
+        result = without.run(person=without.person.meets_an_error)
+    finally:
+        without.person.close()
+    assert_fails(result, 3, "invalid_target")
+    assert token_requests(server, mark) == []
+    assert_clean(result, secrets_of(client, *held))
+
+
+@needs("offline_access")
+def test_offline_access_asks_for_consent(client):
+    """OpenID Connect Core 11: offline_access is honoured only with prompt=consent."""
+    server = client.server
+    client.extra_env["OAUTH_SCOPE"] = "read offline_access"
+    mark = server.log_mark()
+
+    result = client.run()
+
+    assert_json(result)
+    [url] = result.authorize_urls
+    query = parse_qs(urlsplit(url).query)
+    assert (query["prompt"], query["scope"]) == (["consent"], ["read offline_access"])
+    assert authorize_requests(server, mark)[0]["params"].get("prompt") == "consent"
+    assert client.token()["refresh_token"]
+    assert_clean(result, secrets_of(client), typed=result.typed)
+
+
+@needs(lacks=("oob",))
+def test_pasting_the_invalid_redirect_page_names_oob_and_loopback(target, tmp_path):
+    """A server without out-of-band: what the person has is the error page's address; the script says why."""
+    client = conformance_client(target, tmp_path / "client", "oob")
+    mark = target.log_mark()
+    landed = []
+
+    def person(url):
+        with pytest.raises(AssertionError):
+            client.person.landing(url)  # the server's invalid-redirect-URI page, no code
+        landed.append(url)
+        return url  # the address the browser shows: the authorization request itself
+
+    try:
+        result = client.run(person=person)
+    finally:
+        client.person.close()
+
+    line = assert_fails(result, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
+                        "http://127.0.0.1/callback")
+    assert landed and line
+    assert token_requests(target, mark) == []
+    assert not client.token_file.exists()
+    assert_clean(result, secrets_of(client), typed=result.typed)

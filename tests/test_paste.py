@@ -310,6 +310,15 @@ def test_bare_code_needs_no_iss_unless_promised() -> None:
         parse_pasted(CODE, STATE, issuer=ISSUER, issuer_required=True)
 
 
+def test_an_address_that_is_no_authorization_response_gets_the_no_code_hint_even_when_iss_is_promised() -> None:
+    """The authorization request's own address (a server without out-of-band showed an error page there)
+    carries neither code nor error: no response to check iss in; what the person needs is the no-oob hint."""
+    request = f"https://as.example.test/o/authorize/?response_type=code&state={STATE}&redirect_uri=urn"
+    with pytest.raises(AuthorizationError) as exc:
+        parse_pasted(request, STATE, issuer=ISSUER, issuer_required=True)
+    assert "the server gave no code" in str(exc.value) and "--loopback" in str(exc.value)
+
+
 def test_read_pasted_code_checks_the_issuer(stdin) -> None:
     stdin(redirect(code=CODE, state=STATE, iss=EVIL) + "\n")
     with pytest.raises(AuthorizationError, match="mix-up"):
