@@ -93,7 +93,7 @@ class TransientServerError(ServerError):
 
 
 class AuthorizationDenied(AuthorizationError):
-    """The person refused access at the server (RFC 8628 section 3.5 access_denied)."""
+    """The person refused access (access_denied: RFC 6749 section 4.1.2.1, RFC 8628 section 3.5)."""
 
 
 class DeviceCodeExpired(AuthorizationError):
@@ -102,6 +102,26 @@ class DeviceCodeExpired(AuthorizationError):
 
 class NoDeviceEndpoint(ConfigError):
     """The device flow was chosen, but no device authorization endpoint is known."""
+
+
+class TokenNotSaved(FetchMemosError):
+    """Saving failed; the caller decides whether the run can still succeed."""
+
+    exit_code = 1
+
+
+class TokenFileBusy(FetchMemosError):
+    """Another run held the token file's lock for longer than we wait: nothing failed, so try again later.
+
+    Exit 1 like a server failure (the run did not get its memos, and another try will do), but its own
+    class: the server is not at fault.
+    """
+
+    exit_code = 1
+
+
+class BadTokenFile(Exception):
+    """The file is not a token this script can use; the store sets it aside (never reaches main())."""
 
 
 # Secrets seen during the run; every log record and error message passes through redact().
@@ -546,8 +566,7 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
             response = requests.get(url, timeout=settings.timeout, headers={
                 "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
         except requests.exceptions.RequestException as exc:
-            raise ServerError(_describe_request_error(exc, url, settings.timeout) + " (fetching the server "
-                              "metadata of OAUTH_ISSUER).") from None
+            raise request_failed(exc, url, settings.timeout, " (fetching the server metadata of OAUTH_ISSUER)") from None
         log.debug("GET %s -> %s", url, response.status_code)
         if response.status_code >= 500:
             server_failed = True
@@ -634,10 +653,6 @@ class _TokenUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("refused a persistent reference")
-
-
-class BadTokenFile(Exception):
-    """The file is not a token this script can use; the store sets it aside."""
 
 
 MAX_MEMO_INDEX = 4096  # a token needs a few dozen memo slots
@@ -850,8 +865,8 @@ class TokenStore:
                         raise
                     if time.monotonic() > deadline:
                         handle.close()
-                        raise ServerError(f"another fetch_memos run has held {self.lock_path} for over "
-                                          f"{wait:g} s; try again when it has finished.") from None
+                        raise TokenFileBusy(f"another fetch_memos run has held {self.lock_path} for over "
+                                            f"{wait:g} s; try again when it has finished.") from None
                     time.sleep(0.02)
         self._lock_depth = 1
         try:
@@ -890,12 +905,6 @@ def _file_lock_functions() -> tuple[Any, Any]:
     except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
         return None, None
     return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
-
-
-class TokenNotSaved(FetchMemosError):
-    """Saving failed; the caller decides whether the run can still succeed."""
-
-    exit_code = 1
 
 
 def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -977,13 +986,18 @@ def _same_text(a: str, b: str) -> bool:
     return secrets.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
-def _raise_authorization_error(error: str, description: str) -> None:
-    """Report an error the authorization endpoint sent back (RFC 6749 section 4.1.2.1)."""
+def access_denied(where: str, then: str = "press Authorize to allow access") -> AuthorizationDenied:
+    """The person refused: the one message for the pasted, loopback and device ways."""
+    return AuthorizationDenied(f"authorization was denied {where}; run again and {then}.")
+
+
+def authorization_refused(error: str, description: str, *, in_browser: bool = False) -> AuthorizationError:
+    """An error the authorization endpoint sent back (RFC 6749 section 4.1.2.1), pasted or caught alike."""
     detail = f" ({description})" if description else ""
     if error == "access_denied":
-        raise AuthorizationError(f"authorization was denied at the server{detail}; run again and press "
-                                 "Authorize to allow access.")
-    raise AuthorizationError(f"the server refused the authorization: {error}{detail}.")
+        # In the browser the person has just pressed Deny there: the server's description adds nothing.
+        return access_denied("in the browser" if in_browser else f"at the server{detail}")
+    return AuthorizationError(f"the server refused the authorization: {error}{detail}.")
 
 
 NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not support {OOB_REDIRECT_URI} "
@@ -1034,7 +1048,7 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
         except ValueError:
             answer = None
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-            _raise_authorization_error(answer["error"], str(answer.get("error_description") or ""))
+            raise authorization_refused(answer["error"], str(answer.get("error_description") or ""))
     looks_like_url = "://" in cleaned or cleaned.startswith("/") or "?" in cleaned or "code=" in cleaned
     if not looks_like_url:
         if not all(0x21 <= ord(ch) <= 0x7E for ch in cleaned):
@@ -1058,7 +1072,7 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
                                  "does not match); run again and use the URL this run printed.")
     check_issuer(params, issuer, issuer_required)  # error responses carry iss too (RFC 9207 section 2)
     if params.get("error") and params["error"][0]:
-        _raise_authorization_error(params["error"][0], (params.get("error_description") or [""])[0])
+        raise authorization_refused(params["error"][0], (params.get("error_description") or [""])[0])
     code = (params.get("code") or [""])[0]
     if not code:
         raise AuthorizationError(f"the server gave no code: the pasted address has none in it. {NO_CODE_HINT}")
@@ -1183,12 +1197,7 @@ class LoopbackListener:
         if params.get("error"):
             error = params["error"][0]
             description = (params.get("error_description") or [""])[0]
-            if error == "access_denied":
-                self.result = AuthorizationError("authorization was denied in the browser; run again and press "
-                                                 "Authorize to allow access.")
-            else:
-                detail = f" ({description})" if description else ""
-                self.result = AuthorizationError(f"the server refused the authorization: {error}{detail}.")
+            self.result = authorization_refused(error, description, in_browser=True)
             return 200, _page("Authorization failed", f"The server said: {error}. You can close this tab and "
                                                       "return to the terminal.")
         code = (params.get("code") or [""])[0]
@@ -1629,8 +1638,7 @@ class DevicePoller:
                 if answer.error == "slow_down":
                     self.interval += SLOW_DOWN_STEP
                 elif answer.error == "access_denied":
-                    raise AuthorizationDenied("authorization was denied at the server; run again and approve "
-                                              "access to allow it.")
+                    raise access_denied("at the server", "approve access to allow it")
                 elif answer.error == "expired_token":
                     raise DeviceCodeExpired("the code expired; run again.")
                 elif answer.error != "authorization_pending":  # section 3.5: any other error stops polling
@@ -1821,6 +1829,11 @@ def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
             return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
         return f"the connection to {url} broke off before an answer arrived"
     return f"the request to {url} failed ({type(exc).__name__})"
+
+
+def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
+    """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
+    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
 
 
 def _nothing_was_sent(exc: Exception) -> bool:
@@ -2036,7 +2049,7 @@ class MemoSession:
                     break
                 except requests.exceptions.ChunkedEncodingError as exc:
                     if spent >= RETRY_ATTEMPTS:
-                        raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+                        raise request_failed(exc, url, self.settings.timeout) from None
                     spent += 1
                     time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
                 except FetchMemosError:
@@ -2045,7 +2058,7 @@ class MemoSession:
                     raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; "
                                       "try again later.") from None
                 except requests.exceptions.RequestException as exc:
-                    raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+                    raise request_failed(exc, url, self.settings.timeout) from None
         finally:
             adapter.max_retries = configured
         log.debug("GET %s -> %s", url, response.status_code)
@@ -2090,7 +2103,7 @@ class MemoSession:
                 return self.oauth.post(url, data={**data, **self._client_auth_fields()}, timeout=self.settings.timeout,
                                        withhold_token=True, auth=self._client_auth())
         except requests.exceptions.RequestException as exc:
-            raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+            raise request_failed(exc, url, self.settings.timeout) from None
 
     def endpoint_failed(self, endpoint: str) -> None:
         """An endpoint that came from the metadata failed: the cached metadata may be out of date."""
@@ -2149,11 +2162,11 @@ def _token_request_error(exc: Exception, url: str, settings: Settings, during: s
     if isinstance(exc, FetchMemosError):
         return exc
     if isinstance(exc, requests.exceptions.RequestException):
-        what = _describe_request_error(exc, url, settings.timeout)
         if during == "refresh" and not _nothing_was_sent(exc):
-            return ServerError(f"{what} while refreshing the token. The stored token was kept; run again "
-                               "(if the server had already used it up, you will be asked to authorize again).")
-        return ServerError(what + ".")
+            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
+                                  "kept; run again (if the server had already used it up, you will be asked to "
+                                  "authorize again)")
+        return request_failed(exc, url, settings.timeout)
     if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
         return ConfigError(missing_secret_message(url, exc.error))
     if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
@@ -2184,12 +2197,25 @@ def _token_request_error(exc: Exception, url: str, settings: Settings, during: s
 # ---------------------------------------------------------------------------------------------
 
 
+def needs_person(reason: str) -> AuthorizationError:
+    """The one message for "authorizing is needed, and no person is at a terminal"."""
+    return AuthorizationError(f"{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
+                              "once.")
+
+
 @dataclass(frozen=True)
 class Terminal:
     """Whether a person can be asked to authorize (see person_can_authorize); without one, nothing waits."""
 
     interactive: bool
     environ: Mapping[str, str]
+
+
+def authorize_again(terminal: Terminal, reason: str) -> None:
+    """Say why the stored token is not used, or stop when no person is here to authorize anew."""
+    if not terminal.interactive:
+        raise needs_person(reason)
+    say(f"{reason} Authorizing again.")
 
 
 def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
@@ -2200,23 +2226,15 @@ def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> d
     reason = token_mismatch(token, settings)
     if reason:
         if not terminal.interactive:
-            raise AuthorizationError(f"the stored token cannot be used: {reason}. Authorizing needs a person at a "
-                                     "terminal: run fetch_memos.py interactively once.")
+            raise needs_person(f"the stored token cannot be used: {reason}.")
         aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
         say(f"Not using the stored token: {reason}. It was kept as {aside}.")
         return None
     added = scope_added(token, settings)
     if added:
-        need_person(terminal, f"Not using the stored token: {added}.")
+        authorize_again(terminal, f"Not using the stored token: {added}.")
         return None
     return token
-
-
-def need_person(terminal: Terminal, reason: str) -> None:
-    if not terminal.interactive:
-        raise AuthorizationError(f"{reason} Authorizing needs a person at a terminal: run fetch_memos.py "
-                                 "interactively once.")
-    say(f"{reason} Authorizing again.")
 
 
 def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
@@ -2226,15 +2244,14 @@ def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> An
         token = stored_token(settings, store, terminal)
         if token is None:
             if not terminal.interactive:
-                raise AuthorizationError("no token is stored yet, and authorizing needs a person at a terminal: "
-                                         "run fetch_memos.py interactively once.")
+                raise needs_person("no token is stored yet.")
             authorize(session, settings, terminal.environ)
         else:
             session.use(token)
         try:
             return call_api(session)
         except DeadGrant as exc:
-            need_person(terminal, str(exc))
+            authorize_again(terminal, str(exc))
             session.use({})
             authorize(session, settings, terminal.environ)
             return call_api(session)
