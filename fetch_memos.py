@@ -157,6 +157,56 @@ def prompt() -> None:
     print("> ", end="", file=sys.stderr, flush=True)
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
+
+
+def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
+    """Say in words what went wrong on the wire, naming the URL."""
+    import requests
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
+    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
+    causes = list(_causes(exc))
+    if any(isinstance(c, lookup_failed) for c in causes):
+        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"cannot reach {url}: connection refused (is the server running?)"
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
+        return f"could not connect to {url} within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
+        return f"{url} did not answer within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"the connection to {url} broke off in the middle of the answer"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"the TLS connection to {url} failed (certificate problem?)"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
+            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
+            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
+                return f"the connection to {url} was reset before an answer arrived"
+            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
+        return f"the connection to {url} broke off before an answer arrived"
+    return f"the request to {url} failed ({type(exc).__name__})"
+
+
+def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
+    """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
+    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Settings: defaults, then .env, then the environment, then flags; validated here, once.
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +423,19 @@ def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
              f"make it private: chmod 600 {env_file}")
 
 
+def _check_issuer(value: str, allow_insecure_http: bool) -> str:
+    """RFC 8414 section 2: an https URL (http only where _check_url allows it) with no query or fragment."""
+    _check_url("OAUTH_ISSUER", value, allow_insecure_http)
+    if urlsplit(value).query:
+        raise ConfigError(f"OAUTH_ISSUER={value!r} must not contain a ?query (RFC 8414 section 2).")
+    return value
+
+
+def _origin_url(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Merge defaults < .env < environment < flags, then validate everything in one place."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
@@ -467,19 +530,6 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     )
 
 
-def _check_issuer(value: str, allow_insecure_http: bool) -> str:
-    """RFC 8414 section 2: an https URL (http only where _check_url allows it) with no query or fragment."""
-    _check_url("OAUTH_ISSUER", value, allow_insecure_http)
-    if urlsplit(value).query:
-        raise ConfigError(f"OAUTH_ISSUER={value!r} must not contain a ?query (RFC 8414 section 2).")
-    return value
-
-
-def _origin_url(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Server metadata (RFC 8414): settings + the issuer's metadata -> the endpoints a run uses.
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +616,8 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
             response = requests.get(url, timeout=settings.timeout, headers={
                 "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
         except requests.exceptions.RequestException as exc:
-            raise request_failed(exc, url, settings.timeout, " (fetching the server metadata of OAUTH_ISSUER)") from None
+            raise request_failed(exc, url, settings.timeout,
+                                 " (fetching the server metadata of OAUTH_ISSUER)") from None
         log.debug("GET %s -> %s", url, response.status_code)
         if response.status_code >= 500:
             server_failed = True
@@ -658,6 +709,12 @@ class _TokenUnpickler(pickle.Unpickler):
 MAX_MEMO_INDEX = 4096  # a token needs a few dozen memo slots
 
 
+# Calls, extension-registry and buffer opcodes, and Python 2 byte strings: no token ever needs them.
+_REFUSED_OPCODES = frozenset({"REDUCE", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
+                              "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER",
+                              "STRING", "BINSTRING", "SHORT_BINSTRING"})
+
+
 def _check_opcodes(data: bytes) -> None:
     """Read the pickle's opcodes without running any, and refuse what a token never needs.
 
@@ -678,12 +735,6 @@ def _check_opcodes(data: bytes) -> None:
                     raise BadTokenFile("it is damaged (an out-of-range memo index)")
     except (ValueError, TypeError) as exc:
         raise BadTokenFile(f"it is damaged or truncated ({exc})") from None
-
-
-# Calls, extension-registry and buffer opcodes, and Python 2 byte strings: no token ever needs them.
-_REFUSED_OPCODES = frozenset({"REDUCE", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
-                              "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER",
-                              "STRING", "BINSTRING", "SHORT_BINSTRING"})
 
 
 def parse_token_bytes(data: bytes) -> dict[str, Any]:
@@ -727,6 +778,38 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
     if "scope" in meta and not (isinstance(meta["scope"], list) and all(isinstance(s, str) for s in meta["scope"])):
         raise BadTokenFile(f"its {META_KEY} scope is not a list of text")
     return token
+
+
+def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.get("access_token") == b.get("access_token") and a.get("refresh_token") == b.get("refresh_token")
+
+
+def _file_lock_functions() -> tuple[Any, Any]:
+    """(try_lock, unlock) for an open file descriptor: flock on POSIX, msvcrt.locking on Windows.
+
+    Both locks belong to the open file and die with the process, so a killed run never leaves a stale lock.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        def try_lock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position: always byte 0
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+        def unlock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+        return try_lock, unlock
+    try:
+        import fcntl
+    except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
+        return None, None
+    return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
+
+
+# What a non-blocking lock attempt raises while another run holds the lock (msvcrt: EACCES or EDEADLOCK).
+_LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 
 
 class TokenStore:
@@ -879,36 +962,11 @@ class TokenStore:
                 handle.close()
 
 
-# What a non-blocking lock attempt raises while another run holds the lock (msvcrt: EACCES or EDEADLOCK).
-_LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
-
-
-def _file_lock_functions() -> tuple[Any, Any]:
-    """(try_lock, unlock) for an open file descriptor: flock on POSIX, msvcrt.locking on Windows.
-
-    Both locks belong to the open file and die with the process, so a killed run never leaves a stale lock.
-    """
-    if sys.platform == "win32":
-        import msvcrt
-
-        def try_lock(fd: int) -> None:
-            os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position: always byte 0
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-
-        def unlock(fd: int) -> None:
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
-        return try_lock, unlock
-    try:
-        import fcntl
-    except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
-        return None, None
-    return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
-
-
-def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return a.get("access_token") == b.get("access_token") and a.get("refresh_token") == b.get("refresh_token")
+def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The scope asked for when this grant was obtained, or None when an older version stored none."""
+    meta = token.get(META_KEY)
+    scope = meta.get("scope") if isinstance(meta, dict) else None
+    return tuple(scope) if isinstance(scope, list) else None
 
 
 def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -920,13 +978,6 @@ def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -
     return {"version": 1, "server_url": settings.server_url, "token_url": settings.token_url,
             "api_url": settings.api_url, "client_id": settings.client_id,
             "scope": list(settings.scope if asked_scope is None else asked_scope)}
-
-
-def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """The scope asked for when this grant was obtained, or None when an older version stored none."""
-    meta = token.get(META_KEY)
-    scope = meta.get("scope") if isinstance(meta, dict) else None
-    return tuple(scope) if isinstance(scope, list) else None
 
 
 def granted_scope(token: Mapping[str, Any], asked: tuple[str, ...]) -> tuple[str, ...]:
@@ -954,6 +1005,14 @@ def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
             f"was obtained (it asked for {' '.join(asked) or 'no scope'})")
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme, (parts.hostname or ""), parts.port
+    except ValueError:  # not a URL we could have written: it matches nothing
+        return "", url, None
+
+
 def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
     """Why a stored token must not be used with these settings, or None when it may."""
     meta = token.get(META_KEY)
@@ -964,14 +1023,6 @@ def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
     if meta.get("client_id") != settings.client_id:
         return "it was issued to a different CLIENT_ID"
     return None
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    try:
-        parts = urlsplit(url)
-        return parts.scheme, (parts.hostname or ""), parts.port
-    except ValueError:  # not a URL we could have written: it matches nothing
-        return "", url, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1106,6 +1157,19 @@ def should_open_browser(settings: Settings, environ: Mapping[str, str]) -> bool:
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Whatever a program started meanwhile (the browser) prints goes to stderr: stdout carries only the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) -> bool:
     """Open url where should_open_browser() allows it; True when a browser took it."""
     if not should_open_browser(settings, environ):
@@ -1115,6 +1179,14 @@ def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) ->
     with contextlib.suppress(Exception), _stdout_to_stderr():
         return bool(webbrowser.open(url))
     return False
+
+
+def _page(title: str, text: str) -> str:
+    import html
+
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(text)}</p></body></html>")
 
 
 class LoopbackListener:
@@ -1266,27 +1338,6 @@ class LoopbackListener:
         self.server.server_close()
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Whatever a program started meanwhile (the browser) prints goes to stderr: stdout carries only the JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _page(title: str, text: str) -> str:
-    import html
-
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(text)}</p></body></html>")
-
-
 def show_authorization_url(url: str, *, opened: bool) -> None:
     """The URL is printed in every mode, also when a browser was opened: the person may want it elsewhere."""
     say("Opened your browser to authorize fetch_memos." if opened
@@ -1296,42 +1347,76 @@ def show_authorization_url(url: str, *, opened: bool) -> None:
     say()
 
 
-def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
-    if settings.device_flow:
-        return authorize_with_device(session, settings, environ)
-    if settings.is_oob:
-        url, state = session.authorization_url(settings.authorize_url)
-        show_authorization_url(url, opened=False)
-        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
-    else:
-        listener = LoopbackListener(settings.redirect_uri)
-        try:
-            session.redirect_uri = listener.redirect_uri
-            url, state = session.authorization_url(settings.authorize_url)
-            listener.expected_state = state
-            listener.expected_issuer = settings.issuer
-            listener.issuer_required = settings.issuer_required
-            show_authorization_url(url, opened=open_in_browser(url, settings, environ))
-            say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
-                "paste the address it ends up on here and press Enter:")
-            prompt()
-            code = listener.wait(settings.login_timeout, read_terminal=True)
-        finally:
-            listener.close()
-    remember_secret(code)
-    token = session.exchange_code(code)
-    say("Authorized.")
-    return token
+# -- What a token endpoint's answer means, for the code exchange, the device flow and a refresh alike.
 
 
-def person_can_authorize(settings: Settings, stdin: Any) -> bool:
-    """A person can be asked to authorize: one is at this terminal, or the device flow was chosen.
+def _granted(token_request: Any) -> dict[str, Any]:
+    """The token a request returned, also when the server granted other scopes than asked.
 
-    The device flow needs nothing typed here (the code goes to stderr), so choosing it explicitly
-    lets a run without a terminal authorize too.
+    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
+    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
     """
-    return settings.device_flow or (stdin is not None and stdin.isatty())
+    try:
+        return dict(token_request())
+    except Warning as scope_change:
+        token = getattr(scope_change, "token", None)
+        if token is None:
+            raise
+        log.debug("the server granted scope %s", token.get("scope"))
+        return dict(token)
+
+
+def missing_secret_message(url: str, error: str) -> str:
+    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
+            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
+            "the application as public.")
+
+
+def _nothing_was_sent(exc: Exception) -> bool:
+    """True when the request cannot have reached the server, so nothing can have been used up there."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
+
+
+def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
+    """One place that says what a failed token request means for the person."""
+    import requests
+    from oauthlib.oauth2.rfc6749 import errors as oauth_errors
+
+    if isinstance(exc, FetchMemosError):
+        return exc
+    if isinstance(exc, requests.exceptions.RequestException):
+        if during == "refresh" and not _nothing_was_sent(exc):
+            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
+                                  "kept; run again (if the server had already used it up, you will be asked to "
+                                  "authorize again)")
+        return request_failed(exc, url, settings.timeout)
+    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
+        return ConfigError(missing_secret_message(url, exc.error))
+    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
+        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
+                           "and CLIENT_SECRET in .env.")
+    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
+        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
+    if isinstance(exc, oauth_errors.InvalidGrantError):
+        if during == "refresh":
+            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
+                             "server).")
+        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
+                                  "Run again to get a new one.")
+    if isinstance(exc, oauth_errors.OAuth2Error):
+        description = f": {exc.description.rstrip('.')}" if exc.description else ""
+        if exc.error in ("missing_token", "missing_token_type"):
+            return ServerError(f"the token endpoint {url} answered without a token{description}.")
+        if exc.error in ("server_error", "temporarily_unavailable"):
+            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
+        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
+    if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
+        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
+    return exc
 
 
 # -- The device authorization grant (RFC 8628): a code the person enters on any device, while we poll.
@@ -1421,6 +1506,18 @@ def _device_endpoint_error(response: requests.Response, answer: dict[str, Any] |
     return AuthorizationError(f"the server refused the device authorization request: {error}{detail}.")
 
 
+def _verification_url(value: object) -> str:
+    """An http(s) URL fit to print and to hand to a browser, or "" (a server must not make us open file:// or
+    print escape sequences)."""
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value or len(value) > 2000:
+        return ""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return ""
+    return value if parts.scheme in ("http", "https") and parts.hostname else ""
+
+
 def request_device_authorization(session: MemoSession, settings: Settings) -> DeviceAuthorization:
     """Ask for a device code and a user code (RFC 8628 section 3.1), with client authentication as configured."""
     url = settings.device_authorization_url
@@ -1463,18 +1560,6 @@ def request_device_authorization(session: MemoSession, settings: Settings) -> De
         expires_in=_seconds_field(answer.get("expires_in")) or None,
         interval=DEVICE_INTERVAL if interval is None else max(interval, DEVICE_MIN_INTERVAL),
     )
-
-
-def _verification_url(value: object) -> str:
-    """An http(s) URL fit to print and to hand to a browser, or "" (a server must not make us open file:// or
-    print escape sequences)."""
-    if not isinstance(value, str) or not value or not value.isprintable() or " " in value or len(value) > 2000:
-        return ""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return ""
-    return value if parts.scheme in ("http", "https") and parts.hostname else ""
 
 
 def readable_user_code(code: str) -> str:
@@ -1566,6 +1651,20 @@ class WaitingLine:
             self._shown = ""
 
 
+def _poll_error(answer: PollError) -> FetchMemosError:
+    detail = f" ({answer.description})" if answer.description else ""
+    if answer.error == "invalid_client":
+        return ConfigError(f"the token endpoint rejected the client credentials (invalid_client{detail}); check "
+                           "CLIENT_ID and CLIENT_SECRET in .env.")
+    if answer.error in ("unauthorized_client", "unsupported_grant_type"):
+        return ConfigError(f"the token endpoint refused the device grant ({answer.error}{detail}); register the "
+                           f"application with the device code grant type ({DEVICE_GRANT_TYPE}).")
+    if answer.error == "invalid_grant":
+        return AuthorizationError(f"the server no longer accepts this device code (invalid_grant{detail}); run "
+                                  "again.")
+    return AuthorizationError(f"the token request failed: {answer.error}{detail}.")
+
+
 class DevicePoller:
     """Polling the token endpoint (RFC 8628 sections 3.4-3.5) as a small state machine.
 
@@ -1648,20 +1747,6 @@ class DevicePoller:
                 raise self._expired()
 
 
-def _poll_error(answer: PollError) -> FetchMemosError:
-    detail = f" ({answer.description})" if answer.description else ""
-    if answer.error == "invalid_client":
-        return ConfigError(f"the token endpoint rejected the client credentials (invalid_client{detail}); check "
-                           "CLIENT_ID and CLIENT_SECRET in .env.")
-    if answer.error in ("unauthorized_client", "unsupported_grant_type"):
-        return ConfigError(f"the token endpoint refused the device grant ({answer.error}{detail}); register the "
-                           f"application with the device code grant type ({DEVICE_GRANT_TYPE}).")
-    if answer.error == "invalid_grant":
-        return AuthorizationError(f"the server no longer accepts this device code (invalid_grant{detail}); run "
-                                  "again.")
-    return AuthorizationError(f"the token request failed: {answer.error}{detail}.")
-
-
 def poll_device_token(session: MemoSession, settings: Settings, device_code: str) -> dict[str, Any] | PollError:
     """One token request with the device code (RFC 8628 section 3.4): the token, or the error answered."""
     from oauthlib.oauth2.rfc6749.parameters import parse_token_response
@@ -1715,6 +1800,44 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     token = session.take_new_token(token)
     say("Authorized.")
     return token
+
+
+def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
+    if settings.device_flow:
+        return authorize_with_device(session, settings, environ)
+    if settings.is_oob:
+        url, state = session.authorization_url(settings.authorize_url)
+        show_authorization_url(url, opened=False)
+        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+    else:
+        listener = LoopbackListener(settings.redirect_uri)
+        try:
+            session.redirect_uri = listener.redirect_uri
+            url, state = session.authorization_url(settings.authorize_url)
+            listener.expected_state = state
+            listener.expected_issuer = settings.issuer
+            listener.issuer_required = settings.issuer_required
+            show_authorization_url(url, opened=open_in_browser(url, settings, environ))
+            say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
+                "paste the address it ends up on here and press Enter:")
+            prompt()
+            code = listener.wait(settings.login_timeout, read_terminal=True)
+        finally:
+            listener.close()
+    remember_secret(code)
+    token = session.exchange_code(code)
+    say("Authorized.")
+    return token
+
+
+def person_can_authorize(settings: Settings, stdin: Any) -> bool:
+    """A person can be asked to authorize: one is at this terminal, or the device flow was chosen.
+
+    The device flow needs nothing typed here (the code goes to stderr), so choosing it explicitly
+    lets a run without a terminal authorize too.
+    """
+    return settings.device_flow or (stdin is not None and stdin.isatty())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1786,65 +1909,6 @@ def _oauthlib_transport(settings: Settings) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
-        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
-
-
-def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
-    """Say in words what went wrong on the wire, naming the URL."""
-    import requests
-    from urllib3 import exceptions as urllib3_errors
-    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
-
-    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
-    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
-    causes = list(_causes(exc))
-    if any(isinstance(c, lookup_failed) for c in causes):
-        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
-    if any(isinstance(c, ConnectionRefusedError) for c in causes):
-        return f"cannot reach {url}: connection refused (is the server running?)"
-    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
-        return f"could not connect to {url} within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
-        return f"{url} did not answer within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return f"the connection to {url} broke off in the middle of the answer"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return f"the TLS connection to {url} failed (certificate problem?)"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
-            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
-            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
-                return f"the connection to {url} was reset before an answer arrived"
-            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
-        return f"the connection to {url} broke off before an answer arrived"
-    return f"the request to {url} failed ({type(exc).__name__})"
-
-
-def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
-    """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
-    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
-
-
-def _nothing_was_sent(exc: Exception) -> bool:
-    """True when the request cannot have reached the server, so nothing can have been used up there."""
-    import requests
-    from urllib3.exceptions import NewConnectionError
-
-    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
-        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
-
-
 def _check_token_response(response: requests.Response, settings: Settings) -> requests.Response:
     """Report what the token endpoint really said before oauthlib parses it.
 
@@ -1864,6 +1928,22 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
         raise ServerError(f"the token endpoint {response.url} answered {response.status_code} with {kind}, not a "
                           "token; check OAUTH_TOKEN_URL (or OAUTH_SERVER_URL).")
     return response
+
+
+def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
+    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
+
+    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
+    scope fails at a server that granted less (invalid_scope), on every later refresh.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
+    return url, headers, urlencode(fields)
+
+
+def _insufficient_scope(response: requests.Response) -> bool:
+    return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
 
 
 class MemoSession:
@@ -2120,78 +2200,6 @@ class MemoSession:
         self.oauth.close()
 
 
-def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
-    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
-
-    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
-    scope fails at a server that granted less (invalid_scope), on every later refresh.
-    """
-    from urllib.parse import parse_qsl, urlencode
-
-    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
-    return url, headers, urlencode(fields)
-
-
-def _granted(token_request: Any) -> dict[str, Any]:
-    """The token a request returned, also when the server granted other scopes than asked.
-
-    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
-    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
-    """
-    try:
-        return dict(token_request())
-    except Warning as scope_change:
-        token = getattr(scope_change, "token", None)
-        if token is None:
-            raise
-        log.debug("the server granted scope %s", token.get("scope"))
-        return dict(token)
-
-
-def missing_secret_message(url: str, error: str) -> str:
-    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
-            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
-            "the application as public.")
-
-
-def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
-    """One place that says what a failed token request means for the person."""
-    import requests
-    from oauthlib.oauth2.rfc6749 import errors as oauth_errors
-
-    if isinstance(exc, FetchMemosError):
-        return exc
-    if isinstance(exc, requests.exceptions.RequestException):
-        if during == "refresh" and not _nothing_was_sent(exc):
-            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
-                                  "kept; run again (if the server had already used it up, you will be asked to "
-                                  "authorize again)")
-        return request_failed(exc, url, settings.timeout)
-    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
-        return ConfigError(missing_secret_message(url, exc.error))
-    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
-        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
-                           "and CLIENT_SECRET in .env.")
-    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
-        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
-    if isinstance(exc, oauth_errors.InvalidGrantError):
-        if during == "refresh":
-            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
-                             "server).")
-        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
-                                  "Run again to get a new one.")
-    if isinstance(exc, oauth_errors.OAuth2Error):
-        description = f": {exc.description.rstrip('.')}" if exc.description else ""
-        if exc.error in ("missing_token", "missing_token_type"):
-            return ServerError(f"the token endpoint {url} answered without a token{description}.")
-        if exc.error in ("server_error", "temporarily_unavailable"):
-            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
-        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
-    if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
-        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
-    return exc
-
-
 # ---------------------------------------------------------------------------------------------
 # 6. Commands: fetch (the default), --status, --logout.
 # ---------------------------------------------------------------------------------------------
@@ -2237,6 +2245,31 @@ def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> d
     return token
 
 
+def api_json(response: requests.Response, url: str) -> Any:
+    """The API's JSON, or a ServerError that says what came instead."""
+    status = response.status_code
+    if status == 401:
+        raise ServerError(f"the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL and the "
+                          "server's token settings.")
+    if status == 403:
+        raise ServerError(f"the API at {url} refused access (403 Forbidden): the account or the token's scope lacks "
+                          "permission (check OAUTH_SCOPE, then --logout and run again).")
+    if status >= 400:
+        raise ServerError(f"the API at {url} answered {status} {response.reason or ''}".rstrip() + ".")
+    if not response.content.strip():
+        raise ServerError(f"the API at {url} answered {status} with an empty body instead of JSON.")
+    try:
+        return response.json()
+    except ValueError:
+        content_type = response.headers.get("Content-Type", "unknown type")
+        raise ServerError(f"the API at {url} answered {status} with {content_type}, not JSON.") from None
+
+
+def call_api(session: MemoSession) -> Any:
+    url = session.settings.api_url
+    return api_json(session.get_with_one_refresh(url), url)
+
+
 def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
     """Get the memos, authorizing first when there is no usable token and a person is here."""
     session = MemoSession(settings, store)
@@ -2257,35 +2290,6 @@ def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> An
             return call_api(session)
     finally:
         session.close()
-
-
-def _insufficient_scope(response: requests.Response) -> bool:
-    return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
-
-
-def call_api(session: MemoSession) -> Any:
-    url = session.settings.api_url
-    return api_json(session.get_with_one_refresh(url), url)
-
-
-def api_json(response: requests.Response, url: str) -> Any:
-    """The API's JSON, or a ServerError that says what came instead."""
-    status = response.status_code
-    if status == 401:
-        raise ServerError(f"the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL and the "
-                          "server's token settings.")
-    if status == 403:
-        raise ServerError(f"the API at {url} refused access (403 Forbidden): the account or the token's scope lacks "
-                          "permission (check OAUTH_SCOPE, then --logout and run again).")
-    if status >= 400:
-        raise ServerError(f"the API at {url} answered {status} {response.reason or ''}".rstrip() + ".")
-    if not response.content.strip():
-        raise ServerError(f"the API at {url} answered {status} with an empty body instead of JSON.")
-    try:
-        return response.json()
-    except ValueError:
-        content_type = response.headers.get("Content-Type", "unknown type")
-        raise ServerError(f"the API at {url} answered {status} with {content_type}, not JSON.") from None
 
 
 def print_json(data: Any) -> None:
@@ -2312,6 +2316,28 @@ def _when(timestamp: float) -> str:
         f"{span // 60} min {span % 60} s" if span >= 60 else f"{span} s")
     relative = f"in {human}" if delta >= 0 else f"{human} ago"
     return f"{moment:%Y-%m-%d %H:%M:%S %Z} ({relative})"
+
+
+def endpoint_lines(settings: Settings) -> list[str]:
+    """The issuer, and each endpoint with where it came from (a setting, the metadata, or the default)."""
+    if settings.issuer_explicit:
+        fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
+                   else "metadata not fetched yet; the next run fetches it")
+        lines = [f"Issuer:        {settings.issuer} (OAUTH_ISSUER; {fetched})"]
+    else:
+        lines = [f"Issuer:        {settings.issuer} (from OAUTH_SERVER_URL; no metadata is fetched)"]
+    labels = {"explicit": "set explicitly", "metadata": "from the metadata", "default": "default"}
+    for attribute, key, _name in ENDPOINTS:
+        url = getattr(settings, attribute)
+        source = settings.source(attribute)
+        if source == "default" and settings.issuer_explicit:
+            source_text = "default; not in the metadata" if settings.metadata_fetched_at else "default for now"
+        else:
+            source_text = labels[source]
+        title = {"authorize_url": "Authorize:", "token_url": "Token:", "revoke_url": "Revoke:",
+                 "device_authorization_url": "Device auth:"}[attribute]
+        lines.append(f"{title:<15}{url or 'none'} ({source_text}; {key})")
+    return lines
 
 
 def command_status(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
@@ -2348,26 +2374,45 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     return 0
 
 
-def endpoint_lines(settings: Settings) -> list[str]:
-    """The issuer, and each endpoint with where it came from (a setting, the metadata, or the default)."""
-    if settings.issuer_explicit:
-        fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
-                   else "metadata not fetched yet; the next run fetches it")
-        lines = [f"Issuer:        {settings.issuer} (OAUTH_ISSUER; {fetched})"]
-    else:
-        lines = [f"Issuer:        {settings.issuer} (from OAUTH_SERVER_URL; no metadata is fetched)"]
-    labels = {"explicit": "set explicitly", "metadata": "from the metadata", "default": "default"}
-    for attribute, key, _name in ENDPOINTS:
-        url = getattr(settings, attribute)
-        source = settings.source(attribute)
-        if source == "default" and settings.issuer_explicit:
-            source_text = "default; not in the metadata" if settings.metadata_fetched_at else "default for now"
-        else:
-            source_text = labels[source]
-        title = {"authorize_url": "Authorize:", "token_url": "Token:", "revoke_url": "Revoke:",
-                 "device_authorization_url": "Device auth:"}[attribute]
-        lines.append(f"{title:<15}{url or 'none'} ({source_text}; {key})")
-    return lines
+def _oauth_error(response: requests.Response) -> str:
+    """The `error` of an OAuth JSON error body, or "" when there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) and error.isprintable() and len(error) < 100 else ""
+
+
+def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
+    """Revoke the refresh token, then the access token; the error code when the access token could not be.
+
+    Raises (the caller keeps the file) for anything else that means the grant may live on.
+    """
+    refresh_revoked = False
+    for kind in ("refresh_token", "access_token"):
+        value = session.token.get(kind)
+        if not value:
+            continue
+        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
+        if response.status_code == 200:
+            refresh_revoked = refresh_revoked or kind == "refresh_token"
+            continue
+        error = _oauth_error(response)
+        if kind == "access_token" and error == "unsupported_token_type" and (
+                refresh_revoked or not session.token.get("refresh_token")):
+            return error  # section 2.2.1: the grant is gone; this token only lives until it expires
+        if error == "invalid_client" or (response.status_code == 401 and not settings.client_secret):
+            if not settings.client_secret:
+                raise ConfigError(missing_secret_message(settings.revoke_url, error or "401") + " The token file "
+                                  "was kept.")
+            raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
+                              "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
+        session.endpoint_failed("revoke_url")
+        detail = f" ({error})" if error else ""
+        raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
+                          f"{response.reason or ''}".rstrip() + f"{detail}; the token file was kept.")
+    return None
 
 
 def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
@@ -2408,47 +2453,6 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
         return 0
     finally:
         session.close()
-
-
-def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
-    """Revoke the refresh token, then the access token; the error code when the access token could not be.
-
-    Raises (the caller keeps the file) for anything else that means the grant may live on.
-    """
-    refresh_revoked = False
-    for kind in ("refresh_token", "access_token"):
-        value = session.token.get(kind)
-        if not value:
-            continue
-        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
-        if response.status_code == 200:
-            refresh_revoked = refresh_revoked or kind == "refresh_token"
-            continue
-        error = _oauth_error(response)
-        if kind == "access_token" and error == "unsupported_token_type" and (
-                refresh_revoked or not session.token.get("refresh_token")):
-            return error  # section 2.2.1: the grant is gone; this token only lives until it expires
-        if error == "invalid_client" or (response.status_code == 401 and not settings.client_secret):
-            if not settings.client_secret:
-                raise ConfigError(missing_secret_message(settings.revoke_url, error or "401") + " The token file "
-                                  "was kept.")
-            raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
-                              "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
-        session.endpoint_failed("revoke_url")
-        detail = f" ({error})" if error else ""
-        raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
-                          f"{response.reason or ''}".rstrip() + f"{detail}; the token file was kept.")
-    return None
-
-
-def _oauth_error(response: requests.Response) -> str:
-    """The `error` of an OAuth JSON error body, or "" when there is none."""
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, str) and error.isprintable() and len(error) < 100 else ""
 
 
 # ---------------------------------------------------------------------------------------------
