@@ -211,47 +211,69 @@ def request_failed(exc: Exception, url: str, timeout: float, context: str = "") 
 # 1. Settings: defaults, then .env, then the environment, then flags; validated here, once.
 # ---------------------------------------------------------------------------------------------
 
-# Every setting: (environment variable, flag, help). The flag's dest is the lower-case name.
-SETTINGS_HELP: dict[str, tuple[str, str]] = {
-    "CLIENT_ID": ("--client-id", "the OAuth application's client id (required)"),
-    "CLIENT_SECRET": ("", "the application's client secret; leave it unset for a public client (PKCE only, "
-                          "RFC 8252 section 8.4). .env or environment only, never a flag, because other users "
-                          "can read a command line"),
-    "OAUTH_CLIENT_AUTH": ("--client-auth", "how the client authenticates at the token and revocation endpoints: "
-                                           "basic (HTTP Basic, client_secret_basic), post (client_secret_post: "
-                                           "id and secret in the form) or none (public client: client_id in the "
-                                           "form); default basic with a secret, none without"),
-    "OAUTH_ISSUER": ("--issuer", "the authorization server's issuer identifier. When set, every endpoint not "
-                                 "set below comes from its RFC 8414 metadata (cached beside the token for 24 h), "
-                                 "and authorization responses must name it in iss (RFC 9207). Default: "
-                                 "OAUTH_SERVER_URL without a trailing slash, and no metadata is fetched"),
-    "OAUTH_SERVER_URL": ("--server-url", f"the authorization server (default {DEFAULT_SERVER_URL}, or the "
-                                         "origin of OAUTH_ISSUER when that is set)"),
-    "OAUTH_AUTHORIZE_URL": ("--authorize-url", "authorization endpoint (default <server>/oauth/authorize)"),
-    "OAUTH_TOKEN_URL": ("--token-url", "token endpoint (default <server>/oauth/token)"),
-    "OAUTH_REVOKE_URL": ("--revoke-url", "revocation endpoint, RFC 7009 (default <server>/oauth/revoke)"),
-    "OAUTH_DEVICE_AUTHORIZATION_URL": ("--device-authorization-url", "device authorization endpoint, RFC 8628 "
-                                                                     "(default: from the metadata, else none; "
-                                                                     "django-oauth-toolkit: <site>/o/device-"
-                                                                     "authorization/)"),
-    "MEMOS_API_URL": ("--api-url", "the protected JSON API (default <server>/api/memos/)"),
-    "OAUTH_SCOPE": ("--scope", "space-separated scopes to ask for (default read; with offline_access the "
-                               "authorization request also asks for prompt=consent)"),
-    "OAUTH_RESOURCE": ("--resource", "resource indicator, RFC 8707: the URL of the API the token is for, sent "
-                                     "on the authorization and token requests (default: none sent)"),
-    "OAUTH_REDIRECT_URI": ("--redirect-uri", f"redirect URI registered for the app (default {OOB_REDIRECT_URI}; "
-                                             "a http://127.0.0.1:PORT/... URI catches the redirect itself)"),
-    "OAUTH_TOKEN_FILE": ("--token-file", f"where the token is kept (default {DEFAULT_TOKEN_FILE_NAME} beside "
-                                         "the script; a relative path is relative to the current folder)"),
-    "OAUTH_TIMEOUT": ("--timeout", "seconds each HTTP request may take (default 10)"),
-    "OAUTH_LOGIN_TIMEOUT": ("--login-timeout", "seconds to wait for the browser's redirect, or for the device "
-                                               "flow's approval (default 300)"),
-    "OAUTH_ALLOW_INSECURE_HTTP": ("--allow-insecure-http", "set to 1 to allow plain http to a host that is "
-                                                           "not this machine (tokens then cross the network "
-                                                           "unencrypted)"),
-    "OAUTH_DEVICE_FLOW": ("--device", "set to 1 to authorize with the device flow (RFC 8628): the script shows a "
-                                      "URL and a code to enter on any device, and waits; nothing is typed here, so "
-                                      "it also works without a terminal"),
+class Setting(NamedTuple):
+    """One setting: its flag ("" for none), what an unset or empty value means, and its help."""
+
+    flag: str
+    default: str  # "" where none is sent, or where the help says how it is derived
+    help: str  # "{default}" in it is replaced by the default
+    switch: bool = False  # a flag without a value, meaning "1"
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    def describe(self) -> str:
+        return self.help.replace("{default}", self.default)
+
+
+# Every setting, keyed by its environment (and .env) variable: the flags, the help and the defaults come from here.
+SETTINGS: dict[str, Setting] = {
+    "CLIENT_ID": Setting("--client-id", "", "the OAuth application's client id (required)"),
+    "CLIENT_SECRET": Setting("", "", "the application's client secret; leave it unset for a public client (PKCE "
+                                     "only, RFC 8252 section 8.4). .env or environment only, never a flag, because "
+                                     "other users can read a command line"),
+    "OAUTH_CLIENT_AUTH": Setting("--client-auth", "", "how the client authenticates at the token and revocation "
+                                                      "endpoints: basic (HTTP Basic, client_secret_basic), post "
+                                                      "(client_secret_post: id and secret in the form) or none "
+                                                      "(public client: client_id in the form); default basic with "
+                                                      "a secret, none without"),
+    "OAUTH_ISSUER": Setting("--issuer", "", "the authorization server's issuer identifier. When set, every endpoint "
+                                            "not set below comes from its RFC 8414 metadata (cached beside the "
+                                            "token for 24 h), and authorization responses must name it in iss (RFC "
+                                            "9207). Default: OAUTH_SERVER_URL without a trailing slash, and no "
+                                            "metadata is fetched"),
+    "OAUTH_SERVER_URL": Setting("--server-url", DEFAULT_SERVER_URL, "the authorization server (default {default}, or "
+                                                                    "the origin of OAUTH_ISSUER when that is set)"),
+    "OAUTH_AUTHORIZE_URL": Setting("--authorize-url", "<server>/oauth/authorize",
+                                   "authorization endpoint (default {default})"),
+    "OAUTH_TOKEN_URL": Setting("--token-url", "<server>/oauth/token", "token endpoint (default {default})"),
+    "OAUTH_REVOKE_URL": Setting("--revoke-url", "<server>/oauth/revoke",
+                                "revocation endpoint, RFC 7009 (default {default})"),
+    "OAUTH_DEVICE_AUTHORIZATION_URL": Setting("--device-authorization-url", "", "device authorization endpoint, "
+                                              "RFC 8628 (default: from the metadata, else none; "
+                                              "django-oauth-toolkit: <site>/o/device-authorization/)"),
+    "MEMOS_API_URL": Setting("--api-url", "<server>/api/memos/", "the protected JSON API (default {default})"),
+    "OAUTH_SCOPE": Setting("--scope", "read", "space-separated scopes to ask for (default {default}; with "
+                                              "offline_access the authorization request also asks for "
+                                              "prompt=consent)"),
+    "OAUTH_RESOURCE": Setting("--resource", "", "resource indicator, RFC 8707: the URL of the API the token is for, "
+                                                "sent on the authorization and token requests (default: none sent)"),
+    "OAUTH_REDIRECT_URI": Setting("--redirect-uri", OOB_REDIRECT_URI, "redirect URI registered for the app (default "
+                                                                      "{default}; a http://127.0.0.1:PORT/... URI "
+                                                                      "catches the redirect itself)"),
+    "OAUTH_TOKEN_FILE": Setting("--token-file", DEFAULT_TOKEN_FILE_NAME, "where the token is kept (default {default} "
+                                                                         "beside the script; a relative path is "
+                                                                         "relative to the current folder)"),
+    "OAUTH_TIMEOUT": Setting("--timeout", "10", "seconds each HTTP request may take (default {default})"),
+    "OAUTH_LOGIN_TIMEOUT": Setting("--login-timeout", "300", "seconds to wait for the browser's redirect, or for "
+                                                             "the device flow's approval (default {default})"),
+    "OAUTH_ALLOW_INSECURE_HTTP": Setting("--allow-insecure-http", "0", "set to 1 to allow plain http to a host that "
+                                                                       "is not this machine (tokens then cross the "
+                                                                       "network unencrypted)", switch=True),
+    "OAUTH_DEVICE_FLOW": Setting("--device", "0", "set to 1 to authorize with the device flow (RFC 8628): the script "
+                                                  "shows a URL and a code to enter on any device, and waits; nothing "
+                                                  "is typed here, so it also works without a terminal", switch=True),
 }
 
 CLIENT_AUTH_METHODS = ("basic", "post", "none")
@@ -444,14 +466,18 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         raise ConfigError(f"--env-file {env_file} does not exist.")
     from_file = read_env_file(env_file) if env_file.is_file() else {}
     merged.update(from_file)
-    merged.update({key: environ[key] for key in SETTINGS_HELP if key in environ})
-    for key, (flag, _help) in SETTINGS_HELP.items():
-        value = getattr(args, flag[2:].replace("-", "_"), None) if flag else None
+    merged.update({key: environ[key] for key in SETTINGS if key in environ})
+    for key, setting in SETTINGS.items():
+        value = getattr(args, setting.dest, None) if setting.flag else None
         if value is not None and value is not False:
             merged[key] = "1" if value is True else str(value)
 
-    def get(key: str, default: str = "") -> str:
-        return merged.get(key, default).strip()
+    def given(key: str) -> str:
+        return merged.get(key, "").strip()
+
+    def get(key: str) -> str:
+        """The value, or the setting's default when it is unset or empty."""
+        return given(key) or SETTINGS[key].default
 
     if not get("CLIENT_ID"):
         where = "is empty" if "CLIENT_ID" in merged else "is not set"
@@ -466,40 +492,33 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     if client_auth != "none" and not client_secret:
         raise ConfigError(f"OAUTH_CLIENT_AUTH={client_auth} needs CLIENT_SECRET, which is not set. Set it in .env "
                           "beside fetch_memos.py, or use OAUTH_CLIENT_AUTH=none for a public client.")
-    allow_insecure = _truthy(get("OAUTH_ALLOW_INSECURE_HTTP", "0"))
+    allow_insecure = _truthy(get("OAUTH_ALLOW_INSECURE_HTTP"))
     issuer_explicit = bool(get("OAUTH_ISSUER"))
     issuer = _check_issuer(get("OAUTH_ISSUER"), allow_insecure) if issuer_explicit else ""
-    default_server = _origin_url(issuer) if issuer_explicit else DEFAULT_SERVER_URL
-    server_url = _check_url("OAUTH_SERVER_URL", get("OAUTH_SERVER_URL") or default_server, allow_insecure)
+    server_url = given("OAUTH_SERVER_URL") or (_origin_url(issuer) if issuer_explicit else get("OAUTH_SERVER_URL"))
+    server_url = _check_url("OAUTH_SERVER_URL", server_url, allow_insecure)
     if not issuer_explicit:
         issuer = server_url.rstrip("/")  # only this default drops the slash; OAUTH_ISSUER is compared as set
     base = server_url.rstrip("/")
-    urls = {
-        "OAUTH_AUTHORIZE_URL": base + "/oauth/authorize",
-        "OAUTH_TOKEN_URL": base + "/oauth/token",
-        "OAUTH_REVOKE_URL": base + "/oauth/revoke",
-        "OAUTH_DEVICE_AUTHORIZATION_URL": "",
-        "MEMOS_API_URL": base + "/api/memos/",
-    }
-    sources = {}
-    for attribute, key, _metadata_field in ENDPOINTS:
-        sources[attribute] = "explicit" if get(key) else "default"
-    for key, default in urls.items():
-        value = get(key) or default
+    sources = {attribute: "explicit" if given(key) else "default" for attribute, key, _field in ENDPOINTS}
+    urls = {}
+    for key in ("OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL",
+                "MEMOS_API_URL"):
+        value = get(key).replace("<server>", base)
         urls[key] = _check_url(key, value, allow_insecure) if value else ""
     resource = get("OAUTH_RESOURCE")
     if resource:
         resource = _check_url("OAUTH_RESOURCE", resource, allow_insecure)
 
-    redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI") or OOB_REDIRECT_URI)
+    redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI"))
     if getattr(args, "loopback", None) is not None:
         redirect_uri = f"http://127.0.0.1:{args.loopback}/callback"
-    scope = tuple((get("OAUTH_SCOPE") or "read").replace(",", " ").split())
+    scope = tuple(get("OAUTH_SCOPE").replace(",", " ").split())
     if not scope:
         raise ConfigError(f"OAUTH_SCOPE={get('OAUTH_SCOPE')!r} names no scope; set it to e.g. read.")
     try:
-        token_file = Path(get("OAUTH_TOKEN_FILE")).expanduser() if get("OAUTH_TOKEN_FILE") else (
-            SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
+        token_file = Path(given("OAUTH_TOKEN_FILE")).expanduser() if given("OAUTH_TOKEN_FILE") else (
+            SCRIPT_DIR / get("OAUTH_TOKEN_FILE"))
     except RuntimeError as exc:  # ~user that does not exist
         raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
     if from_file:  # after validation: a run stopped by a configuration error says only that
@@ -515,10 +534,10 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         scope=scope,
         redirect_uri=redirect_uri,
         token_file=token_file.absolute(),
-        timeout=_positive_seconds("OAUTH_TIMEOUT", get("OAUTH_TIMEOUT") or "10"),
-        login_timeout=_positive_seconds("OAUTH_LOGIN_TIMEOUT", get("OAUTH_LOGIN_TIMEOUT") or "300"),
+        timeout=_positive_seconds("OAUTH_TIMEOUT", get("OAUTH_TIMEOUT")),
+        login_timeout=_positive_seconds("OAUTH_LOGIN_TIMEOUT", get("OAUTH_LOGIN_TIMEOUT")),
         allow_insecure_http=allow_insecure,
-        device_flow=_truthy(get("OAUTH_DEVICE_FLOW", "0")),
+        device_flow=_truthy(get("OAUTH_DEVICE_FLOW")),
         open_browser=not getattr(args, "no_browser", False),
         debug=bool(getattr(args, "debug", False)),
         client_auth=client_auth,
@@ -2463,9 +2482,9 @@ def _settings_help() -> str:
     import textwrap
 
     lines = ["configuration (a flag beats the environment, which beats .env beside the script):"]
-    for key, (flag, text) in SETTINGS_HELP.items():
-        lines.append(f"  {key}" + (f" / {flag}" if flag else ""))
-        lines.extend(f"      {line}" for line in textwrap.wrap(text, 76))
+    for key, setting in SETTINGS.items():
+        lines.append(f"  {key}" + (f" / {setting.flag}" if setting.flag else ""))
+        lines.extend(f"      {line}" for line in textwrap.wrap(setting.describe(), 76))
     return "\n".join(lines)
 
 
@@ -2483,7 +2502,8 @@ output:
 
 exit codes:
   0    success
-  1    the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON)
+  1    the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON),
+       or another run held the token file's lock for over 60 s (try again)
   2    usage or configuration error (missing variable, bad URL, http to a remote host,
        client credentials rejected)
   3    authorization failed or needs a person (bad/expired code, denied, state mismatch,
@@ -2492,27 +2512,37 @@ exit codes:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Builds the long epilog (every setting, wrapped) only when help is shown, not on every run."""
+
+    def format_help(self) -> str:
+        self.epilog = _settings_help() + "\n\n" + EPILOG
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fetch_memos.py",
         description="Fetch your memos from an OAuth 2.0 protected API (Doorkeeper, django-oauth-toolkit, ...) "
                     "and print them as JSON.",
-        epilog=_settings_help() + "\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(command="fetch")
     commands = parser.add_mutually_exclusive_group()
-    commands.add_argument("--status", action="store_true", help="show the stored token (no secrets) and exit")
-    commands.add_argument("--logout", action="store_true",
+    commands.add_argument("--status", dest="command", action="store_const", const="status",
+                          help="show the stored token (no secrets) and exit")
+    commands.add_argument("--logout", dest="command", action="store_const", const="logout",
                           help="revoke the grant at the server (RFC 7009) and delete the token file")
     parser.add_argument("--env-file", metavar="PATH", help="read settings from this file instead of .env beside "
                                                            "the script")
-    for key, (flag, text) in SETTINGS_HELP.items():
-        if not flag:
+    for key, setting in SETTINGS.items():
+        if not setting.flag:
             continue
-        if key in ("OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_DEVICE_FLOW"):
-            parser.add_argument(flag, action="store_true", default=None, help=text.replace("set to 1 to ", ""))
+        if setting.switch:
+            parser.add_argument(setting.flag, action="store_true", default=None,
+                                help=setting.describe().replace("set to 1 to ", ""))
         else:
-            parser.add_argument(flag, metavar=key, help=f"{text} [{key}]")
+            parser.add_argument(setting.flag, metavar=key, help=f"{setting.describe()} [{key}]")
     parser.add_argument("--loopback", metavar="PORT", nargs="?", const=0, type=int,
                         help="catch the browser's redirect on http://127.0.0.1:PORT/callback (RFC 8252) instead "
                              "of pasting a code; without PORT a free port is chosen")
@@ -2547,7 +2577,17 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-COMMANDS = {"status": command_status, "logout": command_logout, "fetch": command_fetch}
+class Command(NamedTuple):
+    run: Callable[[Settings, TokenStore, Terminal], int]
+    uses_network: bool  # False: endpoints come from the cache or the settings, never a request (--status)
+
+
+# The parser's dest="command" names one of these.
+COMMANDS: dict[str, Command] = {
+    "fetch": Command(command_fetch, uses_network=True),
+    "status": Command(command_status, uses_network=False),
+    "logout": Command(command_logout, uses_network=True),
+}
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -2561,9 +2601,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         remember_secret(settings.client_secret)
         store = TokenStore(settings.token_file)
         terminal = Terminal(interactive=person_can_authorize(settings, sys.stdin), environ=environ)
-        command = "status" if args.status else "logout" if args.logout else "fetch"
-        settings = resolve_endpoints(settings, fetch=command != "status")  # --status never touches the network
-        return COMMANDS[command](settings, store, terminal)
+        command = COMMANDS[args.command]
+        settings = resolve_endpoints(settings, fetch=command.uses_network)
+        return command.run(settings, store, terminal)
     except FetchMemosError as exc:
         print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
