@@ -367,11 +367,15 @@ def _split_url(value: str) -> Any:
     return parts
 
 
-def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
+def _parse_url(name: str, value: str) -> Any:
     try:
-        parts = _split_url(value)
+        return _split_url(value)
     except ValueError as exc:
         raise ConfigError(f"{name}={value!r} is not a valid URL ({exc}).") from None
+
+
+def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
+    parts = _parse_url(name, value)
     if parts.scheme not in ("http", "https") or not parts.hostname or not value.isprintable() or " " in value:
         raise ConfigError(f"{name}={value!r} is not a valid URL; expected something like https://memos.example.com.")
     if parts.fragment:
@@ -391,10 +395,7 @@ def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
 def _check_redirect_uri(value: str) -> str:
     if value == OOB_REDIRECT_URI:
         return value
-    try:
-        parts = _split_url(value)
-    except ValueError as exc:
-        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL ({exc}).") from None
+    parts = _parse_url("OAUTH_REDIRECT_URI", value)
     if parts.scheme != "http" or not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"OAUTH_REDIRECT_URI={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
@@ -1816,36 +1817,39 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
         line.end()  # the error message gets a line of its own
         raise
     line.end()
-    token = session.take_new_token(token)
-    say("Authorized.")
-    return token
+    return session.take_new_token(token)
+
+
+def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> str:
+    """The authorization code grant's code, pasted by the person or caught by the loopback listener."""
+    if settings.is_oob:
+        url, state = session.authorization_url(settings.authorize_url)
+        show_authorization_url(url, opened=False)
+        return read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+    listener = LoopbackListener(settings.redirect_uri)
+    try:
+        session.redirect_uri = listener.redirect_uri
+        url, state = session.authorization_url(settings.authorize_url)
+        listener.expected_state = state
+        listener.expected_issuer = settings.issuer
+        listener.issuer_required = settings.issuer_required
+        show_authorization_url(url, opened=open_in_browser(url, settings, environ))
+        say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
+            "paste the address it ends up on here and press Enter:")
+        prompt()
+        return listener.wait(settings.login_timeout, read_terminal=True)
+    finally:
+        listener.close()
 
 
 def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
     """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
     if settings.device_flow:
-        return authorize_with_device(session, settings, environ)
-    if settings.is_oob:
-        url, state = session.authorization_url(settings.authorize_url)
-        show_authorization_url(url, opened=False)
-        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+        token = authorize_with_device(session, settings, environ)
     else:
-        listener = LoopbackListener(settings.redirect_uri)
-        try:
-            session.redirect_uri = listener.redirect_uri
-            url, state = session.authorization_url(settings.authorize_url)
-            listener.expected_state = state
-            listener.expected_issuer = settings.issuer
-            listener.issuer_required = settings.issuer_required
-            show_authorization_url(url, opened=open_in_browser(url, settings, environ))
-            say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
-                "paste the address it ends up on here and press Enter:")
-            prompt()
-            code = listener.wait(settings.login_timeout, read_terminal=True)
-        finally:
-            listener.close()
-    remember_secret(code)
-    token = session.exchange_code(code)
+        code = read_code(session, settings, environ)
+        remember_secret(code)
+        token = session.exchange_code(code)
     say("Authorized.")
     return token
 
