@@ -26,6 +26,7 @@ import contextlib
 import datetime as _dt
 import errno
 import functools
+import io
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -93,7 +94,7 @@ class TransientServerError(ServerError):
 
 
 class AuthorizationDenied(AuthorizationError):
-    """The person refused access at the server (RFC 8628 section 3.5 access_denied)."""
+    """The person refused access (access_denied: RFC 6749 section 4.1.2.1, RFC 8628 section 3.5)."""
 
 
 class DeviceCodeExpired(AuthorizationError):
@@ -102,6 +103,26 @@ class DeviceCodeExpired(AuthorizationError):
 
 class NoDeviceEndpoint(ConfigError):
     """The device flow was chosen, but no device authorization endpoint is known."""
+
+
+class TokenNotSaved(FetchMemosError):
+    """Saving failed; the caller decides whether the run can still succeed."""
+
+    exit_code = 1
+
+
+class TokenFileBusy(FetchMemosError):
+    """Another run held the token file's lock for longer than we wait: nothing failed, so try again later.
+
+    Exit 1 like a server failure (the run did not get its memos, and another try will do), but its own
+    class: the server is not at fault.
+    """
+
+    exit_code = 1
+
+
+class BadTokenFile(Exception):
+    """The file is not a token this script can use; the store sets it aside (never reaches main())."""
 
 
 # Secrets seen during the run; every log record and error message passes through redact().
@@ -137,51 +158,123 @@ def prompt() -> None:
     print("> ", end="", file=sys.stderr, flush=True)
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
+
+
+def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
+    """Say in words what went wrong on the wire, naming the URL."""
+    import requests
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
+    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
+    causes = list(_causes(exc))
+    if any(isinstance(c, lookup_failed) for c in causes):
+        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"cannot reach {url}: connection refused (is the server running?)"
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
+        return f"could not connect to {url} within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
+        return f"{url} did not answer within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"the connection to {url} broke off in the middle of the answer"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"the TLS connection to {url} failed (certificate problem?)"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
+            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
+            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
+                return f"the connection to {url} was reset before an answer arrived"
+            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
+        return f"the connection to {url} broke off before an answer arrived"
+    return f"the request to {url} failed ({type(exc).__name__})"
+
+
+def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
+    """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
+    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Settings: defaults, then .env, then the environment, then flags; validated here, once.
 # ---------------------------------------------------------------------------------------------
 
-# Every setting: (environment variable, flag, help). The flag's dest is the lower-case name.
-SETTINGS_HELP: dict[str, tuple[str, str]] = {
-    "CLIENT_ID": ("--client-id", "the OAuth application's client id (required)"),
-    "CLIENT_SECRET": ("", "the application's client secret; leave it unset for a public client (PKCE only, "
-                          "RFC 8252 section 8.4). .env or environment only, never a flag, because other users "
-                          "can read a command line"),
-    "OAUTH_CLIENT_AUTH": ("--client-auth", "how the client authenticates at the token and revocation endpoints: "
-                                           "basic (HTTP Basic, client_secret_basic), post (client_secret_post: "
-                                           "id and secret in the form) or none (public client: client_id in the "
-                                           "form); default basic with a secret, none without"),
-    "OAUTH_ISSUER": ("--issuer", "the authorization server's issuer identifier. When set, every endpoint not "
-                                 "set below comes from its RFC 8414 metadata (cached beside the token for 24 h), "
-                                 "and authorization responses must name it in iss (RFC 9207). Default: "
-                                 "OAUTH_SERVER_URL without a trailing slash, and no metadata is fetched"),
-    "OAUTH_SERVER_URL": ("--server-url", f"the authorization server (default {DEFAULT_SERVER_URL}, or the "
-                                         "origin of OAUTH_ISSUER when that is set)"),
-    "OAUTH_AUTHORIZE_URL": ("--authorize-url", "authorization endpoint (default <server>/oauth/authorize)"),
-    "OAUTH_TOKEN_URL": ("--token-url", "token endpoint (default <server>/oauth/token)"),
-    "OAUTH_REVOKE_URL": ("--revoke-url", "revocation endpoint, RFC 7009 (default <server>/oauth/revoke)"),
-    "OAUTH_DEVICE_AUTHORIZATION_URL": ("--device-authorization-url", "device authorization endpoint, RFC 8628 "
-                                                                     "(default: from the metadata, else none; "
-                                                                     "django-oauth-toolkit: <site>/o/device-"
-                                                                     "authorization/)"),
-    "MEMOS_API_URL": ("--api-url", "the protected JSON API (default <server>/api/memos/)"),
-    "OAUTH_SCOPE": ("--scope", "space-separated scopes to ask for (default read; with offline_access the "
-                               "authorization request also asks for prompt=consent)"),
-    "OAUTH_RESOURCE": ("--resource", "resource indicator, RFC 8707: the URL of the API the token is for, sent "
-                                     "on the authorization and token requests (default: none sent)"),
-    "OAUTH_REDIRECT_URI": ("--redirect-uri", f"redirect URI registered for the app (default {OOB_REDIRECT_URI}; "
-                                             "a http://127.0.0.1:PORT/... URI catches the redirect itself)"),
-    "OAUTH_TOKEN_FILE": ("--token-file", f"where the token is kept (default {DEFAULT_TOKEN_FILE_NAME} beside "
-                                         "the script; a relative path is relative to the current folder)"),
-    "OAUTH_TIMEOUT": ("--timeout", "seconds each HTTP request may take (default 10)"),
-    "OAUTH_LOGIN_TIMEOUT": ("--login-timeout", "seconds to wait for the browser's redirect, or for the device "
-                                               "flow's approval (default 300)"),
-    "OAUTH_ALLOW_INSECURE_HTTP": ("--allow-insecure-http", "set to 1 to allow plain http to a host that is "
-                                                           "not this machine (tokens then cross the network "
-                                                           "unencrypted)"),
-    "OAUTH_DEVICE_FLOW": ("--device", "set to 1 to authorize with the device flow (RFC 8628): the script shows a "
-                                      "URL and a code to enter on any device, and waits; nothing is typed here, so "
-                                      "it also works without a terminal"),
+class Setting(NamedTuple):
+    """One setting: its flag ("" for none), what an unset or empty value means, and its help."""
+
+    flag: str
+    default: str  # "" where none is sent, or where the help says how it is derived
+    help: str  # "{default}" in it is replaced by the default
+    switch: bool = False  # a flag without a value, meaning "1"
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    def describe(self) -> str:
+        return self.help.replace("{default}", self.default)
+
+
+# Every setting, keyed by its environment (and .env) variable: the flags, the help and the defaults come from here.
+SETTINGS: dict[str, Setting] = {
+    "CLIENT_ID": Setting("--client-id", "", "the OAuth application's client id (required)"),
+    "CLIENT_SECRET": Setting("", "", "the application's client secret; leave it unset for a public client (PKCE "
+                                     "only, RFC 8252 section 8.4). .env or environment only, never a flag, because "
+                                     "other users can read a command line"),
+    "OAUTH_CLIENT_AUTH": Setting("--client-auth", "", "how the client authenticates at the token and revocation "
+                                                      "endpoints: basic (HTTP Basic, client_secret_basic), post "
+                                                      "(client_secret_post: id and secret in the form) or none "
+                                                      "(public client: client_id in the form); default basic with "
+                                                      "a secret, none without"),
+    "OAUTH_ISSUER": Setting("--issuer", "", "the authorization server's issuer identifier. When set, every endpoint "
+                                            "not set below comes from its RFC 8414 metadata (cached beside the "
+                                            "token for 24 h), and authorization responses must name it in iss (RFC "
+                                            "9207). Default: OAUTH_SERVER_URL without a trailing slash, and no "
+                                            "metadata is fetched"),
+    "OAUTH_SERVER_URL": Setting("--server-url", DEFAULT_SERVER_URL, "the authorization server (default {default}, or "
+                                                                    "the origin of OAUTH_ISSUER when that is set)"),
+    "OAUTH_AUTHORIZE_URL": Setting("--authorize-url", "<server>/oauth/authorize",
+                                   "authorization endpoint (default {default})"),
+    "OAUTH_TOKEN_URL": Setting("--token-url", "<server>/oauth/token", "token endpoint (default {default})"),
+    "OAUTH_REVOKE_URL": Setting("--revoke-url", "<server>/oauth/revoke",
+                                "revocation endpoint, RFC 7009 (default {default})"),
+    "OAUTH_DEVICE_AUTHORIZATION_URL": Setting("--device-authorization-url", "", "device authorization endpoint, "
+                                              "RFC 8628 (default: from the metadata, else none; "
+                                              "django-oauth-toolkit: <site>/o/device-authorization/)"),
+    "MEMOS_API_URL": Setting("--api-url", "<server>/api/memos/", "the protected JSON API (default {default})"),
+    "OAUTH_SCOPE": Setting("--scope", "read", "space-separated scopes to ask for (default {default}; with "
+                                              "offline_access the authorization request also asks for "
+                                              "prompt=consent)"),
+    "OAUTH_RESOURCE": Setting("--resource", "", "resource indicator, RFC 8707: the URL of the API the token is for, "
+                                                "sent on the authorization and token requests (default: none sent)"),
+    "OAUTH_REDIRECT_URI": Setting("--redirect-uri", OOB_REDIRECT_URI, "redirect URI registered for the app (default "
+                                                                      "{default}; a http://127.0.0.1:PORT/... URI "
+                                                                      "catches the redirect itself)"),
+    "OAUTH_TOKEN_FILE": Setting("--token-file", DEFAULT_TOKEN_FILE_NAME, "where the token is kept (default {default} "
+                                                                         "beside the script; a relative path is "
+                                                                         "relative to the current folder)"),
+    "OAUTH_TIMEOUT": Setting("--timeout", "10", "seconds each HTTP request may take (default {default})"),
+    "OAUTH_LOGIN_TIMEOUT": Setting("--login-timeout", "300", "seconds to wait for the browser's redirect, or for "
+                                                             "the device flow's approval (default {default})"),
+    "OAUTH_ALLOW_INSECURE_HTTP": Setting("--allow-insecure-http", "0", "set to 1 to allow plain http to a host that "
+                                                                       "is not this machine (tokens then cross the "
+                                                                       "network unencrypted)", switch=True),
+    "OAUTH_DEVICE_FLOW": Setting("--device", "0", "set to 1 to authorize with the device flow (RFC 8628): the script "
+                                                  "shows a URL and a code to enter on any device, and waits; nothing "
+                                                  "is typed here, so it also works without a terminal", switch=True),
 }
 
 CLIENT_AUTH_METHODS = ("basic", "post", "none")
@@ -195,9 +288,11 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a run needs to know, validated; nothing after this re-checks it."""
+class Settings(NamedTuple):
+    """Everything a run needs to know, validated; nothing after this re-checks it.
+
+    A NamedTuple, not a frozen dataclass: as immutable, and about 10 M instructions cheaper to define on every run.
+    """
 
     client_id: str
     client_secret: str
@@ -222,7 +317,7 @@ class Settings:
     resource: str = ""  # RFC 8707 resource indicator; "" sends none
     device_authorization_url: str = ""  # "" when unknown
     # Where each endpoint came from: {"token_url": "explicit" | "metadata" | "default", ...}
-    endpoint_sources: Mapping[str, str] = field(default_factory=dict)
+    endpoint_sources: Mapping[str, str] = MappingProxyType({})
     metadata_fetched_at: float | None = None
 
     @property
@@ -275,11 +370,15 @@ def _split_url(value: str) -> Any:
     return parts
 
 
-def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
+def _parse_url(name: str, value: str) -> Any:
     try:
-        parts = _split_url(value)
+        return _split_url(value)
     except ValueError as exc:
         raise ConfigError(f"{name}={value!r} is not a valid URL ({exc}).") from None
+
+
+def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
+    parts = _parse_url(name, value)
     if parts.scheme not in ("http", "https") or not parts.hostname or not value.isprintable() or " " in value:
         raise ConfigError(f"{name}={value!r} is not a valid URL; expected something like https://memos.example.com.")
     if parts.fragment:
@@ -299,10 +398,7 @@ def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
 def _check_redirect_uri(value: str) -> str:
     if value == OOB_REDIRECT_URI:
         return value
-    try:
-        parts = _split_url(value)
-    except ValueError as exc:
-        raise ConfigError(f"OAUTH_REDIRECT_URI={value!r} is not a valid URL ({exc}).") from None
+    parts = _parse_url("OAUTH_REDIRECT_URI", value)
     if parts.scheme != "http" or not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"OAUTH_REDIRECT_URI={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
@@ -328,10 +424,13 @@ def _truthy(value: str) -> bool:
 def read_env_file(path: Path) -> dict[str, str]:
     """Values from a .env file, without touching os.environ (the tests import this module)."""
     try:
+        text = path.read_bytes().decode("utf-8")
+        if "=" not in text:
+            return {}  # nothing to assign (e.g. an empty file): spare the run importing python-dotenv
         from dotenv import dotenv_values
 
         # No ${VAR} interpolation: a secret may contain "$", and values must mean what they say.
-        values = dotenv_values(path, interpolate=False, encoding="utf-8")
+        values = dotenv_values(stream=io.StringIO(text), interpolate=False)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}.") from None
     except UnicodeDecodeError:
@@ -353,6 +452,19 @@ def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
              f"make it private: chmod 600 {env_file}")
 
 
+def _check_issuer(value: str, allow_insecure_http: bool) -> str:
+    """RFC 8414 section 2: an https URL (http only where _check_url allows it) with no query or fragment."""
+    _check_url("OAUTH_ISSUER", value, allow_insecure_http)
+    if urlsplit(value).query:
+        raise ConfigError(f"OAUTH_ISSUER={value!r} must not contain a ?query (RFC 8414 section 2).")
+    return value
+
+
+def _origin_url(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Merge defaults < .env < environment < flags, then validate everything in one place."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
@@ -361,14 +473,18 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         raise ConfigError(f"--env-file {env_file} does not exist.")
     from_file = read_env_file(env_file) if env_file.is_file() else {}
     merged.update(from_file)
-    merged.update({key: environ[key] for key in SETTINGS_HELP if key in environ})
-    for key, (flag, _help) in SETTINGS_HELP.items():
-        value = getattr(args, flag[2:].replace("-", "_"), None) if flag else None
+    merged.update({key: environ[key] for key in SETTINGS if key in environ})
+    for key, setting in SETTINGS.items():
+        value = getattr(args, setting.dest, None) if setting.flag else None
         if value is not None and value is not False:
             merged[key] = "1" if value is True else str(value)
 
-    def get(key: str, default: str = "") -> str:
-        return merged.get(key, default).strip()
+    def given(key: str) -> str:
+        return merged.get(key, "").strip()
+
+    def get(key: str) -> str:
+        """The value, or the setting's default when it is unset or empty."""
+        return given(key) or SETTINGS[key].default
 
     if not get("CLIENT_ID"):
         where = "is empty" if "CLIENT_ID" in merged else "is not set"
@@ -383,40 +499,33 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     if client_auth != "none" and not client_secret:
         raise ConfigError(f"OAUTH_CLIENT_AUTH={client_auth} needs CLIENT_SECRET, which is not set. Set it in .env "
                           "beside fetch_memos.py, or use OAUTH_CLIENT_AUTH=none for a public client.")
-    allow_insecure = _truthy(get("OAUTH_ALLOW_INSECURE_HTTP", "0"))
+    allow_insecure = _truthy(get("OAUTH_ALLOW_INSECURE_HTTP"))
     issuer_explicit = bool(get("OAUTH_ISSUER"))
     issuer = _check_issuer(get("OAUTH_ISSUER"), allow_insecure) if issuer_explicit else ""
-    default_server = _origin_url(issuer) if issuer_explicit else DEFAULT_SERVER_URL
-    server_url = _check_url("OAUTH_SERVER_URL", get("OAUTH_SERVER_URL") or default_server, allow_insecure)
+    server_url = given("OAUTH_SERVER_URL") or (_origin_url(issuer) if issuer_explicit else get("OAUTH_SERVER_URL"))
+    server_url = _check_url("OAUTH_SERVER_URL", server_url, allow_insecure)
     if not issuer_explicit:
         issuer = server_url.rstrip("/")  # only this default drops the slash; OAUTH_ISSUER is compared as set
     base = server_url.rstrip("/")
-    urls = {
-        "OAUTH_AUTHORIZE_URL": base + "/oauth/authorize",
-        "OAUTH_TOKEN_URL": base + "/oauth/token",
-        "OAUTH_REVOKE_URL": base + "/oauth/revoke",
-        "OAUTH_DEVICE_AUTHORIZATION_URL": "",
-        "MEMOS_API_URL": base + "/api/memos/",
-    }
-    sources = {}
-    for attribute, key, _metadata_field in ENDPOINTS:
-        sources[attribute] = "explicit" if get(key) else "default"
-    for key, default in urls.items():
-        value = get(key) or default
+    sources = {attribute: "explicit" if given(key) else "default" for attribute, key, _field in ENDPOINTS}
+    urls = {}
+    for key in ("OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL",
+                "MEMOS_API_URL"):
+        value = get(key).replace("<server>", base)
         urls[key] = _check_url(key, value, allow_insecure) if value else ""
     resource = get("OAUTH_RESOURCE")
     if resource:
         resource = _check_url("OAUTH_RESOURCE", resource, allow_insecure)
 
-    redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI") or OOB_REDIRECT_URI)
+    redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI"))
     if getattr(args, "loopback", None) is not None:
         redirect_uri = f"http://127.0.0.1:{args.loopback}/callback"
-    scope = tuple((get("OAUTH_SCOPE") or "read").replace(",", " ").split())
+    scope = tuple(get("OAUTH_SCOPE").replace(",", " ").split())
     if not scope:
         raise ConfigError(f"OAUTH_SCOPE={get('OAUTH_SCOPE')!r} names no scope; set it to e.g. read.")
     try:
-        token_file = Path(get("OAUTH_TOKEN_FILE")).expanduser() if get("OAUTH_TOKEN_FILE") else (
-            SCRIPT_DIR / DEFAULT_TOKEN_FILE_NAME)
+        token_file = Path(given("OAUTH_TOKEN_FILE")).expanduser() if given("OAUTH_TOKEN_FILE") else (
+            SCRIPT_DIR / get("OAUTH_TOKEN_FILE"))
     except RuntimeError as exc:  # ~user that does not exist
         raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
     if from_file:  # after validation: a run stopped by a configuration error says only that
@@ -432,10 +541,10 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         scope=scope,
         redirect_uri=redirect_uri,
         token_file=token_file.absolute(),
-        timeout=_positive_seconds("OAUTH_TIMEOUT", get("OAUTH_TIMEOUT") or "10"),
-        login_timeout=_positive_seconds("OAUTH_LOGIN_TIMEOUT", get("OAUTH_LOGIN_TIMEOUT") or "300"),
+        timeout=_positive_seconds("OAUTH_TIMEOUT", get("OAUTH_TIMEOUT")),
+        login_timeout=_positive_seconds("OAUTH_LOGIN_TIMEOUT", get("OAUTH_LOGIN_TIMEOUT")),
         allow_insecure_http=allow_insecure,
-        device_flow=_truthy(get("OAUTH_DEVICE_FLOW", "0")),
+        device_flow=_truthy(get("OAUTH_DEVICE_FLOW")),
         open_browser=not getattr(args, "no_browser", False),
         debug=bool(getattr(args, "debug", False)),
         client_auth=client_auth,
@@ -445,19 +554,6 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         device_authorization_url=urls["OAUTH_DEVICE_AUTHORIZATION_URL"],
         endpoint_sources=sources,
     )
-
-
-def _check_issuer(value: str, allow_insecure_http: bool) -> str:
-    """RFC 8414 section 2: an https URL (http only where _check_url allows it) with no query or fragment."""
-    _check_url("OAUTH_ISSUER", value, allow_insecure_http)
-    if urlsplit(value).query:
-        raise ConfigError(f"OAUTH_ISSUER={value!r} must not contain a ?query (RFC 8414 section 2).")
-    return value
-
-
-def _origin_url(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,8 +642,8 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
             response = requests.get(url, timeout=settings.timeout, headers={
                 "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
         except requests.exceptions.RequestException as exc:
-            raise ServerError(_describe_request_error(exc, url, settings.timeout) + " (fetching the server "
-                              "metadata of OAUTH_ISSUER).") from None
+            raise request_failed(exc, url, settings.timeout,
+                                 " (fetching the server metadata of OAUTH_ISSUER)") from None
         log.debug("GET %s -> %s", url, response.status_code)
         if response.status_code >= 500:
             server_failed = True
@@ -587,7 +683,7 @@ def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
             continue
         changes[attribute] = _check_url(f"the metadata's {name}", url, settings.allow_insecure_http)
         sources[attribute] = "metadata"
-    return replace(settings, **changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
+    return settings._replace(**changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
                    issuer_required=bool(record.get("authorization_response_iss_parameter_supported")))
 
 
@@ -636,11 +732,13 @@ class _TokenUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused a persistent reference")
 
 
-class BadTokenFile(Exception):
-    """The file is not a token this script can use; the store sets it aside."""
-
-
 MAX_MEMO_INDEX = 4096  # a token needs a few dozen memo slots
+
+
+# Calls, extension-registry and buffer opcodes, and Python 2 byte strings: no token ever needs them.
+_REFUSED_OPCODES = frozenset({"REDUCE", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
+                              "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER",
+                              "STRING", "BINSTRING", "SHORT_BINSTRING"})
 
 
 def _check_opcodes(data: bytes) -> None:
@@ -665,15 +763,8 @@ def _check_opcodes(data: bytes) -> None:
         raise BadTokenFile(f"it is damaged or truncated ({exc})") from None
 
 
-# Calls, extension-registry and buffer opcodes, and Python 2 byte strings: no token ever needs them.
-_REFUSED_OPCODES = frozenset({"REDUCE", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
-                              "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER",
-                              "STRING", "BINSTRING", "SHORT_BINSTRING"})
-
-
 def parse_token_bytes(data: bytes) -> dict[str, Any]:
     """Turn the file's bytes into a token dict, or raise BadTokenFile; never runs code from the file."""
-    import io
 
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise BadTokenFile(f"it is {len(data)} bytes, far more than a token")
@@ -712,6 +803,38 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
     if "scope" in meta and not (isinstance(meta["scope"], list) and all(isinstance(s, str) for s in meta["scope"])):
         raise BadTokenFile(f"its {META_KEY} scope is not a list of text")
     return token
+
+
+def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.get("access_token") == b.get("access_token") and a.get("refresh_token") == b.get("refresh_token")
+
+
+def _file_lock_functions() -> tuple[Any, Any]:
+    """(try_lock, unlock) for an open file descriptor: flock on POSIX, msvcrt.locking on Windows.
+
+    Both locks belong to the open file and die with the process, so a killed run never leaves a stale lock.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        def try_lock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position: always byte 0
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+        def unlock(fd: int) -> None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+        return try_lock, unlock
+    try:
+        import fcntl
+    except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
+        return None, None
+    return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
+
+
+# What a non-blocking lock attempt raises while another run holds the lock (msvcrt: EACCES or EDEADLOCK).
+_LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 
 
 class TokenStore:
@@ -850,8 +973,8 @@ class TokenStore:
                         raise
                     if time.monotonic() > deadline:
                         handle.close()
-                        raise ServerError(f"another fetch_memos run has held {self.lock_path} for over "
-                                          f"{wait:g} s; try again when it has finished.") from None
+                        raise TokenFileBusy(f"another fetch_memos run has held {self.lock_path} for over "
+                                            f"{wait:g} s; try again when it has finished.") from None
                     time.sleep(0.02)
         self._lock_depth = 1
         try:
@@ -864,42 +987,11 @@ class TokenStore:
                 handle.close()
 
 
-# What a non-blocking lock attempt raises while another run holds the lock (msvcrt: EACCES or EDEADLOCK).
-_LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
-
-
-def _file_lock_functions() -> tuple[Any, Any]:
-    """(try_lock, unlock) for an open file descriptor: flock on POSIX, msvcrt.locking on Windows.
-
-    Both locks belong to the open file and die with the process, so a killed run never leaves a stale lock.
-    """
-    if sys.platform == "win32":
-        import msvcrt
-
-        def try_lock(fd: int) -> None:
-            os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the current position: always byte 0
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-
-        def unlock(fd: int) -> None:
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
-        return try_lock, unlock
-    try:
-        import fcntl
-    except ImportError:  # neither POSIX nor Windows (e.g. WASI): runs are then not serialised
-        return None, None
-    return (lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: fcntl.flock(fd, fcntl.LOCK_UN))
-
-
-class TokenNotSaved(FetchMemosError):
-    """Saving failed; the caller decides whether the run can still succeed."""
-
-    exit_code = 1
-
-
-def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return a.get("access_token") == b.get("access_token") and a.get("refresh_token") == b.get("refresh_token")
+def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The scope asked for when this grant was obtained, or None when an older version stored none."""
+    meta = token.get(META_KEY)
+    scope = meta.get("scope") if isinstance(meta, dict) else None
+    return tuple(scope) if isinstance(scope, list) else None
 
 
 def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -911,13 +1003,6 @@ def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -
     return {"version": 1, "server_url": settings.server_url, "token_url": settings.token_url,
             "api_url": settings.api_url, "client_id": settings.client_id,
             "scope": list(settings.scope if asked_scope is None else asked_scope)}
-
-
-def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """The scope asked for when this grant was obtained, or None when an older version stored none."""
-    meta = token.get(META_KEY)
-    scope = meta.get("scope") if isinstance(meta, dict) else None
-    return tuple(scope) if isinstance(scope, list) else None
 
 
 def granted_scope(token: Mapping[str, Any], asked: tuple[str, ...]) -> tuple[str, ...]:
@@ -945,6 +1030,14 @@ def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
             f"was obtained (it asked for {' '.join(asked) or 'no scope'})")
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme, (parts.hostname or ""), parts.port
+    except ValueError:  # not a URL we could have written: it matches nothing
+        return "", url, None
+
+
 def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
     """Why a stored token must not be used with these settings, or None when it may."""
     meta = token.get(META_KEY)
@@ -955,14 +1048,6 @@ def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
     if meta.get("client_id") != settings.client_id:
         return "it was issued to a different CLIENT_ID"
     return None
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    try:
-        parts = urlsplit(url)
-        return parts.scheme, (parts.hostname or ""), parts.port
-    except ValueError:  # not a URL we could have written: it matches nothing
-        return "", url, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,13 +1062,18 @@ def _same_text(a: str, b: str) -> bool:
     return secrets.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
-def _raise_authorization_error(error: str, description: str) -> None:
-    """Report an error the authorization endpoint sent back (RFC 6749 section 4.1.2.1)."""
+def access_denied(where: str, then: str = "press Authorize to allow access") -> AuthorizationDenied:
+    """The person refused: the one message for the pasted, loopback and device ways."""
+    return AuthorizationDenied(f"authorization was denied {where}; run again and {then}.")
+
+
+def authorization_refused(error: str, description: str, *, in_browser: bool = False) -> AuthorizationError:
+    """An error the authorization endpoint sent back (RFC 6749 section 4.1.2.1), pasted or caught alike."""
     detail = f" ({description})" if description else ""
     if error == "access_denied":
-        raise AuthorizationError(f"authorization was denied at the server{detail}; run again and press "
-                                 "Authorize to allow access.")
-    raise AuthorizationError(f"the server refused the authorization: {error}{detail}.")
+        # In the browser the person has just pressed Deny there: the server's description adds nothing.
+        return access_denied("in the browser" if in_browser else f"at the server{detail}")
+    return AuthorizationError(f"the server refused the authorization: {error}{detail}.")
 
 
 NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not support {OOB_REDIRECT_URI} "
@@ -1034,7 +1124,7 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
         except ValueError:
             answer = None
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-            _raise_authorization_error(answer["error"], str(answer.get("error_description") or ""))
+            raise authorization_refused(answer["error"], str(answer.get("error_description") or ""))
     looks_like_url = "://" in cleaned or cleaned.startswith("/") or "?" in cleaned or "code=" in cleaned
     if not looks_like_url:
         if not all(0x21 <= ord(ch) <= 0x7E for ch in cleaned):
@@ -1059,7 +1149,7 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
     if params.get("code") or params.get("error"):  # an authorization response; error ones carry iss too (RFC 9207 2)
         check_issuer(params, issuer, issuer_required)
     if params.get("error") and params["error"][0]:
-        _raise_authorization_error(params["error"][0], (params.get("error_description") or [""])[0])
+        raise authorization_refused(params["error"][0], (params.get("error_description") or [""])[0])
     code = (params.get("code") or [""])[0]
     if not code:
         raise AuthorizationError(f"the server gave no code: the pasted address has none in it. {NO_CODE_HINT}")
@@ -1093,6 +1183,19 @@ def should_open_browser(settings: Settings, environ: Mapping[str, str]) -> bool:
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Whatever a program started meanwhile (the browser) prints goes to stderr: stdout carries only the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) -> bool:
     """Open url where should_open_browser() allows it; True when a browser took it."""
     if not should_open_browser(settings, environ):
@@ -1102,6 +1205,14 @@ def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) ->
     with contextlib.suppress(Exception), _stdout_to_stderr():
         return bool(webbrowser.open(url))
     return False
+
+
+def _page(title: str, text: str) -> str:
+    import html
+
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(text)}</p></body></html>")
 
 
 class LoopbackListener:
@@ -1184,12 +1295,7 @@ class LoopbackListener:
         if params.get("error"):
             error = params["error"][0]
             description = (params.get("error_description") or [""])[0]
-            if error == "access_denied":
-                self.result = AuthorizationError("authorization was denied in the browser; run again and press "
-                                                 "Authorize to allow access.")
-            else:
-                detail = f" ({description})" if description else ""
-                self.result = AuthorizationError(f"the server refused the authorization: {error}{detail}.")
+            self.result = authorization_refused(error, description, in_browser=True)
             return 200, _page("Authorization failed", f"The server said: {error}. You can close this tab and "
                                                       "return to the terminal.")
         code = (params.get("code") or [""])[0]
@@ -1258,27 +1364,6 @@ class LoopbackListener:
         self.server.server_close()
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Whatever a program started meanwhile (the browser) prints goes to stderr: stdout carries only the JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _page(title: str, text: str) -> str:
-    import html
-
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(text)}</p></body></html>")
-
-
 def show_authorization_url(url: str, *, opened: bool) -> None:
     """The URL is printed in every mode, also when a browser was opened: the person may want it elsewhere."""
     say("Opened your browser to authorize fetch_memos." if opened
@@ -1288,42 +1373,76 @@ def show_authorization_url(url: str, *, opened: bool) -> None:
     say()
 
 
-def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
-    if settings.device_flow:
-        return authorize_with_device(session, settings, environ)
-    if settings.is_oob:
-        url, state = session.authorization_url(settings.authorize_url)
-        show_authorization_url(url, opened=False)
-        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
-    else:
-        listener = LoopbackListener(settings.redirect_uri)
-        try:
-            session.redirect_uri = listener.redirect_uri
-            url, state = session.authorization_url(settings.authorize_url)
-            listener.expected_state = state
-            listener.expected_issuer = settings.issuer
-            listener.issuer_required = settings.issuer_required
-            show_authorization_url(url, opened=open_in_browser(url, settings, environ))
-            say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
-                "paste the address it ends up on here and press Enter:")
-            prompt()
-            code = listener.wait(settings.login_timeout, read_terminal=True)
-        finally:
-            listener.close()
-    remember_secret(code)
-    token = session.exchange_code(code)
-    say("Authorized.")
-    return token
+# -- What a token endpoint's answer means, for the code exchange, the device flow and a refresh alike.
 
 
-def person_can_authorize(settings: Settings, stdin: Any) -> bool:
-    """A person can be asked to authorize: one is at this terminal, or the device flow was chosen.
+def _granted(token_request: Any) -> dict[str, Any]:
+    """The token a request returned, also when the server granted other scopes than asked.
 
-    The device flow needs nothing typed here (the code goes to stderr), so choosing it explicitly
-    lets a run without a terminal authorize too.
+    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
+    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
     """
-    return settings.device_flow or (stdin is not None and stdin.isatty())
+    try:
+        return dict(token_request())
+    except Warning as scope_change:
+        token = getattr(scope_change, "token", None)
+        if token is None:
+            raise
+        log.debug("the server granted scope %s", token.get("scope"))
+        return dict(token)
+
+
+def missing_secret_message(url: str, error: str) -> str:
+    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
+            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
+            "the application as public.")
+
+
+def _nothing_was_sent(exc: Exception) -> bool:
+    """True when the request cannot have reached the server, so nothing can have been used up there."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
+
+
+def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
+    """One place that says what a failed token request means for the person."""
+    import requests
+    from oauthlib.oauth2.rfc6749 import errors as oauth_errors
+
+    if isinstance(exc, FetchMemosError):
+        return exc
+    if isinstance(exc, requests.exceptions.RequestException):
+        if during == "refresh" and not _nothing_was_sent(exc):
+            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
+                                  "kept; run again (if the server had already used it up, you will be asked to "
+                                  "authorize again)")
+        return request_failed(exc, url, settings.timeout)
+    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
+        return ConfigError(missing_secret_message(url, exc.error))
+    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
+        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
+                           "and CLIENT_SECRET in .env.")
+    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
+        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
+    if isinstance(exc, oauth_errors.InvalidGrantError):
+        if during == "refresh":
+            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
+                             "server).")
+        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
+                                  "Run again to get a new one.")
+    if isinstance(exc, oauth_errors.OAuth2Error):
+        description = f": {exc.description.rstrip('.')}" if exc.description else ""
+        if exc.error in ("missing_token", "missing_token_type"):
+            return ServerError(f"the token endpoint {url} answered without a token{description}.")
+        if exc.error in ("server_error", "temporarily_unavailable"):
+            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
+        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
+    if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
+        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
+    return exc
 
 
 # -- The device authorization grant (RFC 8628): a code the person enters on any device, while we poll.
@@ -1335,8 +1454,7 @@ SLOW_DOWN_STEP = 5.0  # section 3.5: slow_down adds 5 s "for this and all subseq
 DEVICE_POLL_RETRIES = 3  # consecutive connection errors or 5xx answers tolerated while polling
 
 
-@dataclass(frozen=True)
-class Clock:
+class Clock(NamedTuple):
     """The time the device flow waits by; the unit tests substitute a fake one for DEVICE_CLOCK."""
 
     now: Callable[[], float] = time.monotonic
@@ -1346,16 +1464,18 @@ class Clock:
 DEVICE_CLOCK = Clock()
 
 
-@dataclass(frozen=True)
-class DeviceAuthorization:
+class DeviceAuthorization(NamedTuple):
     """The device authorization response (RFC 8628 section 3.2); the device code is a secret."""
 
-    device_code: str = field(repr=False)
+    device_code: str
     user_code: str
     verification_uri: str
     verification_uri_complete: str
     expires_in: float | None
     interval: float
+
+    def __repr__(self) -> str:
+        return f"DeviceAuthorization(user_code={self.user_code!r}, verification_uri={self.verification_uri!r}, ...)"
 
 
 class PollError(NamedTuple):
@@ -1413,6 +1533,18 @@ def _device_endpoint_error(response: requests.Response, answer: dict[str, Any] |
     return AuthorizationError(f"the server refused the device authorization request: {error}{detail}.")
 
 
+def _verification_url(value: object) -> str:
+    """An http(s) URL fit to print and to hand to a browser, or "" (a server must not make us open file:// or
+    print escape sequences)."""
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value or len(value) > 2000:
+        return ""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return ""
+    return value if parts.scheme in ("http", "https") and parts.hostname else ""
+
+
 def request_device_authorization(session: MemoSession, settings: Settings) -> DeviceAuthorization:
     """Ask for a device code and a user code (RFC 8628 section 3.1), with client authentication as configured."""
     url = settings.device_authorization_url
@@ -1455,18 +1587,6 @@ def request_device_authorization(session: MemoSession, settings: Settings) -> De
         expires_in=_seconds_field(answer.get("expires_in")) or None,
         interval=DEVICE_INTERVAL if interval is None else max(interval, DEVICE_MIN_INTERVAL),
     )
-
-
-def _verification_url(value: object) -> str:
-    """An http(s) URL fit to print and to hand to a browser, or "" (a server must not make us open file:// or
-    print escape sequences)."""
-    if not isinstance(value, str) or not value or not value.isprintable() or " " in value or len(value) > 2000:
-        return ""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return ""
-    return value if parts.scheme in ("http", "https") and parts.hostname else ""
 
 
 def readable_user_code(code: str) -> str:
@@ -1558,6 +1678,20 @@ class WaitingLine:
             self._shown = ""
 
 
+def _poll_error(answer: PollError) -> FetchMemosError:
+    detail = f" ({answer.description})" if answer.description else ""
+    if answer.error == "invalid_client":
+        return ConfigError(f"the token endpoint rejected the client credentials (invalid_client{detail}); check "
+                           "CLIENT_ID and CLIENT_SECRET in .env.")
+    if answer.error in ("unauthorized_client", "unsupported_grant_type"):
+        return ConfigError(f"the token endpoint refused the device grant ({answer.error}{detail}); register the "
+                           f"application with the device code grant type ({DEVICE_GRANT_TYPE}).")
+    if answer.error == "invalid_grant":
+        return AuthorizationError(f"the server no longer accepts this device code (invalid_grant{detail}); run "
+                                  "again.")
+    return AuthorizationError(f"the token request failed: {answer.error}{detail}.")
+
+
 class DevicePoller:
     """Polling the token endpoint (RFC 8628 sections 3.4-3.5) as a small state machine.
 
@@ -1630,8 +1764,7 @@ class DevicePoller:
                 if answer.error == "slow_down":
                     self.interval += SLOW_DOWN_STEP
                 elif answer.error == "access_denied":
-                    raise AuthorizationDenied("authorization was denied at the server; run again and approve "
-                                              "access to allow it.")
+                    raise access_denied("at the server", "approve access to allow it")
                 elif answer.error == "expired_token":
                     raise DeviceCodeExpired("the code expired; run again.")
                 elif answer.error != "authorization_pending":  # section 3.5: any other error stops polling
@@ -1639,20 +1772,6 @@ class DevicePoller:
                 wait = self.interval
             if self.now() >= deadline:
                 raise self._expired()
-
-
-def _poll_error(answer: PollError) -> FetchMemosError:
-    detail = f" ({answer.description})" if answer.description else ""
-    if answer.error == "invalid_client":
-        return ConfigError(f"the token endpoint rejected the client credentials (invalid_client{detail}); check "
-                           "CLIENT_ID and CLIENT_SECRET in .env.")
-    if answer.error in ("unauthorized_client", "unsupported_grant_type"):
-        return ConfigError(f"the token endpoint refused the device grant ({answer.error}{detail}); register the "
-                           f"application with the device code grant type ({DEVICE_GRANT_TYPE}).")
-    if answer.error == "invalid_grant":
-        return AuthorizationError(f"the server no longer accepts this device code (invalid_grant{detail}); run "
-                                  "again.")
-    return AuthorizationError(f"the token request failed: {answer.error}{detail}.")
 
 
 def poll_device_token(session: MemoSession, settings: Settings, device_code: str) -> dict[str, Any] | PollError:
@@ -1705,9 +1824,50 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
         line.end()  # the error message gets a line of its own
         raise
     line.end()
-    token = session.take_new_token(token)
+    return session.take_new_token(token)
+
+
+def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> str:
+    """The authorization code grant's code, pasted by the person or caught by the loopback listener."""
+    if settings.is_oob:
+        url, state = session.authorization_url(settings.authorize_url)
+        show_authorization_url(url, opened=False)
+        return read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+    listener = LoopbackListener(settings.redirect_uri)
+    try:
+        session.redirect_uri = listener.redirect_uri
+        url, state = session.authorization_url(settings.authorize_url)
+        listener.expected_state = state
+        listener.expected_issuer = settings.issuer
+        listener.issuer_required = settings.issuer_required
+        show_authorization_url(url, opened=open_in_browser(url, settings, environ))
+        say(f"Waiting for the browser on {listener.redirect_uri} ... If the browser runs on another machine, "
+            "paste the address it ends up on here and press Enter:")
+        prompt()
+        return listener.wait(settings.login_timeout, read_terminal=True)
+    finally:
+        listener.close()
+
+
+def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
+    if settings.device_flow:
+        token = authorize_with_device(session, settings, environ)
+    else:
+        code = read_code(session, settings, environ)
+        remember_secret(code)
+        token = session.exchange_code(code)
     say("Authorized.")
     return token
+
+
+def person_can_authorize(settings: Settings, stdin: Any) -> bool:
+    """A person can be asked to authorize: one is at this terminal, or the device flow was chosen.
+
+    The device flow needs nothing typed here (the code goes to stderr), so choosing it explicitly
+    lets a run without a terminal authorize too.
+    """
+    return settings.device_flow or (stdin is not None and stdin.isatty())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1779,60 +1939,6 @@ def _oauthlib_transport(settings: Settings) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
-        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
-
-
-def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
-    """Say in words what went wrong on the wire, naming the URL."""
-    import requests
-    from urllib3 import exceptions as urllib3_errors
-    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
-
-    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
-    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
-    causes = list(_causes(exc))
-    if any(isinstance(c, lookup_failed) for c in causes):
-        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
-    if any(isinstance(c, ConnectionRefusedError) for c in causes):
-        return f"cannot reach {url}: connection refused (is the server running?)"
-    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
-        return f"could not connect to {url} within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
-        return f"{url} did not answer within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return f"the connection to {url} broke off in the middle of the answer"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return f"the TLS connection to {url} failed (certificate problem?)"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
-            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
-            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
-                return f"the connection to {url} was reset before an answer arrived"
-            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
-        return f"the connection to {url} broke off before an answer arrived"
-    return f"the request to {url} failed ({type(exc).__name__})"
-
-
-def _nothing_was_sent(exc: Exception) -> bool:
-    """True when the request cannot have reached the server, so nothing can have been used up there."""
-    import requests
-    from urllib3.exceptions import NewConnectionError
-
-    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
-        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
-
-
 def _check_token_response(response: requests.Response, settings: Settings) -> requests.Response:
     """Report what the token endpoint really said before oauthlib parses it.
 
@@ -1852,6 +1958,22 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
         raise ServerError(f"the token endpoint {response.url} answered {response.status_code} with {kind}, not a "
                           "token; check OAUTH_TOKEN_URL (or OAUTH_SERVER_URL).")
     return response
+
+
+def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
+    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
+
+    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
+    scope fails at a server that granted less (invalid_scope), on every later refresh.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
+    return url, headers, urlencode(fields)
+
+
+def _insufficient_scope(response: requests.Response) -> bool:
+    return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
 
 
 class MemoSession:
@@ -2037,7 +2159,7 @@ class MemoSession:
                     break
                 except requests.exceptions.ChunkedEncodingError as exc:
                     if spent >= RETRY_ATTEMPTS:
-                        raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+                        raise request_failed(exc, url, self.settings.timeout) from None
                     spent += 1
                     time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
                 except FetchMemosError:
@@ -2046,7 +2168,7 @@ class MemoSession:
                     raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; "
                                       "try again later.") from None
                 except requests.exceptions.RequestException as exc:
-                    raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+                    raise request_failed(exc, url, self.settings.timeout) from None
         finally:
             adapter.max_retries = configured
         log.debug("GET %s -> %s", url, response.status_code)
@@ -2091,7 +2213,7 @@ class MemoSession:
                 return self.oauth.post(url, data={**data, **self._client_auth_fields()}, timeout=self.settings.timeout,
                                        withhold_token=True, auth=self._client_auth())
         except requests.exceptions.RequestException as exc:
-            raise ServerError(_describe_request_error(exc, url, self.settings.timeout) + ".") from None
+            raise request_failed(exc, url, self.settings.timeout) from None
 
     def endpoint_failed(self, endpoint: str) -> None:
         """An endpoint that came from the metadata failed: the cached metadata may be out of date."""
@@ -2108,89 +2230,29 @@ class MemoSession:
         self.oauth.close()
 
 
-def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
-    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
-
-    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
-    scope fails at a server that granted less (invalid_scope), on every later refresh.
-    """
-    from urllib.parse import parse_qsl, urlencode
-
-    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
-    return url, headers, urlencode(fields)
-
-
-def _granted(token_request: Any) -> dict[str, Any]:
-    """The token a request returned, also when the server granted other scopes than asked.
-
-    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
-    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
-    """
-    try:
-        return dict(token_request())
-    except Warning as scope_change:
-        token = getattr(scope_change, "token", None)
-        if token is None:
-            raise
-        log.debug("the server granted scope %s", token.get("scope"))
-        return dict(token)
-
-
-def missing_secret_message(url: str, error: str) -> str:
-    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
-            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
-            "the application as public.")
-
-
-def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
-    """One place that says what a failed token request means for the person."""
-    import requests
-    from oauthlib.oauth2.rfc6749 import errors as oauth_errors
-
-    if isinstance(exc, FetchMemosError):
-        return exc
-    if isinstance(exc, requests.exceptions.RequestException):
-        what = _describe_request_error(exc, url, settings.timeout)
-        if during == "refresh" and not _nothing_was_sent(exc):
-            return ServerError(f"{what} while refreshing the token. The stored token was kept; run again "
-                               "(if the server had already used it up, you will be asked to authorize again).")
-        return ServerError(what + ".")
-    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
-        return ConfigError(missing_secret_message(url, exc.error))
-    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
-        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
-                           "and CLIENT_SECRET in .env.")
-    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
-        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
-    if isinstance(exc, oauth_errors.InvalidGrantError):
-        if during == "refresh":
-            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
-                             "server).")
-        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
-                                  "Run again to get a new one.")
-    if isinstance(exc, oauth_errors.OAuth2Error):
-        description = f": {exc.description.rstrip('.')}" if exc.description else ""
-        if exc.error in ("missing_token", "missing_token_type"):
-            return ServerError(f"the token endpoint {url} answered without a token{description}.")
-        if exc.error in ("server_error", "temporarily_unavailable"):
-            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
-        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
-    if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
-        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
-    return exc
-
-
 # ---------------------------------------------------------------------------------------------
 # 6. Commands: fetch (the default), --status, --logout.
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Terminal:
+def needs_person(reason: str) -> AuthorizationError:
+    """The one message for "authorizing is needed, and no person is at a terminal"."""
+    return AuthorizationError(f"{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
+                              "once.")
+
+
+class Terminal(NamedTuple):
     """Whether a person can be asked to authorize (see person_can_authorize); without one, nothing waits."""
 
     interactive: bool
     environ: Mapping[str, str]
+
+
+def authorize_again(terminal: Terminal, reason: str) -> None:
+    """Say why the stored token is not used, or stop when no person is here to authorize anew."""
+    if not terminal.interactive:
+        raise needs_person(reason)
+    say(f"{reason} Authorizing again.")
 
 
 def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
@@ -2201,55 +2263,15 @@ def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> d
     reason = token_mismatch(token, settings)
     if reason:
         if not terminal.interactive:
-            raise AuthorizationError(f"the stored token cannot be used: {reason}. Authorizing needs a person at a "
-                                     "terminal: run fetch_memos.py interactively once.")
+            raise needs_person(f"the stored token cannot be used: {reason}.")
         aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
         say(f"Not using the stored token: {reason}. It was kept as {aside}.")
         return None
     added = scope_added(token, settings)
     if added:
-        need_person(terminal, f"Not using the stored token: {added}.")
+        authorize_again(terminal, f"Not using the stored token: {added}.")
         return None
     return token
-
-
-def need_person(terminal: Terminal, reason: str) -> None:
-    if not terminal.interactive:
-        raise AuthorizationError(f"{reason} Authorizing needs a person at a terminal: run fetch_memos.py "
-                                 "interactively once.")
-    say(f"{reason} Authorizing again.")
-
-
-def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
-    """Get the memos, authorizing first when there is no usable token and a person is here."""
-    session = MemoSession(settings, store)
-    try:
-        token = stored_token(settings, store, terminal)
-        if token is None:
-            if not terminal.interactive:
-                raise AuthorizationError("no token is stored yet, and authorizing needs a person at a terminal: "
-                                         "run fetch_memos.py interactively once.")
-            authorize(session, settings, terminal.environ)
-        else:
-            session.use(token)
-        try:
-            return call_api(session)
-        except DeadGrant as exc:
-            need_person(terminal, str(exc))
-            session.use({})
-            authorize(session, settings, terminal.environ)
-            return call_api(session)
-    finally:
-        session.close()
-
-
-def _insufficient_scope(response: requests.Response) -> bool:
-    return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
-
-
-def call_api(session: MemoSession) -> Any:
-    url = session.settings.api_url
-    return api_json(session.get_with_one_refresh(url), url)
 
 
 def api_json(response: requests.Response, url: str) -> Any:
@@ -2270,6 +2292,33 @@ def api_json(response: requests.Response, url: str) -> Any:
     except ValueError:
         content_type = response.headers.get("Content-Type", "unknown type")
         raise ServerError(f"the API at {url} answered {status} with {content_type}, not JSON.") from None
+
+
+def call_api(session: MemoSession) -> Any:
+    url = session.settings.api_url
+    return api_json(session.get_with_one_refresh(url), url)
+
+
+def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
+    """Get the memos, authorizing first when there is no usable token and a person is here."""
+    session = MemoSession(settings, store)
+    try:
+        token = stored_token(settings, store, terminal)
+        if token is None:
+            if not terminal.interactive:
+                raise needs_person("no token is stored yet.")
+            authorize(session, settings, terminal.environ)
+        else:
+            session.use(token)
+        try:
+            return call_api(session)
+        except DeadGrant as exc:
+            authorize_again(terminal, str(exc))
+            session.use({})
+            authorize(session, settings, terminal.environ)
+            return call_api(session)
+    finally:
+        session.close()
 
 
 def print_json(data: Any) -> None:
@@ -2296,6 +2345,28 @@ def _when(timestamp: float) -> str:
         f"{span // 60} min {span % 60} s" if span >= 60 else f"{span} s")
     relative = f"in {human}" if delta >= 0 else f"{human} ago"
     return f"{moment:%Y-%m-%d %H:%M:%S %Z} ({relative})"
+
+
+def endpoint_lines(settings: Settings) -> list[str]:
+    """The issuer, and each endpoint with where it came from (a setting, the metadata, or the default)."""
+    if settings.issuer_explicit:
+        fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
+                   else "metadata not fetched yet; the next run fetches it")
+        lines = [f"Issuer:        {settings.issuer} (OAUTH_ISSUER; {fetched})"]
+    else:
+        lines = [f"Issuer:        {settings.issuer} (from OAUTH_SERVER_URL; no metadata is fetched)"]
+    labels = {"explicit": "set explicitly", "metadata": "from the metadata", "default": "default"}
+    for attribute, key, _name in ENDPOINTS:
+        url = getattr(settings, attribute)
+        source = settings.source(attribute)
+        if source == "default" and settings.issuer_explicit:
+            source_text = "default; not in the metadata" if settings.metadata_fetched_at else "default for now"
+        else:
+            source_text = labels[source]
+        title = {"authorize_url": "Authorize:", "token_url": "Token:", "revoke_url": "Revoke:",
+                 "device_authorization_url": "Device auth:"}[attribute]
+        lines.append(f"{title:<15}{url or 'none'} ({source_text}; {key})")
+    return lines
 
 
 def command_status(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
@@ -2332,26 +2403,45 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     return 0
 
 
-def endpoint_lines(settings: Settings) -> list[str]:
-    """The issuer, and each endpoint with where it came from (a setting, the metadata, or the default)."""
-    if settings.issuer_explicit:
-        fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
-                   else "metadata not fetched yet; the next run fetches it")
-        lines = [f"Issuer:        {settings.issuer} (OAUTH_ISSUER; {fetched})"]
-    else:
-        lines = [f"Issuer:        {settings.issuer} (from OAUTH_SERVER_URL; no metadata is fetched)"]
-    labels = {"explicit": "set explicitly", "metadata": "from the metadata", "default": "default"}
-    for attribute, key, _name in ENDPOINTS:
-        url = getattr(settings, attribute)
-        source = settings.source(attribute)
-        if source == "default" and settings.issuer_explicit:
-            source_text = "default; not in the metadata" if settings.metadata_fetched_at else "default for now"
-        else:
-            source_text = labels[source]
-        title = {"authorize_url": "Authorize:", "token_url": "Token:", "revoke_url": "Revoke:",
-                 "device_authorization_url": "Device auth:"}[attribute]
-        lines.append(f"{title:<15}{url or 'none'} ({source_text}; {key})")
-    return lines
+def _oauth_error(response: requests.Response) -> str:
+    """The `error` of an OAuth JSON error body, or "" when there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) and error.isprintable() and len(error) < 100 else ""
+
+
+def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
+    """Revoke the refresh token, then the access token; the error code when the access token could not be.
+
+    Raises (the caller keeps the file) for anything else that means the grant may live on.
+    """
+    refresh_revoked = False
+    for kind in ("refresh_token", "access_token"):
+        value = session.token.get(kind)
+        if not value:
+            continue
+        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
+        if response.status_code == 200:
+            refresh_revoked = refresh_revoked or kind == "refresh_token"
+            continue
+        error = _oauth_error(response)
+        if kind == "access_token" and error == "unsupported_token_type" and (
+                refresh_revoked or not session.token.get("refresh_token")):
+            return error  # section 2.2.1: the grant is gone; this token only lives until it expires
+        if error == "invalid_client" or (response.status_code == 401 and not settings.client_secret):
+            if not settings.client_secret:
+                raise ConfigError(missing_secret_message(settings.revoke_url, error or "401") + " The token file "
+                                  "was kept.")
+            raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
+                              "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
+        session.endpoint_failed("revoke_url")
+        detail = f" ({error})" if error else ""
+        raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
+                          f"{response.reason or ''}".rstrip() + f"{detail}; the token file was kept.")
+    return None
 
 
 def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
@@ -2394,47 +2484,6 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
         session.close()
 
 
-def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
-    """Revoke the refresh token, then the access token; the error code when the access token could not be.
-
-    Raises (the caller keeps the file) for anything else that means the grant may live on.
-    """
-    refresh_revoked = False
-    for kind in ("refresh_token", "access_token"):
-        value = session.token.get(kind)
-        if not value:
-            continue
-        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
-        if response.status_code == 200:
-            refresh_revoked = refresh_revoked or kind == "refresh_token"
-            continue
-        error = _oauth_error(response)
-        if kind == "access_token" and error == "unsupported_token_type" and (
-                refresh_revoked or not session.token.get("refresh_token")):
-            return error  # section 2.2.1: the grant is gone; this token only lives until it expires
-        if error == "invalid_client" or (response.status_code == 401 and not settings.client_secret):
-            if not settings.client_secret:
-                raise ConfigError(missing_secret_message(settings.revoke_url, error or "401") + " The token file "
-                                  "was kept.")
-            raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
-                              "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
-        session.endpoint_failed("revoke_url")
-        detail = f" ({error})" if error else ""
-        raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
-                          f"{response.reason or ''}".rstrip() + f"{detail}; the token file was kept.")
-    return None
-
-
-def _oauth_error(response: requests.Response) -> str:
-    """The `error` of an OAuth JSON error body, or "" when there is none."""
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, str) and error.isprintable() and len(error) < 100 else ""
-
-
 # ---------------------------------------------------------------------------------------------
 # 7. main(): parse flags, run one command, turn our exceptions into one line and an exit code.
 # ---------------------------------------------------------------------------------------------
@@ -2443,9 +2492,9 @@ def _settings_help() -> str:
     import textwrap
 
     lines = ["configuration (a flag beats the environment, which beats .env beside the script):"]
-    for key, (flag, text) in SETTINGS_HELP.items():
-        lines.append(f"  {key}" + (f" / {flag}" if flag else ""))
-        lines.extend(f"      {line}" for line in textwrap.wrap(text, 76))
+    for key, setting in SETTINGS.items():
+        lines.append(f"  {key}" + (f" / {setting.flag}" if setting.flag else ""))
+        lines.extend(f"      {line}" for line in textwrap.wrap(setting.describe(), 76))
     return "\n".join(lines)
 
 
@@ -2463,7 +2512,8 @@ output:
 
 exit codes:
   0    success
-  1    the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON)
+  1    the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON),
+       or another run held the token file's lock for over 60 s (try again)
   2    usage or configuration error (missing variable, bad URL, http to a remote host,
        client credentials rejected)
   3    authorization failed or needs a person (bad/expired code, denied, state mismatch,
@@ -2472,27 +2522,37 @@ exit codes:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Builds the long epilog (every setting, wrapped) only when help is shown, not on every run."""
+
+    def format_help(self) -> str:
+        self.epilog = _settings_help() + "\n\n" + EPILOG
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fetch_memos.py",
         description="Fetch your memos from an OAuth 2.0 protected API (Doorkeeper, django-oauth-toolkit, ...) "
                     "and print them as JSON.",
-        epilog=_settings_help() + "\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(command="fetch")
     commands = parser.add_mutually_exclusive_group()
-    commands.add_argument("--status", action="store_true", help="show the stored token (no secrets) and exit")
-    commands.add_argument("--logout", action="store_true",
+    commands.add_argument("--status", dest="command", action="store_const", const="status",
+                          help="show the stored token (no secrets) and exit")
+    commands.add_argument("--logout", dest="command", action="store_const", const="logout",
                           help="revoke the grant at the server (RFC 7009) and delete the token file")
     parser.add_argument("--env-file", metavar="PATH", help="read settings from this file instead of .env beside "
                                                            "the script")
-    for key, (flag, text) in SETTINGS_HELP.items():
-        if not flag:
+    for key, setting in SETTINGS.items():
+        if not setting.flag:
             continue
-        if key in ("OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_DEVICE_FLOW"):
-            parser.add_argument(flag, action="store_true", default=None, help=text.replace("set to 1 to ", ""))
+        if setting.switch:
+            parser.add_argument(setting.flag, action="store_true", default=None,
+                                help=setting.describe().replace("set to 1 to ", ""))
         else:
-            parser.add_argument(flag, metavar=key, help=f"{text} [{key}]")
+            parser.add_argument(setting.flag, metavar=key, help=f"{setting.describe()} [{key}]")
     parser.add_argument("--loopback", metavar="PORT", nargs="?", const=0, type=int,
                         help="catch the browser's redirect on http://127.0.0.1:PORT/callback (RFC 8252) instead "
                              "of pasting a code; without PORT a free port is chosen")
@@ -2527,7 +2587,17 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-COMMANDS = {"status": command_status, "logout": command_logout, "fetch": command_fetch}
+class Command(NamedTuple):
+    run: Callable[[Settings, TokenStore, Terminal], int]
+    uses_network: bool  # False: endpoints come from the cache or the settings, never a request (--status)
+
+
+# The parser's dest="command" names one of these.
+COMMANDS: dict[str, Command] = {
+    "fetch": Command(command_fetch, uses_network=True),
+    "status": Command(command_status, uses_network=False),
+    "logout": Command(command_logout, uses_network=True),
+}
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -2541,9 +2611,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         remember_secret(settings.client_secret)
         store = TokenStore(settings.token_file)
         terminal = Terminal(interactive=person_can_authorize(settings, sys.stdin), environ=environ)
-        command = "status" if args.status else "logout" if args.logout else "fetch"
-        settings = resolve_endpoints(settings, fetch=command != "status")  # --status never touches the network
-        return COMMANDS[command](settings, store, terminal)
+        command = COMMANDS[args.command]
+        settings = resolve_endpoints(settings, fetch=command.uses_network)
+        return command.run(settings, store, terminal)
     except FetchMemosError as exc:
         print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code

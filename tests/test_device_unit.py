@@ -482,14 +482,7 @@ def load(environ: dict[str, str], tmp_path: Path) -> fetch_memos.Settings:
 
 
 def with_resource(settings: fetch_memos.Settings, resource: str) -> fetch_memos.Settings:
-    """Settings gain `resource` in the standards branch; until then a subclass carries it."""
-    import dataclasses
-
-    names = [f.name for f in dataclasses.fields(settings)]
-    if "resource" in names:
-        return dataclasses.replace(settings, resource=resource)
-    cls = dataclasses.make_dataclass("WithResource", [("resource", str, "")], bases=(type(settings),), frozen=True)
-    return cls(**{name: getattr(settings, name) for name in names}, resource=resource)
+    return settings._replace(resource=resource)
 
 
 def test_the_resource_indicator_goes_on_both_requests(mock, tmp_path: Path, clock: FakeClock, environ) -> None:

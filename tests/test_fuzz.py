@@ -134,7 +134,7 @@ def test_parse_pasted_mutated_inputs_with_state(text: str) -> None:
 # (b) load_settings
 # ---------------------------------------------------------------------------------------------
 
-VARIABLES = list(fetch_memos.SETTINGS_HELP)
+VARIABLES = list(fetch_memos.SETTINGS)
 URL_VARIABLES = ["OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "MEMOS_API_URL",
                  "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL", "OAUTH_RESOURCE"]
 

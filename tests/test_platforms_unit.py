@@ -19,7 +19,7 @@ import pytest
 import requests
 
 import fetch_memos
-from fetch_memos import LoopbackListener, ServerError, TokenStore
+from fetch_memos import LoopbackListener, TokenFileBusy, TokenStore
 
 TOKEN = {"access_token": "platform-access-1234", "refresh_token": "platform-refresh-5678", "token_type": "Bearer",
          "expires_at": time.time() + 3600}
@@ -76,7 +76,7 @@ def test_windows_lock_uses_msvcrt_on_byte_zero_and_releases_it(windows: FakeMsvc
 
 def test_windows_lock_keeps_a_second_run_out_until_it_gives_up(windows: FakeMsvcrt, tmp_path: Path) -> None:
     first, second = TokenStore(tmp_path / "token.pickle"), TokenStore(tmp_path / "token.pickle")
-    with first.locked(), pytest.raises(ServerError, match="another fetch_memos run has held"), \
+    with first.locked(), pytest.raises(TokenFileBusy, match="another fetch_memos run has held"), \
             second.locked(wait=0.3):
         pytest.fail("the second run got the lock while the first held it")
     with second.locked(wait=0.3):  # free again once the first is done

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import fetch_memos
-from fetch_memos import META_KEY, BadTokenFile, ConfigError, ServerError, TokenNotSaved, TokenStore
+from fetch_memos import META_KEY, BadTokenFile, ConfigError, TokenFileBusy, TokenNotSaved, TokenStore
 
 ACCESS = "access-token-store-A1b2C3d4"
 REFRESH = "refresh-token-store-R9s8T7u6"
@@ -543,7 +543,7 @@ def test_lock_excludes_other_processes_and_is_reentrant(path: Path) -> None:
 
 
 def test_lock_excludes_another_store_in_the_same_process(path: Path) -> None:
-    with TokenStore(path).locked(), pytest.raises(ServerError), TokenStore(path).locked(wait=0.1):
+    with TokenStore(path).locked(), pytest.raises(TokenFileBusy), TokenStore(path).locked(wait=0.1):
         pass
     with TokenStore(path).locked(wait=0.1):
         pass
@@ -562,7 +562,7 @@ def test_lock_held_elsewhere_times_out_then_frees_when_the_holder_dies(how: str,
     holder = start_holder(store.lock_path)
     try:
         started = time.monotonic()
-        with pytest.raises(ServerError) as exc, store.locked(wait=0.3):
+        with pytest.raises(TokenFileBusy) as exc, store.locked(wait=0.3):
             pass
         assert time.monotonic() - started >= 0.3
         assert exc.value.exit_code == 1
@@ -599,7 +599,7 @@ def test_save_waits_for_the_lock(path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(TokenStore, "locked", lambda self, wait=60.0: original(self, wait=0.2))
     holder = start_holder(store.lock_path)
     try:
-        with pytest.raises(ServerError):
+        with pytest.raises(TokenFileBusy):
             store.save(TOKEN, META)
         assert not path.exists()
     finally:
