@@ -63,7 +63,7 @@ from runner import run_script, script_env  # noqa: E402
 from servers.doorkeeper import MEMO_MESSAGE, BrowserPerson, DoorkeeperServer, ruby_stack_available  # noqa: E402
 
 HTTP_STACK = ("requests", "urllib3", "oauthlib", "requests_oauthlib")
-WARM_RATIO_TARGET = 1.05
+WARM_RATIO_TARGET = 1.03  # issue 11: python -m fetch_memos, warm, by median wall time
 EXPECTED_JSON = {"message": MEMO_MESSAGE}
 
 
@@ -387,6 +387,9 @@ def judge(bench: Bench, kinds: dict[str, Any], imports: dict[str, Imports]) -> l
     warm, expired = bench.samples["warm"], bench.samples["expired"]
     low, high = ratio_ci([s.wall_ms for s in warm], [s.wall_ms for s in bench.samples["floor_session"]],
                          bench.options.seed)
+    module_low, module_high = ratio_ci([s.wall_ms for s in bench.samples["warm_module"]],
+                                       [s.wall_ms for s in bench.samples["floor_session"]], bench.options.seed)
+    module_ratio = kinds["warm_module"]["ratio_to_session"]
     ratio = kinds["warm"]["ratio_to_session"]
     cpu_ratio = kinds["warm"]["cpu_median_ms"] / kinds["floor_session"]["cpu_median_ms"]
     expired_ok = [
@@ -398,11 +401,12 @@ def judge(bench: Bench, kinds: dict[str, Any], imports: dict[str, Imports]) -> l
     stack = sorted(m for m in help_imports.modules if m.split(".")[0] in HTTP_STACK)
     return [
         {
-            "target": f"warm run within {WARM_RATIO_TARGET:.2f}x the OAuth2Session floor's wall time",
-            "measured": f"{ratio:.3f}x (95% CI {low:.3f}-{high:.3f}; paired per-round median "
-                        f"{kinds['warm']['paired_ratio_to_session']:.3f}x; CPU time {cpu_ratio:.3f}x)",
-            "pass": ratio <= WARM_RATIO_TARGET,
-            "ratio": ratio, "ci": [low, high], "cpu_ratio": cpu_ratio,
+            "target": f"python -m fetch_memos warm within {WARM_RATIO_TARGET:.2f}x the OAuth2Session floor's wall time",
+            "measured": f"{module_ratio:.3f}x (95% CI {module_low:.3f}-{module_high:.3f}; python fetch_memos.py: "
+                        f"{ratio:.3f}x, 95% CI {low:.3f}-{high:.3f}, CPU time {cpu_ratio:.3f}x; instruction "
+                        "ratios: bench/instructions.py)",
+            "pass": module_ratio <= WARM_RATIO_TARGET,
+            "ratio": module_ratio, "ci": [module_low, module_high], "cpu_ratio": cpu_ratio,
         },
         {
             "target": "warm run makes exactly one HTTP request",
