@@ -8,7 +8,6 @@ Everything goes through real HTTP and the real HTML pages; nothing is mocked.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -18,24 +17,15 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
+from profiles import require_dot_stack
 from servers.doorkeeper import pkce_pair
-from servers.dot import DEVICE_GRANT, DotServer, dot_stack_available
+from servers.dot import DEVICE_GRANT, DotServer
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.dot]
 
 TTL = 60
 LOOPBACK_PORT = 53682  # any port: DOT matches a registered 127.0.0.1 URI on every port (RFC 8252 7.3)
 REDIRECT_URI = f"http://127.0.0.1:{LOOPBACK_PORT}/callback"
-
-
-def require_dot_stack() -> None:
-    """Skip when Django/DOT are missing, but fail under CI=true, where they must be installed."""
-    ok, why = dot_stack_available()
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"DOT stack required under CI=true: {why}")
-    pytest.skip(f"DOT stack unavailable: {why}")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ are covered on a fake clock in test_device_unit.py.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from profiles import require_dot_stack
 from runner import MEMO_JSON, LiveRun, Result, assert_clean, run_script, script_env
-from servers.dot import DotServer, dot_stack_available
+from servers.dot import DotServer
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.dot]  # `dot` is registered in conftest by the portability branch
 
@@ -26,15 +26,6 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.dot]  # `dot` is registered 
 INSTRUCTIONS_SHOWN = re.compile(r"approve access for fetch_memos\.\n")
 # The waiting line drawn twice on the same line: it was updated in place (a terminal).
 REDRAWN = re.compile(r"\rWaiting for the approval[^\n]*\rWaiting for the approval")
-
-
-def require_dot_stack() -> None:
-    ok, why = dot_stack_available()
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"DOT stack required under CI=true: {why}")
-    pytest.skip(f"DOT stack unavailable: {why}")
 
 
 def start(factory: pytest.TempPathFactory, name: str, **options: object) -> Iterator[DotServer]:
