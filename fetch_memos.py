@@ -15,8 +15,17 @@ The first run prints an authorization URL; you log in in a browser, press Author
 the code the server shows.  The token is kept in a private file beside this script and is
 reused, and refreshed, on later runs without asking.  `python fetch_memos.py --help` says more.
 
-The file reads top to bottom in the order a run meets things: settings, server metadata, token
-store, authorization, session, commands, main().
+The file reads top to bottom in the order a run meets things; each banner says what its section owns:
+   1. Settings          defaults < .env < environment < flags, validated once
+   2. Errors, messages  the catalogue of failures and their exit codes; redaction of secrets
+   3. Files             the token store and the metadata cache (private, atomic, locked)
+   4. Server metadata   RFC 8414 discovery: settings + metadata -> the endpoints a run uses
+   5. Session           the OAuth2Session, client authentication, refresh; the only code that talks HTTP
+   6. Grant rules       what a token answer means; what a stored token is good for
+   7. The code grant    PKCE + state, the out-of-band paste or the loopback listener, the code exchange
+   8. The device grant  RFC 8628 polling; authorize() picks a grant
+   9. Commands          fetch (the default), --status, --logout
+  10. main()            flags -> one command -> one line and an exit code
 """
 
 from __future__ import annotations
@@ -54,158 +63,6 @@ OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
 DEFAULT_SERVER_URL = "http://localhost:3801"
 DEFAULT_TOKEN_FILE_NAME = "oauth_token.pickle"
 SCRIPT_DIR = Path(__file__).resolve().parent
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: each one the script reports is a class carrying its exit code; main() prints it.
-# ---------------------------------------------------------------------------------------------
-
-
-class FetchMemosError(Exception):
-    """An expected failure: main() prints its message as one line and exits with its code."""
-
-    exit_code = 1
-
-
-class ServerError(FetchMemosError):
-    """The server or the API failed: unreachable, timed out, 5xx, 4xx from the API, bad body."""
-
-    exit_code = 1
-
-
-class ConfigError(FetchMemosError):
-    """Usage or configuration is wrong, including client credentials the server rejects."""
-
-    exit_code = 2
-
-
-class AuthorizationError(FetchMemosError):
-    """Authorization failed, or needs a person and none is at the terminal."""
-
-    exit_code = 3
-
-
-class DeadGrant(AuthorizationError):
-    """The stored grant no longer works (revoked, expired, or the server forgot it)."""
-
-
-class TransientServerError(ServerError):
-    """The server could not be reached or failed with a 5xx: worth another try where a retry is safe."""
-
-
-class AuthorizationDenied(AuthorizationError):
-    """The person refused access (access_denied: RFC 6749 section 4.1.2.1, RFC 8628 section 3.5)."""
-
-
-class DeviceCodeExpired(AuthorizationError):
-    """The device flow's code ran out before it was approved: expired_token, its expires_in, or OAUTH_LOGIN_TIMEOUT."""
-
-
-class NoDeviceEndpoint(ConfigError):
-    """The device flow was chosen, but no device authorization endpoint is known."""
-
-
-class TokenNotSaved(FetchMemosError):
-    """Saving failed; the caller decides whether the run can still succeed."""
-
-    exit_code = 1
-
-
-class TokenFileBusy(FetchMemosError):
-    """Another run held the token file's lock for longer than we wait: nothing failed, so try again later.
-
-    Exit 1 like a server failure (the run did not get its memos, and another try will do), but its own
-    class: the server is not at fault.
-    """
-
-    exit_code = 1
-
-
-class BadTokenFile(Exception):
-    """The file is not a token this script can use; the store sets it aside (never reaches main())."""
-
-
-# Secrets seen during the run; every log record and error message passes through redact().
-_SECRETS: set[str] = set()
-
-
-def remember_secret(*values: object) -> None:
-    """Register values that must never be printed (tokens, client secret, code, PKCE verifier)."""
-    for value in values:
-        if isinstance(value, str) and len(value) >= 4:
-            _SECRETS.add(value)
-
-
-def redact(text: str) -> str:
-    """Replace every known secret in text: the last line of defence for messages and logs."""
-    for value in sorted(_SECRETS, key=len, reverse=True):
-        text = text.replace(value, "[redacted]")
-    return text
-
-
-def warn(message: str) -> None:
-    """A warning does not stop the run; it still goes to stderr, never stdout."""
-    print(f"fetch_memos: warning: {redact(message)}", file=sys.stderr, flush=True)
-
-
-def say(message: str = "") -> None:
-    """Prompts and progress go to stderr, so that stdout carries only the API's JSON."""
-    print(redact(message), file=sys.stderr, flush=True)
-
-
-def prompt() -> None:
-    """The "> " the person types after; the line stays open for their answer."""
-    print("> ", end="", file=sys.stderr, flush=True)
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
-        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
-
-
-def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
-    """Say in words what went wrong on the wire, naming the URL."""
-    import requests
-    from urllib3 import exceptions as urllib3_errors
-    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
-
-    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
-    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
-    causes = list(_causes(exc))
-    if any(isinstance(c, lookup_failed) for c in causes):
-        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
-    if any(isinstance(c, ConnectionRefusedError) for c in causes):
-        return f"cannot reach {url}: connection refused (is the server running?)"
-    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
-        return f"could not connect to {url} within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
-        return f"{url} did not answer within {timeout:g} s"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return f"the connection to {url} broke off in the middle of the answer"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return f"the TLS connection to {url} failed (certificate problem?)"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
-            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
-            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
-                return f"the connection to {url} was reset before an answer arrived"
-            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
-        return f"the connection to {url} broke off before an answer arrived"
-    return f"the request to {url} failed ({type(exc).__name__})"
-
-
-def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
-    """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
-    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,154 +414,158 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Server metadata (RFC 8414): settings + the issuer's metadata -> the endpoints a run uses.
+# 2. Errors and messages: each failure a class with its exit code; secrets redacted; wire errors in words.
 # ---------------------------------------------------------------------------------------------
 
-METADATA_MAX_AGE = 24 * 3600  # seconds a cached copy is trusted; servers rarely move their endpoints
-MAX_METADATA_BYTES = 256 * 1024
-_AS_METADATA = "/.well-known/oauth-authorization-server"
-_OIDC_METADATA = "/.well-known/openid-configuration"
+class FetchMemosError(Exception):
+    """An expected failure: main() prints its message as one line and exits with its code."""
+
+    exit_code = 1
 
 
-def metadata_urls(issuer: str) -> list[str]:
-    """Where an issuer's metadata may be, in the order asked; a URL two rules give alike is asked once.
+class ServerError(FetchMemosError):
+    """The server or the API failed: unreachable, timed out, 5xx, 4xx from the API, bad body."""
 
-    RFC 8414 section 3.1 puts the well-known name between the host and the issuer's path; some servers
-    (django-oauth-toolkit) serve it after the path instead, and OpenID Connect Discovery appends
-    openid-configuration to the issuer.
+    exit_code = 1
+
+
+class ConfigError(FetchMemosError):
+    """Usage or configuration is wrong, including client credentials the server rejects."""
+
+    exit_code = 2
+
+
+class AuthorizationError(FetchMemosError):
+    """Authorization failed, or needs a person and none is at the terminal."""
+
+    exit_code = 3
+
+
+class DeadGrant(AuthorizationError):
+    """The stored grant no longer works (revoked, expired, or the server forgot it)."""
+
+
+class TransientServerError(ServerError):
+    """The server could not be reached or failed with a 5xx: worth another try where a retry is safe."""
+
+
+class AuthorizationDenied(AuthorizationError):
+    """The person refused access (access_denied: RFC 6749 section 4.1.2.1, RFC 8628 section 3.5)."""
+
+
+class DeviceCodeExpired(AuthorizationError):
+    """The device flow's code ran out before it was approved: expired_token, its expires_in, or OAUTH_LOGIN_TIMEOUT."""
+
+
+class NoDeviceEndpoint(ConfigError):
+    """The device flow was chosen, but no device authorization endpoint is known."""
+
+
+class TokenNotSaved(FetchMemosError):
+    """Saving failed; the caller decides whether the run can still succeed."""
+
+    exit_code = 1
+
+
+class TokenFileBusy(FetchMemosError):
+    """Another run held the token file's lock for longer than we wait: nothing failed, so try again later.
+
+    Exit 1 like a server failure (the run did not get its memos, and another try will do), but its own
+    class: the server is not at fault.
     """
-    parts = urlsplit(issuer)
-    path = parts.path.rstrip("/")  # section 3.1: a terminating "/" is removed before inserting
-    base = f"{parts.scheme}://{parts.netloc}{path}"
-    candidates = [f"{parts.scheme}://{parts.netloc}{_AS_METADATA}{path}", base + _AS_METADATA, base + _OIDC_METADATA]
-    return list(dict.fromkeys(candidates))
+
+    exit_code = 1
 
 
-class MetadataCache:
-    """The issuer's metadata, kept in a small JSON file beside the token file so a warm run asks nothing.
-
-    A file of its own, not a field in the token file: it is written before any token exists, and
-    writing it never races a refresh that rotates the token.
-    """
-
-    def __init__(self, token_file: Path) -> None:
-        self.path = token_file.with_name(token_file.name + ".metadata.json")
-
-    def load(self, issuer: str, now: float | None = None) -> dict[str, Any] | None:
-        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another's."""
-        now = time.time() if now is None else now
-        try:
-            with open(self.path, "rb") as handle:
-                record = json.loads(handle.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(record, dict) or record.get("issuer") != issuer:
-            return None
-        fetched_at = record.get("fetched_at")
-        if isinstance(fetched_at, bool) or not isinstance(fetched_at, (int, float)):
-            return None
-        if not now - METADATA_MAX_AGE < fetched_at <= now + 300:  # stale, or written by a clock far ahead
-            return None
-        endpoints = record.get("endpoints")
-        if not isinstance(endpoints, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in endpoints.items()):
-            return None
-        return record
-
-    def save(self, record: Mapping[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            warn(f"the server metadata could not be cached in {self.path} ({exc.strerror or exc}); each run "
-                 "will fetch it again.")
-
-    def forget(self) -> None:
-        """An endpoint taken from the metadata failed: the next run asks the server again."""
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+class BadTokenFile(Exception):
+    """The file is not a token this script can use; the store sets it aside (never reaches main())."""
 
 
-def fetch_metadata(settings: Settings) -> dict[str, Any]:
-    """Ask the issuer for its metadata (RFC 8414 section 3) and keep what a run needs."""
+# Secrets seen during the run; every log record and error message passes through redact().
+_SECRETS: set[str] = set()
+
+
+def remember_secret(*values: object) -> None:
+    """Register values that must never be printed (tokens, client secret, code, PKCE verifier)."""
+    for value in values:
+        if isinstance(value, str) and len(value) >= 4:
+            _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """Replace every known secret in text: the last line of defence for messages and logs."""
+    for value in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(value, "[redacted]")
+    return text
+
+
+def warn(message: str) -> None:
+    """A warning does not stop the run; it still goes to stderr, never stdout."""
+    print(f"fetch_memos: warning: {redact(message)}", file=sys.stderr, flush=True)
+
+
+def say(message: str = "") -> None:
+    """Prompts and progress go to stderr, so that stdout carries only the API's JSON."""
+    print(redact(message), file=sys.stderr, flush=True)
+
+
+def prompt() -> None:
+    """The "> " the person types after; the line stays open for their answer."""
+    print("> ", end="", file=sys.stderr, flush=True)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything behind it: requests wraps urllib3, which wraps the socket error."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
+
+
+def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
+    """Say in words what went wrong on the wire, naming the URL."""
     import requests
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
-    tried: list[str] = []
-    server_failed = False
-    for url in metadata_urls(settings.issuer):
-        tried.append(url)
-        try:
-            response = requests.get(url, timeout=settings.timeout, headers={
-                "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
-        except requests.exceptions.RequestException as exc:
-            raise request_failed(exc, url, settings.timeout,
-                                 " (fetching the server metadata of OAUTH_ISSUER)") from None
-        log.debug("GET %s -> %s", url, response.status_code)
-        if response.status_code >= 500:
-            server_failed = True
-        if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
-            continue
-        try:
-            document = response.json()
-        except ValueError:
-            continue
-        if not isinstance(document, dict):
-            continue
-        if document.get("issuer") != settings.issuer:
-            # Section 3.3: metadata naming another issuer must not be used (it could send us anywhere).
-            raise ConfigError(f"the server metadata at {url} names the issuer {document.get('issuer')!r}, not "
-                              f"OAUTH_ISSUER={settings.issuer} (RFC 8414 section 3.3); set OAUTH_ISSUER to the "
-                              "server's issuer identifier, exactly as it is written.")
-        endpoints = {name: document[name] for _attribute, _key, name in ENDPOINTS
-                     if isinstance(document.get(name), str) and document[name]}
-        return {"issuer": settings.issuer, "fetched_at": time.time(), "url": url, "endpoints": endpoints,
-                "authorization_response_iss_parameter_supported":
-                    document.get("authorization_response_iss_parameter_supported") is True}
-    where = ", ".join(tried)
-    if server_failed:
-        raise ServerError(f"the server failed to answer with its metadata (tried {where}); try again later.")
-    raise ConfigError(f"no authorization server metadata found for OAUTH_ISSUER={settings.issuer} (tried {where}); "
-                      "check OAUTH_ISSUER, or unset it and set the endpoints (OAUTH_AUTHORIZE_URL, OAUTH_TOKEN_URL, "
-                      "...) yourself.")
+    # NameResolutionError is urllib3 2's; 1.26 (which requests 2.31 admits) leaves the socket.gaierror as the cause.
+    lookup_failed = (socket.gaierror, getattr(urllib3_errors, "NameResolutionError", socket.gaierror))
+    causes = list(_causes(exc))
+    if any(isinstance(c, lookup_failed) for c in causes):
+        return f"cannot resolve the host of {url} (DNS lookup failed; check the URL and your network)"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"cannot reach {url}: connection refused (is the server running?)"
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(c, ConnectTimeoutError) for c in causes):
+        return f"could not connect to {url} within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(c, ReadTimeoutError) for c in causes):
+        return f"{url} did not answer within {timeout:g} s"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"the connection to {url} broke off in the middle of the answer"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"the TLS connection to {url} failed (certificate problem?)"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if any(isinstance(c, OSError) and getattr(c, "errno", None) for c in causes):
+            errors = [c for c in causes if isinstance(c, OSError) and c.errno]
+            if errors[0].errno in (errno.ECONNRESET, errno.EPIPE):
+                return f"the connection to {url} was reset before an answer arrived"
+            return f"cannot reach {url}: {errors[0].strerror or errors[0]}"
+        return f"the connection to {url} broke off before an answer arrived"
+    return f"the request to {url} failed ({type(exc).__name__})"
 
 
-def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
-    """The settings with every endpoint not set explicitly taken from the metadata."""
-    changes: dict[str, Any] = {}
-    sources = dict(settings.endpoint_sources)
-    for attribute, _key, name in ENDPOINTS:
-        url = record["endpoints"].get(name)
-        if settings.source(attribute) == "explicit" or not url:
-            continue
-        changes[attribute] = _check_url(f"the metadata's {name}", url, settings.allow_insecure_http)
-        sources[attribute] = "metadata"
-    return settings._replace(**changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
-                   issuer_required=bool(record.get("authorization_response_iss_parameter_supported")))
-
-
-def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
-    """Without OAUTH_ISSUER: the settings as they are, and no request. With it: endpoints from the metadata,
-    from the cache while it is fresh (so a warm run makes one request, the API call), else from the server.
-    `fetch=False` (for --status) never touches the network."""
-    if not settings.issuer_explicit:
-        return settings
-    cache = MetadataCache(settings.token_file)
-    record = cache.load(settings.issuer)
-    if record is None:
-        if not fetch:
-            return settings
-        record = fetch_metadata(settings)
-        cache.save(record)
-    return apply_metadata(settings, record)
+def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
+    """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
+    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Token store: the only code that opens the token file.
+# 3. Files: the token store (the only code that opens the token file) and the metadata cache.
 # ---------------------------------------------------------------------------------------------
 
 MAX_TOKEN_FILE_BYTES = 64 * 1024
@@ -987,6 +848,517 @@ class TokenStore:
                 handle.close()
 
 
+class MetadataCache:
+    """The issuer's metadata, kept in a small JSON file beside the token file so a warm run asks nothing.
+
+    A file of its own, not a field in the token file: it is written before any token exists, and
+    writing it never races a refresh that rotates the token.
+    """
+
+    def __init__(self, token_file: Path) -> None:
+        self.path = token_file.with_name(token_file.name + ".metadata.json")
+
+    def load(self, issuer: str, now: float | None = None) -> dict[str, Any] | None:
+        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another's."""
+        now = time.time() if now is None else now
+        try:
+            with open(self.path, "rb") as handle:
+                record = json.loads(handle.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("issuer") != issuer:
+            return None
+        fetched_at = record.get("fetched_at")
+        if isinstance(fetched_at, bool) or not isinstance(fetched_at, (int, float)):
+            return None
+        if not now - METADATA_MAX_AGE < fetched_at <= now + 300:  # stale, or written by a clock far ahead
+            return None
+        endpoints = record.get("endpoints")
+        if not isinstance(endpoints, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in endpoints.items()):
+            return None
+        return record
+
+    def save(self, record: Mapping[str, Any]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            warn(f"the server metadata could not be cached in {self.path} ({exc.strerror or exc}); each run "
+                 "will fetch it again.")
+
+    def forget(self) -> None:
+        """An endpoint taken from the metadata failed: the next run asks the server again."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Server metadata (RFC 8414): settings + the issuer's metadata -> the endpoints a run uses.
+# ---------------------------------------------------------------------------------------------
+
+METADATA_MAX_AGE = 24 * 3600  # seconds a cached copy is trusted; servers rarely move their endpoints
+MAX_METADATA_BYTES = 256 * 1024
+_AS_METADATA = "/.well-known/oauth-authorization-server"
+_OIDC_METADATA = "/.well-known/openid-configuration"
+
+
+def metadata_urls(issuer: str) -> list[str]:
+    """Where an issuer's metadata may be, in the order asked; a URL two rules give alike is asked once.
+
+    RFC 8414 section 3.1 puts the well-known name between the host and the issuer's path; some servers
+    (django-oauth-toolkit) serve it after the path instead, and OpenID Connect Discovery appends
+    openid-configuration to the issuer.
+    """
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")  # section 3.1: a terminating "/" is removed before inserting
+    base = f"{parts.scheme}://{parts.netloc}{path}"
+    candidates = [f"{parts.scheme}://{parts.netloc}{_AS_METADATA}{path}", base + _AS_METADATA, base + _OIDC_METADATA]
+    return list(dict.fromkeys(candidates))
+
+
+def fetch_metadata(settings: Settings) -> dict[str, Any]:
+    """Ask the issuer for its metadata (RFC 8414 section 3) and keep what a run needs."""
+    import requests
+
+    tried: list[str] = []
+    server_failed = False
+    for url in metadata_urls(settings.issuer):
+        tried.append(url)
+        try:
+            response = requests.get(url, timeout=settings.timeout, headers={
+                "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
+        except requests.exceptions.RequestException as exc:
+            raise request_failed(exc, url, settings.timeout,
+                                 " (fetching the server metadata of OAUTH_ISSUER)") from None
+        log.debug("GET %s -> %s", url, response.status_code)
+        if response.status_code >= 500:
+            server_failed = True
+        if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
+            continue
+        try:
+            document = response.json()
+        except ValueError:
+            continue
+        if not isinstance(document, dict):
+            continue
+        if document.get("issuer") != settings.issuer:
+            # Section 3.3: metadata naming another issuer must not be used (it could send us anywhere).
+            raise ConfigError(f"the server metadata at {url} names the issuer {document.get('issuer')!r}, not "
+                              f"OAUTH_ISSUER={settings.issuer} (RFC 8414 section 3.3); set OAUTH_ISSUER to the "
+                              "server's issuer identifier, exactly as it is written.")
+        endpoints = {name: document[name] for _attribute, _key, name in ENDPOINTS
+                     if isinstance(document.get(name), str) and document[name]}
+        return {"issuer": settings.issuer, "fetched_at": time.time(), "url": url, "endpoints": endpoints,
+                "authorization_response_iss_parameter_supported":
+                    document.get("authorization_response_iss_parameter_supported") is True}
+    where = ", ".join(tried)
+    if server_failed:
+        raise ServerError(f"the server failed to answer with its metadata (tried {where}); try again later.")
+    raise ConfigError(f"no authorization server metadata found for OAUTH_ISSUER={settings.issuer} (tried {where}); "
+                      "check OAUTH_ISSUER, or unset it and set the endpoints (OAUTH_AUTHORIZE_URL, OAUTH_TOKEN_URL, "
+                      "...) yourself.")
+
+
+def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
+    """The settings with every endpoint not set explicitly taken from the metadata."""
+    changes: dict[str, Any] = {}
+    sources = dict(settings.endpoint_sources)
+    for attribute, _key, name in ENDPOINTS:
+        url = record["endpoints"].get(name)
+        if settings.source(attribute) == "explicit" or not url:
+            continue
+        changes[attribute] = _check_url(f"the metadata's {name}", url, settings.allow_insecure_http)
+        sources[attribute] = "metadata"
+    return settings._replace(**changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
+                   issuer_required=bool(record.get("authorization_response_iss_parameter_supported")))
+
+
+def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
+    """Without OAUTH_ISSUER: the settings as they are, and no request. With it: endpoints from the metadata,
+    from the cache while it is fresh (so a warm run makes one request, the API call), else from the server.
+    `fetch=False` (for --status) never touches the network."""
+    if not settings.issuer_explicit:
+        return settings
+    cache = MetadataCache(settings.token_file)
+    record = cache.load(settings.issuer)
+    if record is None:
+        if not fetch:
+            return settings
+        record = fetch_metadata(settings)
+        cache.save(record)
+    return apply_metadata(settings, record)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Session: OAuth2Session with auto refresh wired to the token store; decides when to refresh.
+# ---------------------------------------------------------------------------------------------
+
+RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
+RETRY_BACKOFF = 0.5  # seconds, doubling
+
+
+def refresh_margin(token: Mapping[str, Any]) -> float:
+    """Seconds before expiry at which a token counts as expired.
+
+    Doorkeeper truncates created_at to the second and oauthlib rounds expires_at and allows no
+    leeway, so a token used in its last second fails at the server: refresh half a minute early,
+    or halfway through a shorter lifetime.
+    """
+    lifetime = token.get("expires_in")
+    if isinstance(lifetime, (int, float)) and lifetime > 0:
+        return min(30.0, lifetime / 2)
+    return 30.0
+
+
+def is_expiring(token: Mapping[str, Any], now: float | None = None) -> bool:
+    expires_at = token.get("expires_at")
+    if not isinstance(expires_at, (int, float)):
+        return False  # no expiry known: the API's 401 will tell
+    return expires_at - refresh_margin(token) <= (time.time() if now is None else now)
+
+
+@functools.cache
+def _oauth2_session_class() -> type:
+    """The OAuth2Session subclass, built on first use so that --help and --status never import the HTTP stack."""
+    from requests_oauthlib import OAuth2Session
+
+    class RefreshingSession(OAuth2Session):
+        """Routes requests-oauthlib's auto refresh through MemoSession.refresh()."""
+
+        memo: MemoSession
+
+        def refresh_token(self, token_url: str, refresh_token: str | None = None, **_kwargs: Any) -> dict:
+            # The request kwargs requests-oauthlib passes here (params, ...) would leak into the
+            # refresh body; MemoSession.refresh() sends exactly what it means to.
+            return self.memo.refresh()
+
+        def plain_refresh(self, refresh_token: str, **kwargs: Any) -> dict:
+            return OAuth2Session.refresh_token(self, self.memo.settings.token_url, refresh_token=refresh_token,
+                                               **kwargs)
+
+    return RefreshingSession
+
+
+@contextlib.contextmanager
+def _oauthlib_transport(settings: Settings) -> Iterator[None]:
+    """Let oauthlib accept the plain-http URLs that Settings already allowed, for one call only.
+
+    oauthlib refuses http unless OAUTHLIB_INSECURE_TRANSPORT is set and has no per-call switch.
+    Instead of setting it for the whole process (and for any URL), it is set around calls to
+    URLs that passed our own rule (loopback, or the person's explicit opt-in) and then restored.
+    """
+    name = "OAUTHLIB_INSECURE_TRANSPORT"
+    if not settings.uses_plain_http or os.environ.get(name):
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _check_token_response(response: requests.Response, settings: Settings) -> requests.Response:
+    """Report what the token endpoint really said before oauthlib parses it.
+
+    oauthlib turns an HTML error page into "Missing access token parameter", which hides
+    the real cause; a JSON error body is left to oauthlib, which names the OAuth error.
+    """
+    content_type = response.headers.get("Content-Type", "")
+    is_json = "json" in content_type.lower()
+    if response.status_code == 401 and not settings.client_secret and not is_json:
+        raise ConfigError(missing_secret_message(response.url, "401 Unauthorized"))
+    if response.status_code >= 500:
+        raise ServerError(f"the token endpoint {response.url} answered {response.status_code} "
+                          f"{response.reason or ''}".rstrip() + "; try again later.")
+    if not is_json:
+        kind = "an HTML page" if "html" in content_type.lower() else (
+            "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
+        raise ServerError(f"the token endpoint {response.url} answered {response.status_code} with {kind}, not a "
+                          "token; check OAUTH_TOKEN_URL (or OAUTH_SERVER_URL).")
+    return response
+
+
+def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
+    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
+
+    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
+    scope fails at a server that granted less (invalid_scope), on every later refresh.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
+    return url, headers, urlencode(fields)
+
+
+def _insufficient_scope(response: requests.Response) -> bool:
+    return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
+
+
+class MemoSession:
+    """The HTTP session of one run: an OAuth2Session plus the rules of when and how to refresh.
+
+    requests-oauthlib refreshes on its own (auto_refresh_url) once the token it holds is past
+    `expires_at` and then hands the new token to token_updater.  We give it a copy of the token
+    whose expires_at is moved forward by refresh_margin(), and route every refresh through
+    refresh(), which holds the store's lock, re-reads the file (another run may have refreshed
+    already, and Doorkeeper may have revoked the refresh token we hold) and saves the new token
+    before anything else can fail (Doorkeeper rotates refresh tokens).
+    """
+
+    def __init__(self, settings: Settings, store: TokenStore, token: Mapping[str, Any] | None = None) -> None:
+        import requests
+        from urllib3.util.retry import Retry
+
+        self.settings = settings
+        self.store = store
+        self.oauth: OAuth2Session = _oauth2_session_class()(
+            client_id=settings.client_id,
+            redirect_uri=settings.redirect_uri,
+            scope=list(settings.scope),
+            auto_refresh_url=settings.token_url,
+            token_updater=self._token_updated,
+            pkce="S256",
+        )
+        self.oauth.memo = self
+        check = functools.partial(_check_token_response, settings=settings)
+        self.oauth.register_compliance_hook("access_token_response", check)
+        self.oauth.register_compliance_hook("refresh_token_response", check)
+        self.oauth.register_compliance_hook("refresh_token_request", _without_scope)
+        self.asked_scope: tuple[str, ...] = settings.scope
+        # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
+        # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
+        # so a refresh and the API call share one TCP connection.
+        retry = Retry(total=RETRY_ATTEMPTS, connect=RETRY_ATTEMPTS, read=RETRY_ATTEMPTS, status=RETRY_ATTEMPTS,
+                      other=0, allowed_methods=frozenset({"GET"}), status_forcelist=(502, 503, 504),
+                      backoff_factor=RETRY_BACKOFF, raise_on_status=False, respect_retry_after_header=False)
+        adapter = requests.adapters.HTTPAdapter(max_retries=retry)
+        self.oauth.mount("http://", adapter)
+        self.oauth.mount("https://", adapter)
+        self.oauth.headers["User-Agent"] = f"fetch_memos/{__version__}"
+        if token is not None:
+            self.use(token)
+
+    # -- the token this session sends ----------------------------------------------------------
+
+    def use(self, token: Mapping[str, Any]) -> None:
+        """Hold this token; requests-oauthlib sees it as expired refresh_margin() seconds early."""
+        self.token = dict(token)
+        asked = asked_scope(self.token)
+        if asked is not None:  # a stored token says what its grant asked for; a refreshed one keeps that
+            self.asked_scope = asked
+        remember_secret(self.token.get("access_token"), self.token.get("refresh_token"))
+        session_copy = {key: value for key, value in self.token.items() if key != META_KEY}
+        if isinstance(session_copy.get("expires_at"), (int, float)):
+            session_copy["expires_at"] = session_copy["expires_at"] - refresh_margin(session_copy)
+        self.oauth.token = session_copy
+
+    def _token_updated(self, token: dict) -> None:
+        """requests-oauthlib's token_updater: refresh() has already saved it and taken it into use."""
+
+    def _save(self, token: Mapping[str, Any]) -> None:
+        try:
+            self.store.save(token, token_meta(self.settings, self.asked_scope))
+        except TokenNotSaved as exc:
+            # The run can still succeed; say so, since the next run cannot reuse this token.
+            warn(f"{exc}. The next run will have to authorize again.")
+
+    # -- getting tokens ------------------------------------------------------------------------
+
+    def authorization_url(self, authorize_url: str) -> tuple[str, str]:
+        state = secrets.token_urlsafe(24)
+        extra: dict[str, str] = {}
+        if self.settings.resource:
+            extra["resource"] = self.settings.resource  # RFC 8707 section 2.1
+        if "offline_access" in self.settings.scope:
+            # OpenID Connect Core section 11: offline_access is ignored unless consent is asked for.
+            extra["prompt"] = "consent"
+        with _oauthlib_transport(self.settings):
+            url, state = self.oauth.authorization_url(authorize_url, state=state, **extra)
+        remember_secret(self.oauth._code_verifier)
+        return url, state
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.oauth.redirect_uri
+
+    @redirect_uri.setter
+    def redirect_uri(self, value: str) -> None:
+        self.oauth.redirect_uri = value
+
+    def exchange_code(self, code: str) -> dict[str, Any]:
+        """Trade the code for a token (PKCE verifier and the configured client auth); never retried."""
+        url = self.settings.token_url
+        if self.settings.client_auth == "basic":
+            auth: dict[str, Any] = {"auth": self._client_auth()}
+        else:  # client_id (and for "post" the secret) in the body, no Authorization header
+            auth = {"include_client_id": True}
+            if self.settings.client_auth == "post":
+                auth["client_secret"] = self.settings.client_secret
+        extra = {"resource": self.settings.resource} if self.settings.resource else {}
+        try:
+            with _oauthlib_transport(self.settings):
+                token = _granted(lambda: self.oauth.fetch_token(url, code=code, timeout=self.settings.timeout,
+                                                                **auth, **extra))
+        except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
+            raise self._token_request_failed(exc, "token_url", during="exchange") from None
+        return self.take_new_token(token)
+
+    def take_new_token(self, token: Mapping[str, Any]) -> dict[str, Any]:
+        """The one place a freshly granted token (code exchange or device flow) is checked, used and saved.
+
+        RFC 6749 section 3.3 lets the server grant less than asked: say once what is missing and go
+        on (refreshes do not ask for scope, so they keep working). The scope asked for is recorded
+        beside the token, to notice later when the configuration asks for more.
+        """
+        token = dict(token)
+        self.asked_scope = self.settings.scope
+        granted = granted_scope(token, self.asked_scope)
+        missing = [scope for scope in self.asked_scope if scope not in granted]
+        if missing:
+            say(f"Note: the server did not grant scope {' '.join(missing)} (asked for {' '.join(self.asked_scope)}, "
+                f"granted {' '.join(granted) or 'no scope'}); continuing with what was granted.")
+        self.use(token)
+        self._save(token)
+        return token
+
+    def refresh(self) -> dict[str, Any]:
+        """The one way to refresh: under the lock, adopting another run's fresh token when there is one."""
+        with self.store.locked():
+            stored = self.store.load()
+            if stored is not None and token_mismatch(stored, self.settings) is None:
+                if not _same_token(stored, self.token) and not is_expiring(stored):
+                    log.debug("another run refreshed the token already; using it")
+                    self.use(stored)
+                    return self.oauth.token
+                if stored.get("refresh_token"):
+                    self.token = stored  # the newest refresh token is the one that works
+            refresh_token = self.token.get("refresh_token")
+            if not refresh_token:
+                raise DeadGrant("the stored token has expired and came without a refresh token.")
+            url = self.settings.token_url
+            extra: dict[str, Any] = {"auth": self._client_auth()} if self.settings.client_auth == "basic" else {
+                "auth": None, **self._client_auth_fields()}
+            if self.settings.resource:
+                extra["resource"] = self.settings.resource  # RFC 8707 section 2.2
+            try:
+                with _oauthlib_transport(self.settings):
+                    token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
+                                                                      **extra))
+                token.setdefault("refresh_token", refresh_token)  # RFC 6749 section 6: kept unless replaced
+            except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
+                raise self._token_request_failed(exc, "token_url", during="refresh") from None
+            log.debug("refreshed the token at %s", url)
+            self.use(token)
+            self._save(token)
+        return self.oauth.token
+
+    # -- using tokens --------------------------------------------------------------------------
+
+    def get(self, url: str) -> requests.Response:
+        """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired.
+
+        One budget of RETRY_ATTEMPTS extra tries covers urllib3's retries (connection errors and
+        502/503/504, before the headers arrive) and ours (a body that breaks off after them).
+        """
+        import requests
+
+        adapter = self.oauth.get_adapter(url)
+        configured = adapter.max_retries
+        spent = 0
+        try:
+            while True:
+                left = RETRY_ATTEMPTS - spent
+                adapter.max_retries = configured.new(total=left, connect=left, read=left, status=left)
+                try:
+                    with _oauthlib_transport(self.settings):
+                        response = self.oauth.get(url, timeout=self.settings.timeout, stream=True)
+                    spent += len(response.raw.retries.history) if response.raw.retries else 0
+                    response.content  # noqa: B018 - read the body now, so a break in it is retried too
+                    break
+                except requests.exceptions.ChunkedEncodingError as exc:
+                    if spent >= RETRY_ATTEMPTS:
+                        raise request_failed(exc, url, self.settings.timeout) from None
+                    spent += 1
+                    time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
+                except FetchMemosError:
+                    raise
+                except requests.exceptions.RetryError:
+                    raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; "
+                                      "try again later.") from None
+                except requests.exceptions.RequestException as exc:
+                    raise request_failed(exc, url, self.settings.timeout) from None
+        finally:
+            adapter.max_retries = configured
+        log.debug("GET %s -> %s", url, response.status_code)
+        return response
+
+    def get_with_one_refresh(self, url: str) -> requests.Response:
+        """One GET, and after a rejected token exactly one refresh and one retry.
+
+        A 401 never triggers requests-oauthlib's refresh. Some servers (django-oauth-toolkit)
+        answer 403 with no challenge for a dead token, so a 403 that does not name
+        insufficient_scope is treated the same way.
+        """
+        response = self.get(url)
+        if response.status_code == 401 or (response.status_code == 403 and not _insufficient_scope(response)):
+            log.debug("the API rejected the token (%s); refreshing once", response.status_code)
+            self.refresh()
+            response = self.get(url)
+        return response
+
+    def _client_auth(self) -> Any:
+        """HTTP Basic credentials for OAUTH_CLIENT_AUTH=basic (client_secret_basic), else None."""
+        import requests
+
+        if self.settings.client_auth != "basic":
+            return None
+        return requests.auth.HTTPBasicAuth(self.settings.client_id, self.settings.client_secret)
+
+    def _client_auth_fields(self) -> dict[str, str]:
+        """The form fields that authenticate the client for OAUTH_CLIENT_AUTH=post or none (RFC 6749 2.3.1)."""
+        if self.settings.client_auth == "basic":
+            return {}
+        if self.settings.client_auth == "post":
+            return {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
+        return {"client_id": self.settings.client_id}  # a public client identifies itself (section 3.2.1)
+
+    def post_form(self, url: str, data: Mapping[str, str]) -> requests.Response:
+        """A POST with the configured client authentication and no bearer token (revocation, device flow)."""
+        import requests
+
+        try:
+            with _oauthlib_transport(self.settings):
+                return self.oauth.post(url, data={**data, **self._client_auth_fields()}, timeout=self.settings.timeout,
+                                       withhold_token=True, auth=self._client_auth())
+        except requests.exceptions.RequestException as exc:
+            raise request_failed(exc, url, self.settings.timeout) from None
+
+    def endpoint_failed(self, endpoint: str) -> None:
+        """An endpoint that came from the metadata failed: the cached metadata may be out of date."""
+        if self.settings.source(endpoint) == "metadata":
+            MetadataCache(self.settings.token_file).forget()
+
+    def _token_request_failed(self, exc: Exception, endpoint: str, during: str) -> Exception:
+        error = _token_request_error(exc, getattr(self.settings, endpoint), self.settings, during)
+        if isinstance(error, ServerError):
+            self.endpoint_failed(endpoint)
+        return error
+
+    def close(self) -> None:
+        self.oauth.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Grant rules: what a token endpoint's answer means, and what a stored token is good for.
+# ---------------------------------------------------------------------------------------------
+
 def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The scope asked for when this grant was obtained, or None when an older version stored none."""
     meta = token.get(META_KEY)
@@ -1050,8 +1422,77 @@ def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
     return None
 
 
+def _granted(token_request: Any) -> dict[str, Any]:
+    """The token a request returned, also when the server granted other scopes than asked.
+
+    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
+    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
+    """
+    try:
+        return dict(token_request())
+    except Warning as scope_change:
+        token = getattr(scope_change, "token", None)
+        if token is None:
+            raise
+        log.debug("the server granted scope %s", token.get("scope"))
+        return dict(token)
+
+
+def missing_secret_message(url: str, error: str) -> str:
+    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
+            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
+            "the application as public.")
+
+
+def _nothing_was_sent(exc: Exception) -> bool:
+    """True when the request cannot have reached the server, so nothing can have been used up there."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
+
+
+def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
+    """One place that says what a failed token request means for the person."""
+    import requests
+    from oauthlib.oauth2.rfc6749 import errors as oauth_errors
+
+    if isinstance(exc, FetchMemosError):
+        return exc
+    if isinstance(exc, requests.exceptions.RequestException):
+        if during == "refresh" and not _nothing_was_sent(exc):
+            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
+                                  "kept; run again (if the server had already used it up, you will be asked to "
+                                  "authorize again)")
+        return request_failed(exc, url, settings.timeout)
+    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
+        return ConfigError(missing_secret_message(url, exc.error))
+    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
+        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
+                           "and CLIENT_SECRET in .env.")
+    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
+        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
+    if isinstance(exc, oauth_errors.InvalidGrantError):
+        if during == "refresh":
+            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
+                             "server).")
+        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
+                                  "Run again to get a new one.")
+    if isinstance(exc, oauth_errors.OAuth2Error):
+        description = f": {exc.description.rstrip('.')}" if exc.description else ""
+        if exc.error in ("missing_token", "missing_token_type"):
+            return ServerError(f"the token endpoint {url} answered without a token{description}.")
+        if exc.error in ("server_error", "temporarily_unavailable"):
+            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
+        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
+    if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
+        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
+    return exc
+
+
 # ---------------------------------------------------------------------------------------------
-# 4. Authorization: build the URL (PKCE S256, state), get the code (paste or loopback), exchange it.
+# 7. The code grant: build the URL (PKCE S256, state), get the code (paste or loopback), exchange it.
 # ---------------------------------------------------------------------------------------------
 
 PROMPT_ATTEMPTS = 3
@@ -1373,79 +1814,10 @@ def show_authorization_url(url: str, *, opened: bool) -> None:
     say()
 
 
-# -- What a token endpoint's answer means, for the code exchange, the device flow and a refresh alike.
+# ---------------------------------------------------------------------------------------------
+# 8. The device grant (RFC 8628): a code the person enters on any device, while we poll; authorize() picks a grant.
+# ---------------------------------------------------------------------------------------------
 
-
-def _granted(token_request: Any) -> dict[str, Any]:
-    """The token a request returned, also when the server granted other scopes than asked.
-
-    oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
-    relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
-    """
-    try:
-        return dict(token_request())
-    except Warning as scope_change:
-        token = getattr(scope_change, "token", None)
-        if token is None:
-            raise
-        log.debug("the server granted scope %s", token.get("scope"))
-        return dict(token)
-
-
-def missing_secret_message(url: str, error: str) -> str:
-    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
-            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
-            "the application as public.")
-
-
-def _nothing_was_sent(exc: Exception) -> bool:
-    """True when the request cannot have reached the server, so nothing can have been used up there."""
-    import requests
-    from urllib3.exceptions import NewConnectionError
-
-    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
-        isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
-
-
-def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
-    """One place that says what a failed token request means for the person."""
-    import requests
-    from oauthlib.oauth2.rfc6749 import errors as oauth_errors
-
-    if isinstance(exc, FetchMemosError):
-        return exc
-    if isinstance(exc, requests.exceptions.RequestException):
-        if during == "refresh" and not _nothing_was_sent(exc):
-            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
-                                  "kept; run again (if the server had already used it up, you will be asked to "
-                                  "authorize again)")
-        return request_failed(exc, url, settings.timeout)
-    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
-        return ConfigError(missing_secret_message(url, exc.error))
-    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
-        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
-                           "and CLIENT_SECRET in .env.")
-    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
-        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
-    if isinstance(exc, oauth_errors.InvalidGrantError):
-        if during == "refresh":
-            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
-                             "server).")
-        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
-                                  "Run again to get a new one.")
-    if isinstance(exc, oauth_errors.OAuth2Error):
-        description = f": {exc.description.rstrip('.')}" if exc.description else ""
-        if exc.error in ("missing_token", "missing_token_type"):
-            return ServerError(f"the token endpoint {url} answered without a token{description}.")
-        if exc.error in ("server_error", "temporarily_unavailable"):
-            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
-        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
-    if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
-        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
-    return exc
-
-
-# -- The device authorization grant (RFC 8628): a code the person enters on any device, while we poll.
 
 DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 DEVICE_INTERVAL = 5.0  # RFC 8628 section 3.2: the polling interval when the server names none
@@ -1871,369 +2243,8 @@ def person_can_authorize(settings: Settings, stdin: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Session: OAuth2Session with auto refresh wired to the token store; decides when to refresh.
+# 9. Commands: fetch (the default), --status, --logout.
 # ---------------------------------------------------------------------------------------------
-
-RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
-RETRY_BACKOFF = 0.5  # seconds, doubling
-
-
-def refresh_margin(token: Mapping[str, Any]) -> float:
-    """Seconds before expiry at which a token counts as expired.
-
-    Doorkeeper truncates created_at to the second and oauthlib rounds expires_at and allows no
-    leeway, so a token used in its last second fails at the server: refresh half a minute early,
-    or halfway through a shorter lifetime.
-    """
-    lifetime = token.get("expires_in")
-    if isinstance(lifetime, (int, float)) and lifetime > 0:
-        return min(30.0, lifetime / 2)
-    return 30.0
-
-
-def is_expiring(token: Mapping[str, Any], now: float | None = None) -> bool:
-    expires_at = token.get("expires_at")
-    if not isinstance(expires_at, (int, float)):
-        return False  # no expiry known: the API's 401 will tell
-    return expires_at - refresh_margin(token) <= (time.time() if now is None else now)
-
-
-@functools.cache
-def _oauth2_session_class() -> type:
-    """The OAuth2Session subclass, built on first use so that --help and --status never import the HTTP stack."""
-    from requests_oauthlib import OAuth2Session
-
-    class RefreshingSession(OAuth2Session):
-        """Routes requests-oauthlib's auto refresh through MemoSession.refresh()."""
-
-        memo: MemoSession
-
-        def refresh_token(self, token_url: str, refresh_token: str | None = None, **_kwargs: Any) -> dict:
-            # The request kwargs requests-oauthlib passes here (params, ...) would leak into the
-            # refresh body; MemoSession.refresh() sends exactly what it means to.
-            return self.memo.refresh()
-
-        def plain_refresh(self, refresh_token: str, **kwargs: Any) -> dict:
-            return OAuth2Session.refresh_token(self, self.memo.settings.token_url, refresh_token=refresh_token,
-                                               **kwargs)
-
-    return RefreshingSession
-
-
-@contextlib.contextmanager
-def _oauthlib_transport(settings: Settings) -> Iterator[None]:
-    """Let oauthlib accept the plain-http URLs that Settings already allowed, for one call only.
-
-    oauthlib refuses http unless OAUTHLIB_INSECURE_TRANSPORT is set and has no per-call switch.
-    Instead of setting it for the whole process (and for any URL), it is set around calls to
-    URLs that passed our own rule (loopback, or the person's explicit opt-in) and then restored.
-    """
-    name = "OAUTHLIB_INSECURE_TRANSPORT"
-    if not settings.uses_plain_http or os.environ.get(name):
-        yield
-        return
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
-def _check_token_response(response: requests.Response, settings: Settings) -> requests.Response:
-    """Report what the token endpoint really said before oauthlib parses it.
-
-    oauthlib turns an HTML error page into "Missing access token parameter", which hides
-    the real cause; a JSON error body is left to oauthlib, which names the OAuth error.
-    """
-    content_type = response.headers.get("Content-Type", "")
-    is_json = "json" in content_type.lower()
-    if response.status_code == 401 and not settings.client_secret and not is_json:
-        raise ConfigError(missing_secret_message(response.url, "401 Unauthorized"))
-    if response.status_code >= 500:
-        raise ServerError(f"the token endpoint {response.url} answered {response.status_code} "
-                          f"{response.reason or ''}".rstrip() + "; try again later.")
-    if not is_json:
-        kind = "an HTML page" if "html" in content_type.lower() else (
-            "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
-        raise ServerError(f"the token endpoint {response.url} answered {response.status_code} with {kind}, not a "
-                          "token; check OAUTH_TOKEN_URL (or OAUTH_SERVER_URL).")
-    return response
-
-
-def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
-    """requests-oauthlib's refresh_token_request hook: the refresh body carries no `scope`.
-
-    RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
-    scope fails at a server that granted less (invalid_scope), on every later refresh.
-    """
-    from urllib.parse import parse_qsl, urlencode
-
-    fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
-    return url, headers, urlencode(fields)
-
-
-def _insufficient_scope(response: requests.Response) -> bool:
-    return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
-
-
-class MemoSession:
-    """The HTTP session of one run: an OAuth2Session plus the rules of when and how to refresh.
-
-    requests-oauthlib refreshes on its own (auto_refresh_url) once the token it holds is past
-    `expires_at` and then hands the new token to token_updater.  We give it a copy of the token
-    whose expires_at is moved forward by refresh_margin(), and route every refresh through
-    refresh(), which holds the store's lock, re-reads the file (another run may have refreshed
-    already, and Doorkeeper may have revoked the refresh token we hold) and saves the new token
-    before anything else can fail (Doorkeeper rotates refresh tokens).
-    """
-
-    def __init__(self, settings: Settings, store: TokenStore, token: Mapping[str, Any] | None = None) -> None:
-        import requests
-        from urllib3.util.retry import Retry
-
-        self.settings = settings
-        self.store = store
-        self.oauth: OAuth2Session = _oauth2_session_class()(
-            client_id=settings.client_id,
-            redirect_uri=settings.redirect_uri,
-            scope=list(settings.scope),
-            auto_refresh_url=settings.token_url,
-            token_updater=self._token_updated,
-            pkce="S256",
-        )
-        self.oauth.memo = self
-        check = functools.partial(_check_token_response, settings=settings)
-        self.oauth.register_compliance_hook("access_token_response", check)
-        self.oauth.register_compliance_hook("refresh_token_response", check)
-        self.oauth.register_compliance_hook("refresh_token_request", _without_scope)
-        self.asked_scope: tuple[str, ...] = settings.scope
-        # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
-        # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
-        # so a refresh and the API call share one TCP connection.
-        retry = Retry(total=RETRY_ATTEMPTS, connect=RETRY_ATTEMPTS, read=RETRY_ATTEMPTS, status=RETRY_ATTEMPTS,
-                      other=0, allowed_methods=frozenset({"GET"}), status_forcelist=(502, 503, 504),
-                      backoff_factor=RETRY_BACKOFF, raise_on_status=False, respect_retry_after_header=False)
-        adapter = requests.adapters.HTTPAdapter(max_retries=retry)
-        self.oauth.mount("http://", adapter)
-        self.oauth.mount("https://", adapter)
-        self.oauth.headers["User-Agent"] = f"fetch_memos/{__version__}"
-        if token is not None:
-            self.use(token)
-
-    # -- the token this session sends ----------------------------------------------------------
-
-    def use(self, token: Mapping[str, Any]) -> None:
-        """Hold this token; requests-oauthlib sees it as expired refresh_margin() seconds early."""
-        self.token = dict(token)
-        asked = asked_scope(self.token)
-        if asked is not None:  # a stored token says what its grant asked for; a refreshed one keeps that
-            self.asked_scope = asked
-        remember_secret(self.token.get("access_token"), self.token.get("refresh_token"))
-        session_copy = {key: value for key, value in self.token.items() if key != META_KEY}
-        if isinstance(session_copy.get("expires_at"), (int, float)):
-            session_copy["expires_at"] = session_copy["expires_at"] - refresh_margin(session_copy)
-        self.oauth.token = session_copy
-
-    def _token_updated(self, token: dict) -> None:
-        """requests-oauthlib's token_updater: refresh() has already saved it and taken it into use."""
-
-    def _save(self, token: Mapping[str, Any]) -> None:
-        try:
-            self.store.save(token, token_meta(self.settings, self.asked_scope))
-        except TokenNotSaved as exc:
-            # The run can still succeed; say so, since the next run cannot reuse this token.
-            warn(f"{exc}. The next run will have to authorize again.")
-
-    # -- getting tokens ------------------------------------------------------------------------
-
-    def authorization_url(self, authorize_url: str) -> tuple[str, str]:
-        state = secrets.token_urlsafe(24)
-        extra: dict[str, str] = {}
-        if self.settings.resource:
-            extra["resource"] = self.settings.resource  # RFC 8707 section 2.1
-        if "offline_access" in self.settings.scope:
-            # OpenID Connect Core section 11: offline_access is ignored unless consent is asked for.
-            extra["prompt"] = "consent"
-        with _oauthlib_transport(self.settings):
-            url, state = self.oauth.authorization_url(authorize_url, state=state, **extra)
-        remember_secret(self.oauth._code_verifier)
-        return url, state
-
-    @property
-    def redirect_uri(self) -> str:
-        return self.oauth.redirect_uri
-
-    @redirect_uri.setter
-    def redirect_uri(self, value: str) -> None:
-        self.oauth.redirect_uri = value
-
-    def exchange_code(self, code: str) -> dict[str, Any]:
-        """Trade the code for a token (PKCE verifier and the configured client auth); never retried."""
-        url = self.settings.token_url
-        if self.settings.client_auth == "basic":
-            auth: dict[str, Any] = {"auth": self._client_auth()}
-        else:  # client_id (and for "post" the secret) in the body, no Authorization header
-            auth = {"include_client_id": True}
-            if self.settings.client_auth == "post":
-                auth["client_secret"] = self.settings.client_secret
-        extra = {"resource": self.settings.resource} if self.settings.resource else {}
-        try:
-            with _oauthlib_transport(self.settings):
-                token = _granted(lambda: self.oauth.fetch_token(url, code=code, timeout=self.settings.timeout,
-                                                                **auth, **extra))
-        except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-            raise self._token_request_failed(exc, "token_url", during="exchange") from None
-        return self.take_new_token(token)
-
-    def take_new_token(self, token: Mapping[str, Any]) -> dict[str, Any]:
-        """The one place a freshly granted token (code exchange or device flow) is checked, used and saved.
-
-        RFC 6749 section 3.3 lets the server grant less than asked: say once what is missing and go
-        on (refreshes do not ask for scope, so they keep working). The scope asked for is recorded
-        beside the token, to notice later when the configuration asks for more.
-        """
-        token = dict(token)
-        self.asked_scope = self.settings.scope
-        granted = granted_scope(token, self.asked_scope)
-        missing = [scope for scope in self.asked_scope if scope not in granted]
-        if missing:
-            say(f"Note: the server did not grant scope {' '.join(missing)} (asked for {' '.join(self.asked_scope)}, "
-                f"granted {' '.join(granted) or 'no scope'}); continuing with what was granted.")
-        self.use(token)
-        self._save(token)
-        return token
-
-    def refresh(self) -> dict[str, Any]:
-        """The one way to refresh: under the lock, adopting another run's fresh token when there is one."""
-        with self.store.locked():
-            stored = self.store.load()
-            if stored is not None and token_mismatch(stored, self.settings) is None:
-                if not _same_token(stored, self.token) and not is_expiring(stored):
-                    log.debug("another run refreshed the token already; using it")
-                    self.use(stored)
-                    return self.oauth.token
-                if stored.get("refresh_token"):
-                    self.token = stored  # the newest refresh token is the one that works
-            refresh_token = self.token.get("refresh_token")
-            if not refresh_token:
-                raise DeadGrant("the stored token has expired and came without a refresh token.")
-            url = self.settings.token_url
-            extra: dict[str, Any] = {"auth": self._client_auth()} if self.settings.client_auth == "basic" else {
-                "auth": None, **self._client_auth_fields()}
-            if self.settings.resource:
-                extra["resource"] = self.settings.resource  # RFC 8707 section 2.2
-            try:
-                with _oauthlib_transport(self.settings):
-                    token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
-                                                                      **extra))
-                token.setdefault("refresh_token", refresh_token)  # RFC 6749 section 6: kept unless replaced
-            except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-                raise self._token_request_failed(exc, "token_url", during="refresh") from None
-            log.debug("refreshed the token at %s", url)
-            self.use(token)
-            self._save(token)
-        return self.oauth.token
-
-    # -- using tokens --------------------------------------------------------------------------
-
-    def get(self, url: str) -> requests.Response:
-        """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired.
-
-        One budget of RETRY_ATTEMPTS extra tries covers urllib3's retries (connection errors and
-        502/503/504, before the headers arrive) and ours (a body that breaks off after them).
-        """
-        import requests
-
-        adapter = self.oauth.get_adapter(url)
-        configured = adapter.max_retries
-        spent = 0
-        try:
-            while True:
-                left = RETRY_ATTEMPTS - spent
-                adapter.max_retries = configured.new(total=left, connect=left, read=left, status=left)
-                try:
-                    with _oauthlib_transport(self.settings):
-                        response = self.oauth.get(url, timeout=self.settings.timeout, stream=True)
-                    spent += len(response.raw.retries.history) if response.raw.retries else 0
-                    response.content  # noqa: B018 - read the body now, so a break in it is retried too
-                    break
-                except requests.exceptions.ChunkedEncodingError as exc:
-                    if spent >= RETRY_ATTEMPTS:
-                        raise request_failed(exc, url, self.settings.timeout) from None
-                    spent += 1
-                    time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
-                except FetchMemosError:
-                    raise
-                except requests.exceptions.RetryError:
-                    raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; "
-                                      "try again later.") from None
-                except requests.exceptions.RequestException as exc:
-                    raise request_failed(exc, url, self.settings.timeout) from None
-        finally:
-            adapter.max_retries = configured
-        log.debug("GET %s -> %s", url, response.status_code)
-        return response
-
-    def get_with_one_refresh(self, url: str) -> requests.Response:
-        """One GET, and after a rejected token exactly one refresh and one retry.
-
-        A 401 never triggers requests-oauthlib's refresh. Some servers (django-oauth-toolkit)
-        answer 403 with no challenge for a dead token, so a 403 that does not name
-        insufficient_scope is treated the same way.
-        """
-        response = self.get(url)
-        if response.status_code == 401 or (response.status_code == 403 and not _insufficient_scope(response)):
-            log.debug("the API rejected the token (%s); refreshing once", response.status_code)
-            self.refresh()
-            response = self.get(url)
-        return response
-
-    def _client_auth(self) -> Any:
-        """HTTP Basic credentials for OAUTH_CLIENT_AUTH=basic (client_secret_basic), else None."""
-        import requests
-
-        if self.settings.client_auth != "basic":
-            return None
-        return requests.auth.HTTPBasicAuth(self.settings.client_id, self.settings.client_secret)
-
-    def _client_auth_fields(self) -> dict[str, str]:
-        """The form fields that authenticate the client for OAUTH_CLIENT_AUTH=post or none (RFC 6749 2.3.1)."""
-        if self.settings.client_auth == "basic":
-            return {}
-        if self.settings.client_auth == "post":
-            return {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
-        return {"client_id": self.settings.client_id}  # a public client identifies itself (section 3.2.1)
-
-    def post_form(self, url: str, data: Mapping[str, str]) -> requests.Response:
-        """A POST with the configured client authentication and no bearer token (revocation, device flow)."""
-        import requests
-
-        try:
-            with _oauthlib_transport(self.settings):
-                return self.oauth.post(url, data={**data, **self._client_auth_fields()}, timeout=self.settings.timeout,
-                                       withhold_token=True, auth=self._client_auth())
-        except requests.exceptions.RequestException as exc:
-            raise request_failed(exc, url, self.settings.timeout) from None
-
-    def endpoint_failed(self, endpoint: str) -> None:
-        """An endpoint that came from the metadata failed: the cached metadata may be out of date."""
-        if self.settings.source(endpoint) == "metadata":
-            MetadataCache(self.settings.token_file).forget()
-
-    def _token_request_failed(self, exc: Exception, endpoint: str, during: str) -> Exception:
-        error = _token_request_error(exc, getattr(self.settings, endpoint), self.settings, during)
-        if isinstance(error, ServerError):
-            self.endpoint_failed(endpoint)
-        return error
-
-    def close(self) -> None:
-        self.oauth.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Commands: fetch (the default), --status, --logout.
-# ---------------------------------------------------------------------------------------------
-
 
 def needs_person(reason: str) -> AuthorizationError:
     """The one message for "authorizing is needed, and no person is at a terminal"."""
@@ -2485,7 +2496,7 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. main(): parse flags, run one command, turn our exceptions into one line and an exit code.
+# 10. main(): parse flags, run one command, turn our exceptions into one line and an exit code.
 # ---------------------------------------------------------------------------------------------
 
 def _settings_help() -> str:
