@@ -2521,23 +2521,37 @@ output:
   stdout carries only the API's JSON (UTF-8), so `python fetch_memos.py | jq .` works;
   prompts and messages go to stderr. No token or secret is ever printed.
 
-exit codes:
-  0    success
-  1    the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON),
-       or another run held the token file's lock for over 60 s (try again)
-  2    usage or configuration error (missing variable, bad URL, http to a remote host,
-       client credentials rejected)
-  3    authorization failed or needs a person (bad/expired code, denied, state mismatch,
-       device code expired, end of input, dead grant or no token without a terminal)
-  130  interrupted
 """
+
+# What each exit code means: --help and the README's table are rendered from this.
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON), or another run held "
+       "the token file's lock for over 60 s (try again)",
+    2: "usage or configuration error (missing variable, bad URL, http to a remote host, client credentials "
+       "rejected)",
+    3: "authorization failed or needs a person (bad/expired code, denied, state mismatch, device code expired, end "
+       "of input, dead grant or no token without a terminal)",
+    130: "interrupted",
+}
+
+
+def _exit_codes_help() -> str:
+    import textwrap
+
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES.items():
+        wrapped = textwrap.wrap(meaning, 86)
+        lines.append(f"  {code:<4} {wrapped[0]}")
+        lines.extend(f"       {line}" for line in wrapped[1:])
+    return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
     """Builds the long epilog (every setting, wrapped) only when help is shown, not on every run."""
 
     def format_help(self) -> str:
-        self.epilog = _settings_help() + "\n\n" + EPILOG
+        self.epilog = _settings_help() + "\n\n" + EPILOG + "\n" + _exit_codes_help()
         return super().format_help()
 
 
