@@ -81,6 +81,7 @@ class Setting(NamedTuple):
     title: str = ""  # an endpoint's label in --status
     metadata: str = ""  # an endpoint's RFC 8414 metadata field: set, the endpoint may come from the metadata
     shown_default: str = ""  # the README's default (Markdown) where `default` alone would not say it
+    doc: str = ""  # the README's meaning (Markdown: code, links) where it says more than the help
 
     @property
     def dest(self) -> str:
@@ -208,22 +209,32 @@ def _positive_seconds(name: str, value: str, load: _Load) -> float:
 # Every setting, keyed by its environment (and .env) variable; the order is --help's, the README's and .env.example's.
 SETTINGS: dict[str, Setting] = {row.variable: row for row in (
     Setting("CLIENT_ID", "client_id", "--client-id", "", "the OAuth application's client id (required)",
-            _client_id, shown_default="(required)"),
+            _client_id, shown_default="(required)",
+            doc="the application's client id"),
     Setting("CLIENT_SECRET", "client_secret", "", "", "the application's client secret; leave it unset for a public "
             "client (PKCE only, RFC 8252 section 8.4). .env or environment only, never a flag, because other users "
-            "can read a command line", _text, shown_default="unset: a public client"),
+            "can read a command line", _text, shown_default="unset: a public client",
+            doc="the client secret of a confidential application; no flag, because other users can read a command "
+            "line"),
     Setting("OAUTH_CLIENT_AUTH", "client_auth", "--client-auth", "", "how the client authenticates at the token and "
             "revocation endpoints: basic (HTTP Basic, client_secret_basic), post (client_secret_post: id and secret "
             "in the form) or none (public client: client_id in the form); default basic with a secret, none without",
-            _client_auth, shown_default="`basic` with a secret, `none` without"),
+            _client_auth, shown_default="`basic` with a secret, `none` without",
+            doc="client authentication at the token and revocation endpoints: `basic` (HTTP Basic, "
+            "`client_secret_basic`), `post` (`client_secret_post`), `none` (`client_id` in the form, no "
+            "Authorization header)"),
     Setting("OAUTH_ISSUER", "issuer", "--issuer", "", "the authorization server's issuer identifier. When set, every "
             "endpoint not set below comes from its RFC 8414 metadata (cached beside the token for 24 h), and "
             "authorization responses must name it in iss (RFC 9207). Default: OAUTH_SERVER_URL without a trailing "
             "slash, and no metadata is fetched", _issuer,
-            shown_default="`OAUTH_SERVER_URL` without a trailing slash"),
+            shown_default="`OAUTH_SERVER_URL` without a trailing slash",
+            doc="the server's issuer identifier. Set, it turns on discovery (RFC 8414: every endpoint not set "
+            "explicitly comes from the server's metadata, cached for 24 h in `<token file>.metadata.json`); "
+            "always, an authorization response's `iss` must equal it (RFC 9207)"),
     Setting("OAUTH_SERVER_URL", "server_url", "--server-url", DEFAULT_SERVER_URL, "the authorization server (default "
             "{default}, or the origin of OAUTH_ISSUER when that is set)", _server_url,
-            shown_default=f"`{DEFAULT_SERVER_URL}`, or the origin of `OAUTH_ISSUER`"),
+            shown_default=f"`{DEFAULT_SERVER_URL}`, or the origin of `OAUTH_ISSUER`",
+            doc="the Rails app"),
     Setting("OAUTH_AUTHORIZE_URL", "authorize_url", "--authorize-url", "<server>/oauth/authorize",
             "authorization endpoint (default {default})", _requested_url,
             title="Authorize:", metadata="authorization_endpoint"),
@@ -231,33 +242,42 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             _requested_url, title="Token:", metadata="token_endpoint"),
     Setting("OAUTH_REVOKE_URL", "revoke_url", "--revoke-url", "<server>/oauth/revoke",
             "revocation endpoint, RFC 7009 (default {default})", _requested_url,
-            title="Revoke:", metadata="revocation_endpoint"),
+            title="Revoke:", metadata="revocation_endpoint",
+            doc="revocation endpoint (RFC 7009)"),
     Setting("OAUTH_DEVICE_AUTHORIZATION_URL", "device_authorization_url", "--device-authorization-url", "",
             "device authorization endpoint, RFC 8628 (default: from the metadata, else none; django-oauth-toolkit: "
             "<site>/o/device-authorization/)", _requested_url,
-            title="Device auth:", metadata="device_authorization_endpoint"),
+            title="Device auth:", metadata="device_authorization_endpoint",
+            doc="device authorization endpoint (RFC 8628)"),
     Setting("MEMOS_API_URL", "api_url", "--api-url", "<server>/api/memos/",
             "the protected JSON API (default {default})", _requested_url),
     Setting("OAUTH_SCOPE", "scope", "--scope", "read", "space-separated scopes to ask for (default {default}; with "
-            "offline_access the authorization request also asks for prompt=consent)", _scope),
+            "offline_access the authorization request also asks for prompt=consent)", _scope,
+            doc="scopes to ask for; with `offline_access` the authorization request carries `prompt=consent`"),
     Setting("OAUTH_RESOURCE", "resource", "--resource", "", "resource indicator, RFC 8707: the URL of the API the "
-            "token is for, sent on the authorization and token requests (default: none sent)", _optional_url),
+            "token is for, sent on the authorization and token requests (default: none sent)", _optional_url,
+            doc="resource indicator (RFC 8707), sent on the authorization, code and refresh requests"),
     Setting("OAUTH_REDIRECT_URI", "redirect_uri", "--redirect-uri", OOB_REDIRECT_URI, "redirect URI registered for "
             "the app (default {default}; a http://127.0.0.1:PORT/... URI catches the redirect itself)",
-            _redirect_uri),
+            _redirect_uri,
+            doc="or a loopback URI, see below"),
     Setting("OAUTH_TOKEN_FILE", "token_file", "--token-file", DEFAULT_TOKEN_FILE_NAME, "where the token is kept "
             "(default {default} beside the script; a relative path is relative to the current folder)",
-            _token_file, shown_default=f"`{DEFAULT_TOKEN_FILE_NAME}` beside the script"),
+            _token_file, shown_default=f"`{DEFAULT_TOKEN_FILE_NAME}` beside the script",
+            doc="a relative path is relative to the current folder"),
     Setting("OAUTH_TIMEOUT", "timeout", "--timeout", "10", "seconds each HTTP request may take (default {default})",
             _positive_seconds),
     Setting("OAUTH_LOGIN_TIMEOUT", "login_timeout", "--login-timeout", "300", "seconds to wait for the browser's "
-            "redirect, or for the device flow's approval (default {default})", _positive_seconds),
+            "redirect, or for the device flow's approval (default {default})", _positive_seconds,
+            doc="seconds to wait for the browser's redirect (loopback) or the device flow's approval"),
     Setting("OAUTH_ALLOW_INSECURE_HTTP", "allow_insecure_http", "--allow-insecure-http", "0", "set to 1 to allow "
             "plain http to a host that is not this machine (tokens then cross the network unencrypted)",
-            _switch, switch=True),
+            _switch, switch=True,
+            doc="allow plain http to a host that is not this machine"),
     Setting("OAUTH_DEVICE_FLOW", "device_flow", "--device", "0", "set to 1 to authorize with the device flow (RFC "
             "8628): the script shows a URL and a code to enter on any device, and waits; nothing is typed here, so "
-            "it also works without a terminal", _switch, switch=True),
+            "it also works without a terminal", _switch, switch=True,
+            doc="authorize with the device flow (RFC 8628), see [Device flow](#device-flow)"),
 )}
 
 # The endpoints a run may take from the issuer's metadata, and the URLs it sends requests to (for oauthlib's http rule).
