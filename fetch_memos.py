@@ -739,6 +739,58 @@ def _file_lock_functions() -> tuple[Any, Any]:
 _LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 
 
+def _temp_files(path: Path) -> str:
+    """The glob of write_private_file's temporary names for path: .NAME.PID.RANDOM.tmp, in the same folder."""
+    return f".{path.name}.*.tmp"
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """A run killed while writing leaves its temp file, which may hold a token: remove it once its writer is gone."""
+    for stale in path.parent.glob(_temp_files(path)):
+        if sys.platform == "win32":
+            # os.kill(pid, 0) there would send CTRL_C_EVENT (= 0) or terminate the process, not probe it:
+            # a writer holds its temp file for milliseconds, so one a minute old is stale.
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 60:
+                    stale.unlink()
+            continue
+        try:
+            pid = int(stale.name[len(path.name) + 2:].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        except (ValueError, OSError):
+            continue
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace path with data, mode 0600, atomically: a crash at any moment leaves the old file or the new, whole.
+
+    The temp file is created private (O_EXCL, 0600) in the same folder, so the rename cannot cross file systems
+    and no other user ever sees the bytes; fsync before the rename, so the new name never points at unwritten
+    data. Raises OSError; the temp file is gone either way.
+    """
+    remove_stale_temp_files(path)
+    tmp = path.with_name(_temp_files(path).replace("*", f"{os.getpid()}.{secrets.token_hex(4)}"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):  # the rename itself survives a crash only once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class TokenStore:
     """The pickle file holding one token dict, plus a lock file beside it that serialises refreshes."""
 
@@ -778,55 +830,18 @@ class TokenStore:
         return token
 
     def save(self, token: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-        """Write atomically (temp file, fsync, rename) with mode 0600, so a crash leaves old or new, never half."""
+        """Write under the lock, through write_private_file: a crash leaves the old token or the new, never half."""
         record = {key: value for key, value in token.items() if key != META_KEY}
         record[META_KEY] = dict(meta, saved_at=time.time())
         if self._last_saved is not None and _same_token(self._last_saved, record):
             return
         data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        directory = self.path.parent
-        tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         with self.locked():
-            self._remove_stale_temp_files()
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    os.replace(tmp, self.path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-                with contextlib.suppress(OSError):
-                    dir_fd = os.open(directory, os.O_RDONLY)
-                    try:
-                        os.fsync(dir_fd)
-                    finally:
-                        os.close(dir_fd)
+                write_private_file(self.path, data)
             except OSError as exc:
                 raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
         self._last_saved = record
-
-    def _remove_stale_temp_files(self) -> None:
-        """A run killed while saving leaves its temp file, which holds a token: remove it once its writer is gone."""
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            if sys.platform == "win32":
-                # os.kill(pid, 0) there would send CTRL_C_EVENT (= 0) or terminate the process, not probe it:
-                # a writer holds its temp file for milliseconds, so one a minute old is stale.
-                with contextlib.suppress(OSError):
-                    if time.time() - stale.stat().st_mtime > 60:
-                        stale.unlink()
-                continue
-            try:
-                pid = int(stale.name[len(self.path.name) + 2:].split(".")[0])
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-            except (ValueError, OSError):
-                continue
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -921,15 +936,9 @@ class MetadataCache:
         return record
 
     def save(self, record: Mapping[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1)
-            os.replace(tmp, self.path)
+            write_private_file(self.path, json.dumps(record, indent=1).encode("utf-8"))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             warn(f"the server metadata could not be cached in {self.path} ({exc.strerror or exc}); each run "
                  "will fetch it again.")
 

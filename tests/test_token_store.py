@@ -621,3 +621,27 @@ def test_lock_file_is_private(path: Path) -> None:
 def test_lock_in_a_missing_folder_does_not_crash(tmp_path: Path) -> None:
     with TokenStore(tmp_path / "missing" / "token.pickle").locked(wait=0.1):
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The metadata cache goes through the same private-file writer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metadata_cache_is_written_private_and_atomic(path: Path, monkeypatch, capsys) -> None:
+    cache = fetch_memos.MetadataCache(path)
+    record = {"issuer": "https://as.example", "fetched_at": time.time(), "endpoints": {"token_endpoint": "x"}}
+    old = os.umask(0)
+    try:
+        cache.save(record)
+    finally:
+        os.umask(old)
+    assert mode(cache.path) == 0o600
+    assert cache.load("https://as.example") == record
+    before, listing = cache.path.read_bytes(), folder_listing(path.parent)
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    cache.save({**record, "issuer": "https://other.example"})
+    monkeypatch.undo()
+    assert cache.path.read_bytes() == before
+    assert folder_listing(path.parent) == listing  # no .tmp left behind
+    assert "could not be cached" in capsys.readouterr().err
