@@ -65,7 +65,7 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Settings: defaults, then .env, then the environment, then flags; validated here, once.
+# 1. Settings: one row per setting; defaults, then .env, then the environment, then flags; validated here, once.
 # ---------------------------------------------------------------------------------------------
 
 class Setting(NamedTuple):
@@ -286,7 +286,7 @@ REQUESTED_URLS: tuple[str, ...] = tuple(row.field for row in SETTINGS.values() i
 
 
 class Settings(NamedTuple("SettingsFields", [
-        *((row.field, Any) for row in SETTINGS.values()),
+        *((row.field, row.parse.__annotations__["return"]) for row in SETTINGS.values()),  # the parser's type
         ("open_browser", bool), ("debug", bool),  # flags, not settings: no variable
         ("issuer_explicit", bool),  # OAUTH_ISSUER was set: endpoints come from its metadata (RFC 8414)
         ("issuer_required", bool),  # the metadata promised iss in every authorization response (RFC 9207)
