@@ -47,7 +47,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -66,16 +65,23 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Settings: defaults, then .env, then the environment, then flags; validated here, once.
+# 1. Settings: one row per setting; defaults, then .env, then the environment, then flags; validated here, once.
 # ---------------------------------------------------------------------------------------------
 
 class Setting(NamedTuple):
-    """One setting: its flag ("" for none), what an unset or empty value means, and its help."""
+    """One setting, defined once: load_settings, --help, the README's options table and .env.example come from it."""
 
-    flag: str
-    default: str  # "" where none is sent, or where the help says how it is derived
+    variable: str  # the environment (and .env) variable
+    field: str  # the Settings field it fills
+    flag: str  # "" for none
+    default: str  # what an unset or empty value means; "" where none is sent or the help says how it is derived
     help: str  # "{default}" in it is replaced by the default
+    parse: Callable[[str, str, _Load], Any]  # (variable, value or default, the load) -> the field, or ConfigError
     switch: bool = False  # a flag without a value, meaning "1"
+    title: str = ""  # an endpoint's label in --status
+    metadata: str = ""  # an endpoint's RFC 8414 metadata field: set, the endpoint may come from the metadata
+    shown_default: str = ""  # the README's default (Markdown) where `default` alone would not say it
+    doc: str = ""  # the README's meaning (Markdown: code, links) where it says more than the help
 
     @property
     def dest(self) -> str:
@@ -85,97 +91,213 @@ class Setting(NamedTuple):
         return self.help.replace("{default}", self.default)
 
 
-# Every setting, keyed by its environment (and .env) variable: the flags, the help and the defaults come from here.
-SETTINGS: dict[str, Setting] = {
-    "CLIENT_ID": Setting("--client-id", "", "the OAuth application's client id (required)"),
-    "CLIENT_SECRET": Setting("", "", "the application's client secret; leave it unset for a public client (PKCE "
-                                     "only, RFC 8252 section 8.4). .env or environment only, never a flag, because "
-                                     "other users can read a command line"),
-    "OAUTH_CLIENT_AUTH": Setting("--client-auth", "", "how the client authenticates at the token and revocation "
-                                                      "endpoints: basic (HTTP Basic, client_secret_basic), post "
-                                                      "(client_secret_post: id and secret in the form) or none "
-                                                      "(public client: client_id in the form); default basic with "
-                                                      "a secret, none without"),
-    "OAUTH_ISSUER": Setting("--issuer", "", "the authorization server's issuer identifier. When set, every endpoint "
-                                            "not set below comes from its RFC 8414 metadata (cached beside the "
-                                            "token for 24 h), and authorization responses must name it in iss (RFC "
-                                            "9207). Default: OAUTH_SERVER_URL without a trailing slash, and no "
-                                            "metadata is fetched"),
-    "OAUTH_SERVER_URL": Setting("--server-url", DEFAULT_SERVER_URL, "the authorization server (default {default}, or "
-                                                                    "the origin of OAUTH_ISSUER when that is set)"),
-    "OAUTH_AUTHORIZE_URL": Setting("--authorize-url", "<server>/oauth/authorize",
-                                   "authorization endpoint (default {default})"),
-    "OAUTH_TOKEN_URL": Setting("--token-url", "<server>/oauth/token", "token endpoint (default {default})"),
-    "OAUTH_REVOKE_URL": Setting("--revoke-url", "<server>/oauth/revoke",
-                                "revocation endpoint, RFC 7009 (default {default})"),
-    "OAUTH_DEVICE_AUTHORIZATION_URL": Setting("--device-authorization-url", "", "device authorization endpoint, "
-                                              "RFC 8628 (default: from the metadata, else none; "
-                                              "django-oauth-toolkit: <site>/o/device-authorization/)"),
-    "MEMOS_API_URL": Setting("--api-url", "<server>/api/memos/", "the protected JSON API (default {default})"),
-    "OAUTH_SCOPE": Setting("--scope", "read", "space-separated scopes to ask for (default {default}; with "
-                                              "offline_access the authorization request also asks for "
-                                              "prompt=consent)"),
-    "OAUTH_RESOURCE": Setting("--resource", "", "resource indicator, RFC 8707: the URL of the API the token is for, "
-                                                "sent on the authorization and token requests (default: none sent)"),
-    "OAUTH_REDIRECT_URI": Setting("--redirect-uri", OOB_REDIRECT_URI, "redirect URI registered for the app (default "
-                                                                      "{default}; a http://127.0.0.1:PORT/... URI "
-                                                                      "catches the redirect itself)"),
-    "OAUTH_TOKEN_FILE": Setting("--token-file", DEFAULT_TOKEN_FILE_NAME, "where the token is kept (default {default} "
-                                                                         "beside the script; a relative path is "
-                                                                         "relative to the current folder)"),
-    "OAUTH_TIMEOUT": Setting("--timeout", "10", "seconds each HTTP request may take (default {default})"),
-    "OAUTH_LOGIN_TIMEOUT": Setting("--login-timeout", "300", "seconds to wait for the browser's redirect, or for "
-                                                             "the device flow's approval (default {default})"),
-    "OAUTH_ALLOW_INSECURE_HTTP": Setting("--allow-insecure-http", "0", "set to 1 to allow plain http to a host that "
-                                                                       "is not this machine (tokens then cross the "
-                                                                       "network unencrypted)", switch=True),
-    "OAUTH_DEVICE_FLOW": Setting("--device", "0", "set to 1 to authorize with the device flow (RFC 8628): the script "
-                                                  "shows a URL and a code to enter on any device, and waits; nothing "
-                                                  "is typed here, so it also works without a terminal", switch=True),
-}
+class _Load:
+    """One load_settings call: the merged raw values, and each field parsed once, on first use.
+
+    A parser that needs another setting (every URL asks OAUTH_ALLOW_INSECURE_HTTP, the endpoints ask the server
+    URL, which asks the issuer) calls get(); so the rows' order decides only which error a run reports first.
+    """
+
+    def __init__(self, merged: Mapping[str, str]) -> None:
+        self.merged = merged
+        self.fields: dict[str, Any] = {}
+
+    def given(self, variable: str) -> str:
+        """The value set by a flag, the environment or .env; "" when unset or empty."""
+        return self.merged.get(variable, "").strip()
+
+    def get(self, variable: str) -> Any:
+        """The Settings field a variable fills, parsed and validated by its row."""
+        row = SETTINGS[variable]
+        if row.field not in self.fields:
+            self.fields[row.field] = row.parse(variable, self.given(variable) or row.default, self)
+        return self.fields[row.field]
+
 
 CLIENT_AUTH_METHODS = ("basic", "post", "none")
 
-# The endpoints a run may use: Settings field, the variable that sets it, and the RFC 8414 metadata field.
-ENDPOINTS: tuple[tuple[str, str, str], ...] = (
-    ("authorize_url", "OAUTH_AUTHORIZE_URL", "authorization_endpoint"),
-    ("token_url", "OAUTH_TOKEN_URL", "token_endpoint"),
-    ("revoke_url", "OAUTH_REVOKE_URL", "revocation_endpoint"),
-    ("device_authorization_url", "OAUTH_DEVICE_AUTHORIZATION_URL", "device_authorization_endpoint"),
-)
+
+def _text(name: str, value: str, load: _Load) -> str:
+    return value
 
 
-class Settings(NamedTuple):
-    """Everything a run needs to know, validated; nothing after this re-checks it.
+def _switch(name: str, value: str, load: _Load) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _client_id(name: str, value: str, load: _Load) -> str:
+    if not value:
+        where = "is empty" if name in load.merged else "is not set"
+        raise ConfigError(
+            f"{name} {where}. Copy .env.example to .env beside fetch_memos.py and fill in the client "
+            "credentials of your OAuth application (or set the environment variable)."
+        )
+    return value
+
+
+def _client_auth(name: str, value: str, load: _Load) -> str:
+    """The one place the default lives: basic with a secret, none (a public client) without."""
+    secret = load.get("CLIENT_SECRET")
+    method = (value or ("basic" if secret else "none")).lower()
+    if method not in CLIENT_AUTH_METHODS:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(CLIENT_AUTH_METHODS)}.")
+    if method != "none" and not secret:
+        raise ConfigError(f"{name}={method} needs CLIENT_SECRET, which is not set. Set it in .env "
+                          "beside fetch_memos.py, or use OAUTH_CLIENT_AUTH=none for a public client.")
+    return method
+
+
+def _issuer(name: str, value: str, load: _Load) -> str:
+    """"" when unset: load_settings then derives it from the server URL, and no metadata is fetched."""
+    return valid_issuer_setting(value, load.get("OAUTH_ALLOW_INSECURE_HTTP")) if value else ""
+
+
+def _server_url(name: str, value: str, load: _Load) -> str:
+    issuer = load.get("OAUTH_ISSUER")
+    if issuer and not load.given(name):
+        value = origin_url(issuer)
+    return _check_url(name, value, load.get("OAUTH_ALLOW_INSECURE_HTTP"))
+
+
+def _optional_url(name: str, value: str, load: _Load) -> str:
+    return _check_url(name, value, load.get("OAUTH_ALLOW_INSECURE_HTTP")) if value else ""
+
+
+def _requested_url(name: str, value: str, load: _Load) -> str:
+    """A URL the run sends requests to; "<server>" in it stands for OAUTH_SERVER_URL."""
+    return _optional_url(name, value.replace("<server>", load.get("OAUTH_SERVER_URL").rstrip("/")), load)
+
+
+def _scope(name: str, value: str, load: _Load) -> tuple[str, ...]:
+    scope = tuple(value.replace(",", " ").split())
+    if not scope:
+        raise ConfigError(f"{name}={value!r} names no scope; set it to e.g. read.")
+    return scope
+
+
+def _redirect_uri(name: str, value: str, load: _Load) -> str:
+    if value == OOB_REDIRECT_URI:
+        return value
+    parts = _parse_url(name, value)
+    if parts.scheme != "http" or not is_loopback_host(parts.hostname):
+        raise ConfigError(
+            f"{name}={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
+            "loopback address such as http://127.0.0.1:8765/callback (RFC 8252)."
+        )
+    return value
+
+
+def _token_file(name: str, value: str, load: _Load) -> Path:
+    """The default is beside the script; a path that is set is taken from the current folder, ~ expanded."""
+    try:
+        path = Path(value).expanduser() if load.given(name) else SCRIPT_DIR / value
+    except RuntimeError as exc:  # ~user that does not exist
+        raise ConfigError(f"{name}={value!r}: {exc}.") from None
+    return path.absolute()
+
+
+def _positive_seconds(name: str, value: str, load: _Load) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a number of seconds.") from None
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"{name}={value!r} must be more than 0 and at most 3600 seconds.")
+    return seconds
+
+
+# Every setting, keyed by its environment (and .env) variable; the order is --help's, the README's and .env.example's.
+SETTINGS: dict[str, Setting] = {row.variable: row for row in (
+    Setting("CLIENT_ID", "client_id", "--client-id", "", "the OAuth application's client id (required)",
+            _client_id, shown_default="(required)",
+            doc="the application's client id"),
+    Setting("CLIENT_SECRET", "client_secret", "", "", "the application's client secret; leave it unset for a public "
+            "client (PKCE only, RFC 8252 section 8.4). .env or environment only, never a flag, because other users "
+            "can read a command line", _text, shown_default="unset: a public client",
+            doc="the client secret of a confidential application; no flag, because other users can read a command "
+            "line"),
+    Setting("OAUTH_CLIENT_AUTH", "client_auth", "--client-auth", "", "how the client authenticates at the token and "
+            "revocation endpoints: basic (HTTP Basic, client_secret_basic), post (client_secret_post: id and secret "
+            "in the form) or none (public client: client_id in the form); default basic with a secret, none without",
+            _client_auth, shown_default="`basic` with a secret, `none` without",
+            doc="client authentication at the token and revocation endpoints: `basic` (HTTP Basic, "
+            "`client_secret_basic`), `post` (`client_secret_post`), `none` (`client_id` in the form, no "
+            "Authorization header)"),
+    Setting("OAUTH_ISSUER", "issuer", "--issuer", "", "the authorization server's issuer identifier. When set, every "
+            "endpoint not set below comes from its RFC 8414 metadata (cached beside the token for 24 h), and "
+            "authorization responses must name it in iss (RFC 9207). Default: OAUTH_SERVER_URL without a trailing "
+            "slash, and no metadata is fetched", _issuer,
+            shown_default="`OAUTH_SERVER_URL` without a trailing slash",
+            doc="the server's issuer identifier. Set, it turns on discovery (RFC 8414: every endpoint not set "
+            "explicitly comes from the server's metadata, cached for 24 h in `<token file>.metadata.json`); "
+            "always, an authorization response's `iss` must equal it (RFC 9207)"),
+    Setting("OAUTH_SERVER_URL", "server_url", "--server-url", DEFAULT_SERVER_URL, "the authorization server (default "
+            "{default}, or the origin of OAUTH_ISSUER when that is set)", _server_url,
+            shown_default=f"`{DEFAULT_SERVER_URL}`, or the origin of `OAUTH_ISSUER`",
+            doc="the Rails app"),
+    Setting("OAUTH_AUTHORIZE_URL", "authorize_url", "--authorize-url", "<server>/oauth/authorize",
+            "authorization endpoint (default {default})", _requested_url,
+            title="Authorize:", metadata="authorization_endpoint"),
+    Setting("OAUTH_TOKEN_URL", "token_url", "--token-url", "<server>/oauth/token", "token endpoint (default {default})",
+            _requested_url, title="Token:", metadata="token_endpoint"),
+    Setting("OAUTH_REVOKE_URL", "revoke_url", "--revoke-url", "<server>/oauth/revoke",
+            "revocation endpoint, RFC 7009 (default {default})", _requested_url,
+            title="Revoke:", metadata="revocation_endpoint",
+            doc="revocation endpoint (RFC 7009)"),
+    Setting("OAUTH_DEVICE_AUTHORIZATION_URL", "device_authorization_url", "--device-authorization-url", "",
+            "device authorization endpoint, RFC 8628 (default: from the metadata, else none; django-oauth-toolkit: "
+            "<site>/o/device-authorization/)", _requested_url,
+            title="Device auth:", metadata="device_authorization_endpoint",
+            doc="device authorization endpoint (RFC 8628)"),
+    Setting("MEMOS_API_URL", "api_url", "--api-url", "<server>/api/memos/",
+            "the protected JSON API (default {default})", _requested_url),
+    Setting("OAUTH_SCOPE", "scope", "--scope", "read", "space-separated scopes to ask for (default {default}; with "
+            "offline_access the authorization request also asks for prompt=consent)", _scope,
+            doc="scopes to ask for; with `offline_access` the authorization request carries `prompt=consent`"),
+    Setting("OAUTH_RESOURCE", "resource", "--resource", "", "resource indicator, RFC 8707: the URL of the API the "
+            "token is for, sent on the authorization and token requests (default: none sent)", _optional_url,
+            doc="resource indicator (RFC 8707), sent on the authorization, code and refresh requests"),
+    Setting("OAUTH_REDIRECT_URI", "redirect_uri", "--redirect-uri", OOB_REDIRECT_URI, "redirect URI registered for "
+            "the app (default {default}; a http://127.0.0.1:PORT/... URI catches the redirect itself)",
+            _redirect_uri,
+            doc="or a loopback URI, see below"),
+    Setting("OAUTH_TOKEN_FILE", "token_file", "--token-file", DEFAULT_TOKEN_FILE_NAME, "where the token is kept "
+            "(default {default} beside the script; a relative path is relative to the current folder)",
+            _token_file, shown_default=f"`{DEFAULT_TOKEN_FILE_NAME}` beside the script",
+            doc="a relative path is relative to the current folder"),
+    Setting("OAUTH_TIMEOUT", "timeout", "--timeout", "10", "seconds each HTTP request may take (default {default})",
+            _positive_seconds),
+    Setting("OAUTH_LOGIN_TIMEOUT", "login_timeout", "--login-timeout", "300", "seconds to wait for the browser's "
+            "redirect, or for the device flow's approval (default {default})", _positive_seconds,
+            doc="seconds to wait for the browser's redirect (loopback) or the device flow's approval"),
+    Setting("OAUTH_ALLOW_INSECURE_HTTP", "allow_insecure_http", "--allow-insecure-http", "0", "set to 1 to allow "
+            "plain http to a host that is not this machine (tokens then cross the network unencrypted)",
+            _switch, switch=True,
+            doc="allow plain http to a host that is not this machine"),
+    Setting("OAUTH_DEVICE_FLOW", "device_flow", "--device", "0", "set to 1 to authorize with the device flow (RFC "
+            "8628): the script shows a URL and a code to enter on any device, and waits; nothing is typed here, so "
+            "it also works without a terminal", _switch, switch=True,
+            doc="authorize with the device flow (RFC 8628), see [Device flow](#device-flow)"),
+)}
+
+# The endpoints a run may take from the issuer's metadata, and the URLs it sends requests to (for oauthlib's http rule).
+ENDPOINTS: tuple[Setting, ...] = tuple(row for row in SETTINGS.values() if row.metadata)
+REQUESTED_URLS: tuple[str, ...] = tuple(row.field for row in SETTINGS.values() if row.parse is _requested_url)
+
+
+class Settings(NamedTuple("SettingsFields", [
+        *((row.field, row.parse.__annotations__["return"]) for row in SETTINGS.values()),  # the parser's type
+        ("open_browser", bool), ("debug", bool),  # flags, not settings: no variable
+        ("issuer_explicit", bool),  # OAUTH_ISSUER was set: endpoints come from its metadata (RFC 8414)
+        ("issuer_required", bool),  # the metadata promised iss in every authorization response (RFC 9207)
+        ("endpoint_sources", Mapping[str, str]),  # {"token_url": "explicit" | "metadata" | "default", ...}
+        ("metadata_fetched_at", "float | None")])):
+    """Everything a run needs to know, validated; nothing after this re-checks it. A field per row of SETTINGS.
 
     A NamedTuple, not a frozen dataclass: as immutable, and about 10 M instructions cheaper to define on every run.
     """
 
-    client_id: str
-    client_secret: str
-    server_url: str
-    authorize_url: str
-    token_url: str
-    revoke_url: str
-    api_url: str
-    scope: tuple[str, ...]
-    redirect_uri: str
-    token_file: Path
-    timeout: float
-    login_timeout: float
-    allow_insecure_http: bool
-    device_flow: bool = False
-    open_browser: bool = True
-    debug: bool = False
-    client_auth: str = "basic"  # "basic" | "post" | "none"
-    issuer: str = ""  # the issuer authorization responses must name (RFC 9207)
-    issuer_explicit: bool = False  # OAUTH_ISSUER was set: endpoints come from its metadata (RFC 8414)
-    issuer_required: bool = False  # the metadata promised iss in every authorization response
-    resource: str = ""  # RFC 8707 resource indicator; "" sends none
-    device_authorization_url: str = ""  # "" when unknown
-    # Where each endpoint came from: {"token_url": "explicit" | "metadata" | "default", ...}
-    endpoint_sources: Mapping[str, str] = MappingProxyType({})
-    metadata_fetched_at: float | None = None
+    __slots__ = ()
 
     @property
     def is_oob(self) -> bool:
@@ -183,8 +305,7 @@ class Settings(NamedTuple):
 
     @property
     def uses_plain_http(self) -> bool:
-        urls = (self.authorize_url, self.token_url, self.revoke_url, self.api_url, self.device_authorization_url)
-        return any(url.lower().startswith("http://") for url in urls)
+        return any(getattr(self, field).lower().startswith("http://") for field in REQUESTED_URLS)
 
     def source(self, endpoint: str) -> str:
         """Where an endpoint came from: "explicit" (a setting), "metadata" (RFC 8414) or "default"."""
@@ -252,32 +373,6 @@ def _check_url(name: str, value: str, allow_insecure_http: bool) -> str:
     return value
 
 
-def _check_redirect_uri(value: str) -> str:
-    if value == OOB_REDIRECT_URI:
-        return value
-    parts = _parse_url("OAUTH_REDIRECT_URI", value)
-    if parts.scheme != "http" or not is_loopback_host(parts.hostname):
-        raise ConfigError(
-            f"OAUTH_REDIRECT_URI={value!r} is not supported: use {OOB_REDIRECT_URI} (copy and paste) or a "
-            "loopback address such as http://127.0.0.1:8765/callback (RFC 8252)."
-        )
-    return value
-
-
-def _positive_seconds(name: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a number of seconds.") from None
-    if not 0 < seconds <= 3600:
-        raise ConfigError(f"{name}={value!r} must be more than 0 and at most 3600 seconds.")
-    return seconds
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
 def read_env_file(path: Path) -> dict[str, str]:
     """Values from a .env file, without touching os.environ (the tests import this module)."""
     try:
@@ -309,7 +404,7 @@ def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
              f"make it private: chmod 600 {env_file}")
 
 
-def _check_issuer(value: str, allow_insecure_http: bool) -> str:
+def valid_issuer_setting(value: str, allow_insecure_http: bool) -> str:
     """RFC 8414 section 2: an https URL (http only where _check_url allows it) with no query or fragment."""
     _check_url("OAUTH_ISSUER", value, allow_insecure_http)
     if urlsplit(value).query:
@@ -317,99 +412,44 @@ def _check_issuer(value: str, allow_insecure_http: bool) -> str:
     return value
 
 
-def _origin_url(url: str) -> str:
+def origin_url(url: str) -> str:
+    """scheme://host[:port] of a URL, as text."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 
 
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
-    """Merge defaults < .env < environment < flags, then validate everything in one place."""
+    """Merge defaults < .env < environment < flags, then let each row parse and validate its value, once."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
-    merged: dict[str, str] = {}
     if args.env_file and not env_file.is_file():
         raise ConfigError(f"--env-file {env_file} does not exist.")
     from_file = read_env_file(env_file) if env_file.is_file() else {}
-    merged.update(from_file)
+    merged = dict(from_file)
     merged.update({key: environ[key] for key in SETTINGS if key in environ})
-    for key, setting in SETTINGS.items():
-        value = getattr(args, setting.dest, None) if setting.flag else None
+    for key, row in SETTINGS.items():
+        value = getattr(args, row.dest) if row.flag else None
         if value is not None and value is not False:
             merged[key] = "1" if value is True else str(value)
-
-    def given(key: str) -> str:
-        return merged.get(key, "").strip()
-
-    def get(key: str) -> str:
-        """The value, or the setting's default when it is unset or empty."""
-        return given(key) or SETTINGS[key].default
-
-    if not get("CLIENT_ID"):
-        where = "is empty" if "CLIENT_ID" in merged else "is not set"
-        raise ConfigError(
-            f"CLIENT_ID {where}. Copy .env.example to .env beside fetch_memos.py and fill in the client "
-            "credentials of your OAuth application (or set the environment variable)."
-        )
-    client_secret = get("CLIENT_SECRET")
-    client_auth = (get("OAUTH_CLIENT_AUTH") or ("basic" if client_secret else "none")).lower()
-    if client_auth not in CLIENT_AUTH_METHODS:
-        raise ConfigError(f"OAUTH_CLIENT_AUTH={get('OAUTH_CLIENT_AUTH')!r} is not one of basic, post, none.")
-    if client_auth != "none" and not client_secret:
-        raise ConfigError(f"OAUTH_CLIENT_AUTH={client_auth} needs CLIENT_SECRET, which is not set. Set it in .env "
-                          "beside fetch_memos.py, or use OAUTH_CLIENT_AUTH=none for a public client.")
-    allow_insecure = _truthy(get("OAUTH_ALLOW_INSECURE_HTTP"))
-    issuer_explicit = bool(get("OAUTH_ISSUER"))
-    issuer = _check_issuer(get("OAUTH_ISSUER"), allow_insecure) if issuer_explicit else ""
-    server_url = given("OAUTH_SERVER_URL") or (_origin_url(issuer) if issuer_explicit else get("OAUTH_SERVER_URL"))
-    server_url = _check_url("OAUTH_SERVER_URL", server_url, allow_insecure)
+    load = _Load(merged)
+    for key in SETTINGS:
+        load.get(key)
+    fields = load.fields
+    issuer_explicit = bool(fields["issuer"])
     if not issuer_explicit:
-        issuer = server_url.rstrip("/")  # only this default drops the slash; OAUTH_ISSUER is compared as set
-    base = server_url.rstrip("/")
-    sources = {attribute: "explicit" if given(key) else "default" for attribute, key, _field in ENDPOINTS}
-    urls = {}
-    for key in ("OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL",
-                "MEMOS_API_URL"):
-        value = get(key).replace("<server>", base)
-        urls[key] = _check_url(key, value, allow_insecure) if value else ""
-    resource = get("OAUTH_RESOURCE")
-    if resource:
-        resource = _check_url("OAUTH_RESOURCE", resource, allow_insecure)
-
-    redirect_uri = _check_redirect_uri(get("OAUTH_REDIRECT_URI"))
-    if getattr(args, "loopback", None) is not None:
-        redirect_uri = f"http://127.0.0.1:{args.loopback}/callback"
-    scope = tuple(get("OAUTH_SCOPE").replace(",", " ").split())
-    if not scope:
-        raise ConfigError(f"OAUTH_SCOPE={get('OAUTH_SCOPE')!r} names no scope; set it to e.g. read.")
-    try:
-        token_file = Path(given("OAUTH_TOKEN_FILE")).expanduser() if given("OAUTH_TOKEN_FILE") else (
-            SCRIPT_DIR / get("OAUTH_TOKEN_FILE"))
-    except RuntimeError as exc:  # ~user that does not exist
-        raise ConfigError(f"OAUTH_TOKEN_FILE={get('OAUTH_TOKEN_FILE')!r}: {exc}.") from None
+        # Only this default drops the slash; an OAUTH_ISSUER that is set is compared exactly as set.
+        fields["issuer"] = fields["server_url"].rstrip("/")
+    if args.loopback is not None:
+        fields["redirect_uri"] = f"http://127.0.0.1:{args.loopback}/callback"
     if from_file:  # after validation: a run stopped by a configuration error says only that
         warn_if_others_can_read(env_file, from_file)
     return Settings(
-        client_id=get("CLIENT_ID"),
-        client_secret=client_secret,
-        server_url=server_url,
-        authorize_url=urls["OAUTH_AUTHORIZE_URL"],
-        token_url=urls["OAUTH_TOKEN_URL"],
-        revoke_url=urls["OAUTH_REVOKE_URL"],
-        api_url=urls["MEMOS_API_URL"],
-        scope=scope,
-        redirect_uri=redirect_uri,
-        token_file=token_file.absolute(),
-        timeout=_positive_seconds("OAUTH_TIMEOUT", get("OAUTH_TIMEOUT")),
-        login_timeout=_positive_seconds("OAUTH_LOGIN_TIMEOUT", get("OAUTH_LOGIN_TIMEOUT")),
-        allow_insecure_http=allow_insecure,
-        device_flow=_truthy(get("OAUTH_DEVICE_FLOW")),
-        open_browser=not getattr(args, "no_browser", False),
-        debug=bool(getattr(args, "debug", False)),
-        client_auth=client_auth,
-        issuer=issuer,
+        **fields,
+        open_browser=not args.no_browser,
+        debug=args.debug,
         issuer_explicit=issuer_explicit,
-        resource=resource,
-        device_authorization_url=urls["OAUTH_DEVICE_AUTHORIZATION_URL"],
-        endpoint_sources=sources,
+        issuer_required=False,
+        endpoint_sources={row.field: "explicit" if load.given(row.variable) else "default" for row in ENDPOINTS},
+        metadata_fetched_at=None,
     )
 
 
@@ -569,6 +609,7 @@ def request_failed(exc: Exception, url: str, timeout: float, context: str = "") 
 # ---------------------------------------------------------------------------------------------
 
 MAX_TOKEN_FILE_BYTES = 64 * 1024
+LOCK_WAIT_SECONDS = 60.0  # how long a run waits for another's refresh before giving up (TokenFileBusy, exit 1)
 META_KEY = "fetch_memos"  # our keys, beside the token fields the server sent
 
 
@@ -593,7 +634,7 @@ class _TokenUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused a persistent reference")
 
 
-MAX_MEMO_INDEX = 4096  # a token needs a few dozen memo slots
+MAX_PICKLE_MEMO_SLOTS = 4096  # a token needs a few dozen
 
 
 # Calls, extension-registry and buffer opcodes, and Python 2 byte strings: no token ever needs them.
@@ -618,7 +659,7 @@ def _check_opcodes(data: bytes) -> None:
                 if opcode.name in _REFUSED_OPCODES:
                     raise BadTokenFile(f"it is not a token file (it uses the {opcode.name} opcode)")
                 if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and (
-                        not isinstance(arg, int) or arg > MAX_MEMO_INDEX):
+                        not isinstance(arg, int) or arg > MAX_PICKLE_MEMO_SLOTS):
                     raise BadTokenFile("it is damaged (an out-of-range memo index)")
     except (ValueError, TypeError) as exc:
         raise BadTokenFile(f"it is damaged or truncated ({exc})") from None
@@ -698,6 +739,58 @@ def _file_lock_functions() -> tuple[Any, Any]:
 _LOCK_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 
 
+def _temp_files(path: Path) -> str:
+    """The glob of write_private_file's temporary names for path: .NAME.PID.RANDOM.tmp, in the same folder."""
+    return f".{path.name}.*.tmp"
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """A run killed while writing leaves its temp file, which may hold a token: remove it once its writer is gone."""
+    for stale in path.parent.glob(_temp_files(path)):
+        if sys.platform == "win32":
+            # os.kill(pid, 0) there would send CTRL_C_EVENT (= 0) or terminate the process, not probe it:
+            # a writer holds its temp file for milliseconds, so one a minute old is stale.
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 60:
+                    stale.unlink()
+            continue
+        try:
+            pid = int(stale.name[len(path.name) + 2:].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        except (ValueError, OSError):
+            continue
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace path with data, mode 0600, atomically: a crash at any moment leaves the old file or the new, whole.
+
+    The temp file is created private (O_EXCL, 0600) in the same folder, so the rename cannot cross file systems
+    and no other user ever sees the bytes; fsync before the rename, so the new name never points at unwritten
+    data. Raises OSError; the temp file is gone either way.
+    """
+    remove_stale_temp_files(path)
+    tmp = path.with_name(_temp_files(path).replace("*", f"{os.getpid()}.{secrets.token_hex(4)}"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):  # the rename itself survives a crash only once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class TokenStore:
     """The pickle file holding one token dict, plus a lock file beside it that serialises refreshes."""
 
@@ -737,55 +830,18 @@ class TokenStore:
         return token
 
     def save(self, token: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-        """Write atomically (temp file, fsync, rename) with mode 0600, so a crash leaves old or new, never half."""
+        """Write under the lock, through write_private_file: a crash leaves the old token or the new, never half."""
         record = {key: value for key, value in token.items() if key != META_KEY}
         record[META_KEY] = dict(meta, saved_at=time.time())
         if self._last_saved is not None and _same_token(self._last_saved, record):
             return
         data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        directory = self.path.parent
-        tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         with self.locked():
-            self._remove_stale_temp_files()
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    os.replace(tmp, self.path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-                with contextlib.suppress(OSError):
-                    dir_fd = os.open(directory, os.O_RDONLY)
-                    try:
-                        os.fsync(dir_fd)
-                    finally:
-                        os.close(dir_fd)
+                write_private_file(self.path, data)
             except OSError as exc:
                 raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
         self._last_saved = record
-
-    def _remove_stale_temp_files(self) -> None:
-        """A run killed while saving leaves its temp file, which holds a token: remove it once its writer is gone."""
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            if sys.platform == "win32":
-                # os.kill(pid, 0) there would send CTRL_C_EVENT (= 0) or terminate the process, not probe it:
-                # a writer holds its temp file for milliseconds, so one a minute old is stale.
-                with contextlib.suppress(OSError):
-                    if time.time() - stale.stat().st_mtime > 60:
-                        stale.unlink()
-                continue
-            try:
-                pid = int(stale.name[len(self.path.name) + 2:].split(".")[0])
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-            except (ValueError, OSError):
-                continue
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -805,7 +861,7 @@ class TokenStore:
         return aside
 
     @contextlib.contextmanager
-    def locked(self, wait: float = 60.0) -> Iterator[None]:
+    def locked(self, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
         """An exclusive lock across runs; the kernel drops it when a run dies, so it never goes stale."""
         if self._lock_depth:
             self._lock_depth += 1
@@ -880,15 +936,9 @@ class MetadataCache:
         return record
 
     def save(self, record: Mapping[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1)
-            os.replace(tmp, self.path)
+            write_private_file(self.path, json.dumps(record, indent=1).encode("utf-8"))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             warn(f"the server metadata could not be cached in {self.path} ({exc.strerror or exc}); each run "
                  "will fetch it again.")
 
@@ -952,8 +1002,8 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
             raise ConfigError(f"the server metadata at {url} names the issuer {document.get('issuer')!r}, not "
                               f"OAUTH_ISSUER={settings.issuer} (RFC 8414 section 3.3); set OAUTH_ISSUER to the "
                               "server's issuer identifier, exactly as it is written.")
-        endpoints = {name: document[name] for _attribute, _key, name in ENDPOINTS
-                     if isinstance(document.get(name), str) and document[name]}
+        endpoints = {row.metadata: document[row.metadata] for row in ENDPOINTS
+                     if isinstance(document.get(row.metadata), str) and document[row.metadata]}
         return {"issuer": settings.issuer, "fetched_at": time.time(), "url": url, "endpoints": endpoints,
                 "authorization_response_iss_parameter_supported":
                     document.get("authorization_response_iss_parameter_supported") is True}
@@ -969,12 +1019,12 @@ def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
     """The settings with every endpoint not set explicitly taken from the metadata."""
     changes: dict[str, Any] = {}
     sources = dict(settings.endpoint_sources)
-    for attribute, _key, name in ENDPOINTS:
-        url = record["endpoints"].get(name)
-        if settings.source(attribute) == "explicit" or not url:
+    for row in ENDPOINTS:
+        url = record["endpoints"].get(row.metadata)
+        if settings.source(row.field) == "explicit" or not url:
             continue
-        changes[attribute] = _check_url(f"the metadata's {name}", url, settings.allow_insecure_http)
-        sources[attribute] = "metadata"
+        changes[row.field] = _check_url(f"the metadata's {row.metadata}", url, settings.allow_insecure_http)
+        sources[row.field] = "metadata"
     return settings._replace(**changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
                    issuer_required=bool(record.get("authorization_response_iss_parameter_supported")))
 
@@ -2367,16 +2417,14 @@ def endpoint_lines(settings: Settings) -> list[str]:
     else:
         lines = [f"Issuer:        {settings.issuer} (from OAUTH_SERVER_URL; no metadata is fetched)"]
     labels = {"explicit": "set explicitly", "metadata": "from the metadata", "default": "default"}
-    for attribute, key, _name in ENDPOINTS:
-        url = getattr(settings, attribute)
-        source = settings.source(attribute)
+    for row in ENDPOINTS:
+        url = getattr(settings, row.field)
+        source = settings.source(row.field)
         if source == "default" and settings.issuer_explicit:
             source_text = "default; not in the metadata" if settings.metadata_fetched_at else "default for now"
         else:
             source_text = labels[source]
-        title = {"authorize_url": "Authorize:", "token_url": "Token:", "revoke_url": "Revoke:",
-                 "device_authorization_url": "Device auth:"}[attribute]
-        lines.append(f"{title:<15}{url or 'none'} ({source_text}; {key})")
+        lines.append(f"{row.title:<15}{url or 'none'} ({source_text}; {row.variable})")
     return lines
 
 

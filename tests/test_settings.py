@@ -547,6 +547,28 @@ def test_resource_over_plain_http_to_another_host_is_refused(run_main) -> None:
     assert "OAUTH_RESOURCE" in one_line(err)
 
 
+def test_every_setting_fills_a_field_of_its_own() -> None:
+    fields = [row.field for row in fetch_memos.SETTINGS.values()]
+    assert len(set(fields)) == len(fields)
+    assert set(fields) <= set(fetch_memos.Settings._fields)
+    assert sorted(fetch_memos.SETTINGS) == sorted(VARIABLES)
+    assert [row.variable for row in fetch_memos.ENDPOINTS] == [
+        "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL"]
+
+
+REQUESTED = ["OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL",
+             "MEMOS_API_URL"]
+
+
+@pytest.mark.parametrize("variable", REQUESTED)
+def test_plain_http_is_noticed_in_every_url_requested(load, variable: str) -> None:
+    """oauthlib's http switch (uses_plain_http) must see each URL a request goes to, and only those."""
+    https = {key: f"https://memos.example.com/{key.lower()}" for key in REQUESTED}
+    environ = {**BASE_ENV, "OAUTH_SERVER_URL": "http://127.0.0.1:9", "OAUTH_RESOURCE": "http://127.0.0.1:9/r", **https}
+    assert not load(environ).uses_plain_http  # the server URL and the resource are not requested themselves
+    assert load({**environ, variable: "http://127.0.0.1:9/x"}).uses_plain_http
+
+
 def test_status_shows_the_issuer_and_where_each_endpoint_came_from(run_main) -> None:
     code, out, _err = run_main({**BASE_ENV, "OAUTH_SERVER_URL": "https://memos.example.com/",
                                 "OAUTH_TOKEN_URL": "https://login.example.com/token"}, "--status")

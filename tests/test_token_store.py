@@ -9,6 +9,7 @@ runs with a lock that dies with its holder.
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import pickle
 import shlex
@@ -618,6 +619,39 @@ def test_lock_file_is_private(path: Path) -> None:
     assert mode(TokenStore(path).lock_path) == 0o600
 
 
-def test_lock_in_a_missing_folder_does_not_crash(tmp_path: Path) -> None:
-    with TokenStore(tmp_path / "missing" / "token.pickle").locked(wait=0.1):
-        pass
+def test_lock_in_a_missing_folder_does_not_crash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No folder, so no lock file: the run goes on unlocked at once (saving there fails later, with its own words)."""
+    store = TokenStore(tmp_path / "missing" / "token.pickle")
+    ran = []
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG, logger="fetch_memos"), store.locked(wait=5):
+        ran.append(True)
+    assert ran == [True]
+    assert time.monotonic() - started < 2  # did not wait out `wait` for a lock that cannot exist
+    assert not (tmp_path / "missing").exists()  # no folder made just to hold a lock
+    assert f"no lock file at {store.lock_path}" in caplog.text
+    assert "continuing without a lock" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The metadata cache goes through the same private-file writer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metadata_cache_is_written_private_and_atomic(path: Path, monkeypatch, capsys) -> None:
+    cache = fetch_memos.MetadataCache(path)
+    record = {"issuer": "https://as.example", "fetched_at": time.time(), "endpoints": {"token_endpoint": "x"}}
+    old = os.umask(0)
+    try:
+        cache.save(record)
+    finally:
+        os.umask(old)
+    assert mode(cache.path) == 0o600
+    assert cache.load("https://as.example") == record
+    before, listing = cache.path.read_bytes(), folder_listing(path.parent)
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    cache.save({**record, "issuer": "https://other.example"})
+    monkeypatch.undo()
+    assert cache.path.read_bytes() == before
+    assert folder_listing(path.parent) == listing  # no .tmp left behind
+    assert "could not be cached" in capsys.readouterr().err
