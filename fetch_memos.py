@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 if TYPE_CHECKING:  # the HTTP stack is imported lazily so that --help and --status stay instant
     import requests
@@ -740,6 +740,8 @@ _SECRETS: set[str] = set()
 def remember_secret(*values: object) -> None:
     """Register values that must never be printed (tokens, client secret, code, PKCE verifier)."""
     for value in values:
+        # Shorter strings are no credential any server issues, and replacing them would mangle ordinary words
+        # ("[redacted]" in every "the") in every message.
         if isinstance(value, str) and len(value) >= 4:
             _SECRETS.add(value)
 
@@ -1341,8 +1343,6 @@ def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
     RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
     scope fails at a server that granted less (invalid_scope), on every later refresh.
     """
-    from urllib.parse import parse_qsl, urlencode
-
     fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
     return url, headers, urlencode(fields)
 
@@ -1364,8 +1364,6 @@ def _client_auth_class() -> type:
     `auth` and then add no client credentials of their own, so every request that authenticates the client (code
     exchange, refresh, device authorization, device poll, revocation) goes through this one object.
     """
-    from urllib.parse import parse_qsl, urlencode
-
     import requests
 
     class ClientAuth(requests.auth.AuthBase):
@@ -1460,7 +1458,7 @@ class MemoSession:
     def use(self, token: Mapping[str, Any]) -> None:
         """Hold this token; requests-oauthlib sees it as expired refresh_margin() seconds early."""
         self.token = dict(token)
-        asked = asked_scope(self.token)
+        asked = scope_asked_for(self.token)
         if asked is not None:  # a stored token says what its grant asked for; a refreshed one keeps that
             self.asked_scope = asked
         remember_secret(self.token.get("access_token"), self.token.get("refresh_token"))
@@ -1470,7 +1468,9 @@ class MemoSession:
         self.oauth.token = session_copy
 
     def _token_updated(self, token: dict) -> None:
-        """requests-oauthlib's token_updater: refresh() has already saved it and taken it into use."""
+        """requests-oauthlib's token_updater, empty on purpose: refresh() has already saved the token and taken it into
+        use. Needed all the same: without a token_updater requests-oauthlib raises TokenUpdated after an auto refresh
+        instead of sending the request."""
 
     def _save(self, token: Mapping[str, Any]) -> None:
         try:
@@ -1505,8 +1505,8 @@ class MemoSession:
         url = self.settings.token_url
         try:
             with _oauthlib_transport(self.settings):
-                token = _granted(lambda: self.oauth.fetch_token(url, code=code, timeout=self.settings.timeout,
-                                                                auth=self.token_auth))
+                token = run_token_request(lambda: self.oauth.fetch_token(
+                    url, code=code, timeout=self.settings.timeout, auth=self.token_auth))
         except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
             raise self._token_request_failed(exc, "token") from None
         return self.take_new_token(token)
@@ -1546,8 +1546,8 @@ class MemoSession:
             url = self.settings.token_url
             try:
                 with _oauthlib_transport(self.settings):
-                    token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
-                                                                      auth=self.token_auth))
+                    token = run_token_request(lambda: self.oauth.plain_refresh(
+                        refresh_token, timeout=self.settings.timeout, auth=self.token_auth))
                 token.setdefault("refresh_token", refresh_token)  # RFC 6749 section 6: kept unless replaced
             except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
                 raise self._token_request_failed(exc, "refresh") from None
@@ -1639,14 +1639,14 @@ class MemoSession:
 # 6. Grant rules: what a token endpoint's answer means, and what a stored token is good for.
 # ---------------------------------------------------------------------------------------------
 
-def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
+def scope_asked_for(token: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The scope asked for when this grant was obtained, or None when an older version stored none."""
     meta = token.get(META_KEY)
     scope = meta.get("scope") if isinstance(meta, dict) else None
     return tuple(scope) if isinstance(scope, list) else None
 
 
-def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -> dict[str, Any]:
+def token_meta(settings: Settings, asked: tuple[str, ...] | None = None) -> dict[str, Any]:
     """What we record beside a token: the token is only ever sent back where it came from.
 
     `scope` is the scope asked for when the grant was obtained (not what was granted, which is the
@@ -1654,7 +1654,7 @@ def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -
     """
     return {"version": 1, "server_url": settings.server_url, "token_url": settings.token_url,
             "api_url": settings.api_url, "client_id": settings.client_id,
-            "scope": list(settings.scope if asked_scope is None else asked_scope)}
+            "scope": list(settings.scope if asked is None else asked)}
 
 
 def granted_scope(token: Mapping[str, Any], asked: tuple[str, ...]) -> tuple[str, ...]:
@@ -1672,7 +1672,7 @@ def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
 
     A refresh cannot widen a grant (RFC 6749 section 6), so such a scope needs a new authorization.
     """
-    asked = asked_scope(token)
+    asked = scope_asked_for(token)
     if asked is None:
         return None
     missing = [scope for scope in settings.scope if scope not in asked]
@@ -1682,7 +1682,8 @@ def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
             f"was obtained (it asked for {' '.join(asked) or 'no scope'})")
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def _comparable_origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port): what two API URLs must share for a token to be sent to both."""
     try:
         parts = urlsplit(url)
         return parts.scheme, (parts.hostname or ""), parts.port
@@ -1691,19 +1692,25 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
-    """Why a stored token must not be used with these settings, or None when it may."""
+    """Why a stored token must not be used with these settings, or None when it may.
+
+    The token URL is compared exactly: the token (and the refresh token with it) goes back only to the endpoint
+    that issued it. The API only by origin: a bearer token is good for the whole resource server, so moving to
+    another path on the same server (MEMOS_API_URL=.../v2/memos) must not cost a new authorization.
+    """
     meta = token.get(META_KEY)
     if not meta:  # written by the original script, which only knew one server: adopt it
         return None
-    if meta.get("token_url") != settings.token_url or _origin(meta.get("api_url", "")) != _origin(settings.api_url):
+    api_moved = _comparable_origin(meta.get("api_url", "")) != _comparable_origin(settings.api_url)
+    if meta.get("token_url") != settings.token_url or api_moved:
         return f"it was issued by {meta.get('server_url')}, but the configuration now points at {settings.server_url}"
     if meta.get("client_id") != settings.client_id:
         return "it was issued to a different CLIENT_ID"
     return None
 
 
-def _granted(token_request: Any) -> dict[str, Any]:
-    """The token a request returned, also when the server granted other scopes than asked.
+def run_token_request(token_request: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """Send a token request (a callable) and return its token, also when the server granted other scopes than asked.
 
     oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
     relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
@@ -1764,7 +1771,7 @@ NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not
                 "with --loopback (or set OAUTH_REDIRECT_URI=http://127.0.0.1:PORT/callback).")
 
 
-def check_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_required: bool) -> None:
+def check_response_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_required: bool) -> None:
     """RFC 9207: the one check of `iss`, for pasted and loopback responses alike, before any token request.
 
     A response naming another issuer came from another server's flow (the mix-up attack, RFC 9700
@@ -1790,7 +1797,7 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
 
     Quotes and spaces that come along with a copy are dropped. A URL's `error=` is reported, its
     `state`, when present, must be ours (Doorkeeper's out-of-band page carries none), and its `iss`
-    must name `issuer` (check_issuer).
+    must name `issuer` (check_response_issuer).
     """
     cleaned = "".join(text.split()).strip("'\"<>`")
     if not cleaned:
@@ -1817,7 +1824,7 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
     if state is not None and not _same_text(state[0], expected_state):
         raise fail("state_mismatch")
     if params.get("code") or params.get("error"):  # an authorization response; error ones carry iss too (RFC 9207 2)
-        check_issuer(params, issuer, issuer_required)
+        check_response_issuer(params, issuer, issuer_required)
     refused = oauth_error(params)
     if refused is not None:
         raise oauth_failure("authorization", refused, "")
@@ -1938,7 +1945,7 @@ class LoopbackListener:
         shown_host = f"[{host}]" if ":" in host else host
         self.redirect_uri = f"http://{shown_host}:{port}{self.path}"
         self.expected_state = ""
-        self.expected_issuer: str | None = None  # None checks no iss (check_issuer)
+        self.expected_issuer: str | None = None  # None checks no iss (check_response_issuer)
         self.issuer_required = False
         self.result: str | FetchMemosError | None = None
         self.pasted = False
@@ -1956,7 +1963,7 @@ class LoopbackListener:
             return 400, _page("Not accepted", "This request does not belong to the authorization in progress "
                                               "(its state is missing or wrong), so it was ignored.")
         try:
-            check_issuer(params, self.expected_issuer, self.issuer_required)
+            check_response_issuer(params, self.expected_issuer, self.issuer_required)
         except AuthorizationError as exc:
             self.result = exc
             return 400, _page("Not accepted", "This response does not name the expected authorization server "
@@ -2020,6 +2027,8 @@ class LoopbackListener:
         finally:
             selector.close()
             if self.result is not None and not self.pasted:
+                # The handler thread is still writing the "Authorized" page; ending the run now would cut it off
+                # in the browser. Five seconds is ample for a local page and bounds a browser that stopped reading.
                 self.replied.wait(5)
             if read_terminal and not self.pasted:
                 say()  # end the open "> " prompt line before anything else is printed
@@ -2051,7 +2060,7 @@ DEVICE_POLL_RETRIES = 3  # consecutive connection errors or 5xx answers tolerate
 
 
 class Clock(NamedTuple):
-    """The time the device flow waits by; the unit tests substitute a fake one for DEVICE_CLOCK."""
+    """The time the device flow waits by: the one thing tests replace (DEVICE_CLOCK, or a DevicePoller's clock)."""
 
     now: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
@@ -2154,6 +2163,8 @@ def readable_user_code(code: str) -> str:
     glance; one the server formatted itself is shown as sent."""
     if not (code.isascii() and code.isalnum()) or len(code) < 6:
         return code
+    # Groups of four when the length divides by four or not by three (a last short group), else of three:
+    # 8 -> 4-4, 9 -> 3-3-3, 10 -> 4-4-2, 12 -> 4-4-4. Short codes (under 6) are read whole.
     size = 4 if len(code) % 4 == 0 or len(code) % 3 else 3
     return "-".join(code[i:i + size] for i in range(0, len(code), size))
 
@@ -2180,8 +2191,11 @@ def show_device_code(grant: DeviceAuthorization, *, opened: bool) -> None:
     say("Log in if asked, and approve access for fetch_memos.")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """The one way a span of time is said: "1 h 5 min", "4 min 59 s", "2 min", "30 s"."""
     span = max(0, int(seconds + 0.5))
+    if span >= 3600:
+        return f"{span // 3600} h {span % 3600 // 60} min"
     if span >= 60:
         return f"{span // 60} min {span % 60} s" if span % 60 else f"{span // 60} min"
     return f"{span} s"
@@ -2214,8 +2228,8 @@ class WaitingLine:
 
     def _text(self, left: float) -> str:
         if self.until_timeout:  # never claim a shorter life for the code than the server gave it
-            return f"Waiting for the approval for {_duration(left)} (OAUTH_LOGIN_TIMEOUT)."
-        return f"Waiting for the approval; the code is valid for {_duration(left)}."
+            return f"Waiting for the approval for {duration(left)} (OAUTH_LOGIN_TIMEOUT)."
+        return f"Waiting for the approval; the code is valid for {duration(left)}."
 
     def start(self, left: float) -> None:
         if not self.in_place:
@@ -2248,16 +2262,17 @@ class DevicePoller:
     """
 
     def __init__(self, poll: Callable[[], dict[str, Any] | PollError], *, interval: float,
-                 code_lifetime: float | None, login_timeout: float, now: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, on_tick: Callable[[float], None] | None = None,
-                 retries: int = DEVICE_POLL_RETRIES, token_url: str = "") -> None:
+                 code_lifetime: float | None, login_timeout: float, clock: Clock | None = None,
+                 on_tick: Callable[[float], None] | None = None, retries: int = DEVICE_POLL_RETRIES,
+                 token_url: str = "") -> None:
         self.poll = poll
         self.token_url = token_url  # named in the messages of the errors polling can end with
         self.interval = interval
         self.code_lifetime = code_lifetime
         self.login_timeout = login_timeout
-        self.now = now
-        self.sleep = sleep
+        clock = clock or DEVICE_CLOCK
+        self.now = clock.now
+        self.sleep = clock.sleep
         self.on_tick = on_tick or (lambda _left: None)
         self.retries = retries
         self.polls = 0
@@ -2317,8 +2332,6 @@ class DevicePoller:
 
 def poll_device_token(session: MemoSession, settings: Settings, device_code: str) -> dict[str, Any] | PollError:
     """One token request with the device code (RFC 8628 section 3.4): the token, or the error answered."""
-    from urllib.parse import parse_qsl
-
     from oauthlib.oauth2 import DeviceClient
     from oauthlib.oauth2.rfc6749.parameters import parse_token_response
 
@@ -2341,7 +2354,7 @@ def poll_device_token(session: MemoSession, settings: Settings, device_code: str
         raise fail("poll_no_token", url=url, status=response.status_code)
     try:
         # oauthlib's own parser, so expires_at and the granted scope come out as after a code exchange.
-        return _granted(lambda: parse_token_response(response.text, scope=list(settings.scope)))
+        return run_token_request(lambda: parse_token_response(response.text, scope=list(settings.scope)))
     except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
         raise token_request_error(exc, "device_poll", settings) from None
 
@@ -2351,10 +2364,9 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     grant = request_device_authorization(session, settings)
     opened = open_in_browser(grant.verification_uri_complete or grant.verification_uri, settings, environ)
     show_device_code(grant, opened=opened)
-    clock = DEVICE_CLOCK
     poller = DevicePoller(lambda: poll_device_token(session, settings, grant.device_code), interval=grant.interval,
-                          code_lifetime=grant.expires_in, login_timeout=settings.login_timeout, now=clock.now,
-                          sleep=clock.sleep, on_tick=lambda left: line.update(left), token_url=settings.token_url)
+                          code_lifetime=grant.expires_in, login_timeout=settings.login_timeout,
+                          on_tick=lambda left: line.update(left), token_url=settings.token_url)
     line = WaitingLine(in_place=_is_terminal(sys.stderr), until_timeout=poller.until_timeout)
     line.start(poller.lifetime())
     try:
@@ -2423,25 +2435,29 @@ def needs_person(reason: str) -> AuthorizationError:
 class Terminal(NamedTuple):
     """Whether a person can be asked to authorize (see person_can_authorize); without one, nothing waits."""
 
-    interactive: bool
+    can_authorize: bool  # a person at this terminal, or the device flow chosen (which needs none)
     environ: Mapping[str, str]
 
 
 def authorize_again(terminal: Terminal, reason: str) -> None:
     """Say why the stored token is not used, or stop when no person is here to authorize anew."""
-    if not terminal.interactive:
+    if not terminal.can_authorize:
         raise needs_person(reason)
     say(f"{reason} Authorizing again.")
 
 
-def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
-    """The stored token if it may be used with these settings; otherwise say why and return None."""
+def usable_stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
+    """The stored token if it may be used with these settings; otherwise say why and return None.
+
+    Not only a getter: a token issued by another server is moved aside (never overwritten by the new
+    authorization), and without a person to authorize anew this raises instead.
+    """
     token = store.load()
     if token is None:
         return None
     reason = token_mismatch(token, settings)
     if reason:
-        if not terminal.interactive:
+        if not terminal.can_authorize:
             raise needs_person(f"the stored token cannot be used: {reason}.")
         aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
         say(f"Not using the stored token: {reason}. It was kept as {aside}.")
@@ -2476,13 +2492,13 @@ def call_api(session: MemoSession) -> Any:
     return api_json(session.get_with_one_refresh(url), url)
 
 
-def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
+def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
     """Get the memos, authorizing first when there is no usable token and a person is here."""
     session = MemoSession(settings, store)
     try:
-        token = stored_token(settings, store, terminal)
+        token = usable_stored_token(settings, store, terminal)
         if token is None:
-            if not terminal.interactive:
+            if not terminal.can_authorize:
                 raise needs_person("no token is stored yet.")
             authorize(session, settings, terminal.environ)
         else:
@@ -2510,16 +2526,14 @@ def print_json(data: Any) -> None:
 
 
 def command_fetch(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
-    print_json(fetch_memos(settings, store, terminal))
+    print_json(get_memos(settings, store, terminal))
     return 0
 
 
 def _when(timestamp: float) -> str:
     moment = _dt.datetime.fromtimestamp(timestamp).astimezone()
     delta = int(timestamp - time.time())
-    span = abs(delta)
-    human = f"{span // 3600} h {span % 3600 // 60} min" if span >= 3600 else (
-        f"{span // 60} min {span % 60} s" if span >= 60 else f"{span} s")
+    human = duration(abs(delta))
     relative = f"in {human}" if delta >= 0 else f"{human} ago"
     return f"{moment:%Y-%m-%d %H:%M:%S %Z} ({relative})"
 
@@ -2776,7 +2790,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         configure_logging(settings.debug)
         remember_secret(settings.client_secret)
         store = TokenStore(settings.token_file)
-        terminal = Terminal(interactive=person_can_authorize(settings, sys.stdin), environ=environ)
+        terminal = Terminal(can_authorize=person_can_authorize(settings, sys.stdin), environ=environ)
         command = COMMANDS[args.command]
         settings = resolve_endpoints(settings, fetch=command.uses_network)
         return command.run(settings, store, terminal)

@@ -178,7 +178,7 @@ def poller(clock: FakeClock, answers: list[Any], **kwargs: Any) -> tuple[DeviceP
         return answer
 
     options = {"interval": 5.0, "code_lifetime": 1800.0, "login_timeout": 300.0, **kwargs}
-    return DevicePoller(poll, now=clock.now, sleep=clock.sleep, **options), times
+    return DevicePoller(poll, clock=fetch_memos.Clock(now=clock.now, sleep=clock.sleep), **options), times
 
 
 def gaps(times: list[float]) -> list[float]:
