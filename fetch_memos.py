@@ -59,6 +59,19 @@ __version__ = "1.0.0"
 
 log = logging.getLogger("fetch_memos")
 
+# The public surface: what tests/ and bench/ use. Everything else may change without notice.
+__all__ = [
+    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE",
+    "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS",
+    "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
+    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
+    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "authorize",
+    "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring", "is_loopback_host",
+    "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes",
+    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
+    "resolve_endpoints", "should_open_browser", "token_meta", "token_mismatch",
+]
+
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
 DEFAULT_SERVER_URL = "http://localhost:3801"
 DEFAULT_TOKEN_FILE_NAME = "oauth_token.pickle"
@@ -1878,7 +1891,7 @@ def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) ->
     """Open url where should_open_browser() allows it; True when a browser took it."""
     if not should_open_browser(settings, environ):
         return False
-    import webbrowser
+    import webbrowser  # ~15 ms (subprocess, shlex): only a run that opens a browser pays it
 
     with contextlib.suppress(Exception), _stdout_to_stderr():
         return bool(webbrowser.open(url))
@@ -1886,7 +1899,7 @@ def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) ->
 
 
 def _page(title: str, text: str) -> str:
-    import html
+    import html  # ~3 ms (html.entities): only the loopback listener's pages need it
 
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
@@ -1897,6 +1910,7 @@ class LoopbackListener:
     """Catches the browser's redirect on 127.0.0.1 (RFC 8252 section 7.3), one request at a time."""
 
     def __init__(self, redirect_uri: str) -> None:
+        # ~80 ms (email, http.client, mimetypes...): measured with -X importtime; only --loopback pays it
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         parts = urlsplit(redirect_uri)
@@ -1981,7 +1995,7 @@ class LoopbackListener:
 
     def wait(self, timeout: float, read_terminal: bool) -> str:
         """Wait for the redirect; meanwhile a URL pasted at the terminal (from another machine's browser) works too."""
-        import queue
+        import queue  # these two, 2-5 ms together, only while a loopback listener waits
         import selectors
 
         selector = selectors.DefaultSelector()
@@ -2692,7 +2706,7 @@ output:
 """
 
 def _exit_codes_help() -> str:
-    import textwrap
+    import textwrap  # ~1 ms; only --help wraps text
 
     lines = ["exit codes:"]
     for code, meaning in EXIT_CODES.items():
@@ -2802,7 +2816,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one redacted line unless --debug asks for the traceback
         if debug:
-            import traceback
+            import traceback  # only a bug under --debug needs it
 
             print(redact(traceback.format_exc()), file=sys.stderr)
         print(f"fetch_memos: unexpected error: {redact(f'{type(exc).__name__}: {exc}')} (run with --debug for "

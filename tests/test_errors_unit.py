@@ -1197,3 +1197,7 @@ def test_an_oauth_error_becomes_its_rows_message_with_its_exit_code() -> None:
     assert (unknown.exit_code, str(unknown)) == (3, f"the token request to {TOKEN_URL} failed: made_up (why).")
     assert isinstance(fetch_memos.oauth_failure("refresh", fetch_memos.OAuthError("invalid_grant"), TOKEN_URL),
                       fetch_memos.DeadGrant)
+
+
+def test_the_public_surface_exists() -> None:
+    assert [name for name in fetch_memos.__all__ if not hasattr(fetch_memos, name)] == []
