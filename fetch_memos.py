@@ -1263,7 +1263,8 @@ def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Session: OAuth2Session with auto refresh wired to the token store; decides when to refresh.
+# 5. Session: OAuth2Session with auto refresh wired to the token store, one client authentication (ClientAuth)
+#    and one place for request extras; decides when to refresh.
 # ---------------------------------------------------------------------------------------------
 
 RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
