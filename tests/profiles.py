@@ -32,7 +32,6 @@ the browser follows the redirect to the script's listener).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ import pytest
 import requests
 
 from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_oidc, require_ruby_stack
-from servers.dot import DotServer, dot_stack_available
+from servers.dot import DotServer, require_dot_stack
 
 LOOPBACK = "http://127.0.0.1/callback"  # registered without a port: any loopback port is accepted (RFC 8252 7.3)
 RESOURCE = "https://memos.example.test/api/"  # the RFC 8707 resource of the profiles with the feature "resource"
@@ -74,20 +73,6 @@ FEATURES = {
     "omitted_iss": "a variant of the server promises iss in its metadata but sends none",
     "error_without_iss": "its error redirects (access_denied) carry no iss, though its metadata promises iss",
 }
-
-
-def require(ok_why: tuple[bool, str], what: str) -> None:
-    """Skip when a server's stack is missing, but fail under CI=true, where it must be installed."""
-    ok, why = ok_why
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{what} required under CI=true: {why}", pytrace=False)
-    pytest.skip(f"{what} unavailable: {why}")
-
-
-def require_dot_stack() -> None:
-    require(dot_stack_available(), "django-oauth-toolkit stack")
 
 
 def goes_to_listener(authorize_url: str) -> bool:

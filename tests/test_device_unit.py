@@ -33,20 +33,24 @@ from fetch_memos import (
     readable_user_code,
 )
 
-SERVER = "https://memos.example.test"
-TOKEN_URL = SERVER + "/oauth/token"
-API_URL = SERVER + "/api/memos/"
-DEVICE_URL = SERVER + "/oauth/authorize_device"
-VERIFY_URL = SERVER + "/device"
-CLIENT_ID = "client-id-device"
-CLIENT_SECRET = "client-secret-DEV-5d1e8b"
+from runner import (  # own_secrets: an autouse fixture
+    ACCESS,
+    API_URL,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    DEVICE_URL,
+    MEMOS,
+    REFRESH,
+    SERVER,
+    TOKEN_URL,
+    VERIFY_URL,
+    own_secrets,  # noqa: F401
+)
+
 DEVICE_CODE = "device-code-SECRET-GmRhmhcxhwAzkoEqiMEg"
-ACCESS = "access-token-DEV-AAAA1111"
-REFRESH = "refresh-token-DEV-RRRR2222"
 OLD_ACCESS = "access-token-OLD-BBBB3333"
 OLD_REFRESH = "refresh-token-OLD-SSSS4444"
 SECRETS = [CLIENT_SECRET, DEVICE_CODE, ACCESS, REFRESH, OLD_ACCESS, OLD_REFRESH]
-MEMOS = [{"id": 1, "title": "買い物", "body": "牛乳"}]
 PENDING = PollError("authorization_pending")
 TOKEN = {"access_token": ACCESS, "token_type": "Bearer"}
 
@@ -65,11 +69,6 @@ class FakeClock:
         assert 0 < seconds <= 1.0, seconds  # the poller sleeps in steps the waiting line can follow
         self.slept.append(seconds)
         self.t += seconds
-
-
-@pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
-from profiles import require_dot_stack
 from servers.doorkeeper import pkce_pair
-from servers.dot import DEVICE_GRANT, DotServer
+from servers.dot import DEVICE_GRANT, DotServer, require_dot_stack
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.dot]
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from profiles import require_dot_stack
 from runner import MEMO_JSON, LiveRun, Result, assert_clean, run_script, script_env
-from servers.dot import DotServer
+from servers.dot import DotServer, require_dot_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.dot]  # `dot` is registered in conftest by the portability branch
 

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
+
+from servers.harness import free_port, require
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
@@ -82,16 +83,7 @@ def ruby_stack_available() -> tuple[bool, str]:
 
 
 def require_ruby_stack() -> None:
-    """Skip the calling test when the Ruby stack is missing, but fail under CI=true, where it must be installed."""
-    import pytest
-
-    ok, reason = ruby_stack_available()
-    if ok:
-        return
-    message = f"Doorkeeper test server unavailable: {reason}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: the Ruby stack is required here)", pytrace=False)
-    pytest.skip(message)
+    require(ruby_stack_available(), "Doorkeeper test server (Ruby stack)")
 
 
 @lru_cache(maxsize=1)
@@ -116,17 +108,9 @@ def oidc_available() -> tuple[bool, str]:
 
 
 def require_oidc() -> None:
-    """Skip the calling test when the OIDC gem is missing (Debian may not ship it); fail under CI=true."""
-    import pytest
-
+    """Debian may not ship the OIDC gem; tests/setup.sh installs it where the distribution has it."""
     require_ruby_stack()
-    ok, reason = oidc_available()
-    if ok:
-        return
-    message = f"Doorkeeper OIDC discovery profile unavailable: {reason}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: tests/setup.sh installs it where the distribution has it)", pytrace=False)
-    pytest.skip(message)
+    require(oidc_available(), "Doorkeeper OIDC discovery profile")
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -135,12 +119,6 @@ def pkce_pair() -> tuple[str, str]:
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
     return verifier, challenge
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -286,7 +264,7 @@ class DoorkeeperServer:
             return self
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         stdout_path = self.state_dir / "server.stdout"
         stderr_path = self.state_dir / "server.stderr"
         started = time.monotonic()

@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from servers.harness import require
+
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
 
@@ -76,6 +78,10 @@ def _probe(python: str) -> tuple[bool, str]:
 def dot_stack_available() -> tuple[bool, str]:
     """Whether the DOT server's own interpreter has Django + django-oauth-toolkit + oauthlib 3 (cached)."""
     return _probe(str(dot_python()))
+
+
+def require_dot_stack() -> None:
+    require(dot_stack_available(), "django-oauth-toolkit stack")
 
 
 class _Form:
