@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 import pexpect
 import pytest
 
+from servers.harness import AccessEntry
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "fetch_memos.py"
 
@@ -225,35 +227,35 @@ def path_of(url: str) -> str:
     return urlsplit(url).path
 
 
-def token_requests(server: Any, since: int = 0, grant_type: str | None = None) -> list[dict[str, Any]]:
+def token_requests(server: Any, since: int = 0, grant_type: str | None = None) -> list[AccessEntry]:
     """The access-log entries of the token endpoint after mark `since` (of one grant type, if given)."""
     path = path_of(server.token_endpoint)
     return [e for e in server.access_log(since=since)
-            if e["path"] == path and (grant_type is None or e["grant_type"] == grant_type)]
+            if e.path == path and (grant_type is None or e.grant_type == grant_type)]
 
 
 def grants(server: Any, since: int = 0) -> list[tuple[str | None, int]]:
     """(grant_type, status) of each token request after mark `since`."""
-    return [(e["grant_type"], e["status"]) for e in token_requests(server, since)]
+    return [(e.grant_type, e.status) for e in token_requests(server, since)]
 
 
-def authorize_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
+def authorize_requests(server: Any, since: int = 0) -> list[AccessEntry]:
     """The access-log entries of the browser's GETs of the authorization endpoint after mark `since`."""
     path = path_of(server.authorize_endpoint)
-    return [e for e in server.access_log(since=since) if e["path"] == path and e["method"] == "GET"]
+    return [e for e in server.access_log(since=since) if e.path == path and e.method == "GET"]
 
 
-def api_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
+def api_requests(server: Any, since: int = 0) -> list[AccessEntry]:
     """The access-log entries of the memo API after mark `since`."""
     path = path_of(server.memos_url)
-    return [e for e in server.access_log(since=since) if e["path"] == path]
+    return [e for e in server.access_log(since=since) if e.path == path]
 
 
 def client_calls(server: Any, since: int = 0) -> list[tuple[str, str, str | None, int]]:
     """What the script asked (token, API, revocation; not the person's pages): (method, path, grant_type, status)."""
     paths = {path_of(server.token_endpoint), path_of(server.memos_url), path_of(server.revoke_endpoint)}
-    return [(e["method"], e["path"], e.get("grant_type"), e["status"]) for e in server.access_log(since=since)
-            if e["path"] in paths]
+    return [(e.method, e.path, e.grant_type, e.status) for e in server.access_log(since=since)
+            if e.path in paths]
 
 
 class LiveRun:

@@ -130,7 +130,7 @@ def test_login_and_authorize_reaches_listener(dot: DotServer, browser: RealBrows
     memo = requests.get(dot.api_url, headers={"Authorization": f"Bearer {token.json()['access_token']}"}, timeout=30)
     assert memo.json() == {"message": "ふじ"}
 
-    steps = [(e["method"], e["path"], e["status"]) for e in dot.access_log(since=mark)]
+    steps = [(e.method, e.path, e.status) for e in dot.access_log(since=mark)]
     assert ("POST", "/accounts/login/", 302) in steps
     assert ("POST", "/o/authorize/", 302) in steps
 
@@ -159,7 +159,7 @@ def test_logged_in_session_goes_straight_to_consent(dot: DotServer, browser: Rea
         url.replace("state=s1", "state=s2"), username=dot.username, password=dot.password, fresh_session=False
     )
     assert "state=s2" in second
-    paths = [e["path"] for e in dot.access_log(since=mark)]
+    paths = [e.path for e in dot.access_log(since=mark)]
     assert "/accounts/login/" not in paths
     assert "/o/authorize/" in paths
 

@@ -130,13 +130,12 @@ def test_first_run_authorizes_and_prints_the_json(client, mode):
         assert page.status_code == 200 and "You can close this tab" in page.text
     assert "prompt" not in query  # only for offline_access
     [exchange] = token_requests(server, mark)
-    assert (exchange["grant_type"], exchange["status"], exchange["client_auth"]) == (
+    assert (exchange.grant_type, exchange.status, exchange.client_auth) == (
         "authorization_code", 200, client_auth_of(server))
-    if client.server.has("log_body_keys"):
-        assert {"code", "code_verifier", "redirect_uri"} <= set(exchange["body_keys"])
-        assert "client_secret" not in exchange["body_keys"]  # HTTP Basic (or no secret), never in the body
+    assert {"code", "code_verifier", "redirect_uri"} <= set(exchange.body_keys)
+    assert "client_secret" not in exchange.body_keys  # HTTP Basic (or no secret), never in the body
     log = server.access_log(since=mark)
-    assert [(e["method"], e["status"], e["auth"]) for e in log if e["path"] == path_of(server.memos_url)] == [
+    assert [(e.method, e.status, e.auth) for e in log if e.path == path_of(server.memos_url)] == [
         ("GET", 200, "bearer")]
     token = client.token()
     assert token["scope"] == ["read"]
@@ -153,7 +152,7 @@ def test_warm_run_makes_exactly_one_request_and_asks_nothing(authorized):
     result = authorized.run(tty=False)
 
     assert_json(result, quiet=True)
-    assert [(e["method"], e["path"], e["auth"], e["status"]) for e in server.access_log(since=mark)] == [
+    assert [(e.method, e.path, e.auth, e.status) for e in server.access_log(since=mark)] == [
         ("GET", path_of(server.memos_url), "bearer", 200)]
 
 
@@ -217,9 +216,9 @@ def test_expired_token_is_refreshed_once_rotated_and_saved(authorized):
     assert client_calls(server, mark) == [("POST", path_of(server.token_endpoint), "refresh_token", 200),
                                           ("GET", path_of(server.memos_url), None, 200)]
     assert len(log) == 2
-    assert log[0]["remote_port"] == log[1]["remote_port"], "refresh and API call should share one connection"
-    assert "scope" not in log[0]["params"], "RFC 6749 section 6: a refresh without scope keeps the granted scope"
-    assert log[0]["client_auth"] == client_auth_of(server)
+    assert log[0].remote_port == log[1].remote_port, "refresh and API call should share one connection"
+    assert "scope" not in log[0].params, "RFC 6749 section 6: a refresh without scope keeps the granted scope"
+    assert log[0].client_auth == client_auth_of(server)
     new = authorized.token()
     assert new["access_token"] != old["access_token"]
     assert new["refresh_token"] != old["refresh_token"], "the refresh token is rotated"
@@ -243,7 +242,7 @@ def test_token_in_its_last_seconds_is_refreshed_before_use(authorized):
     result = authorized.run(tty=False)
 
     assert_json(result)
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["refresh_token"]
+    assert [e.grant_type for e in token_requests(server, mark)] == ["refresh_token"]
 
 
 def test_token_expired_only_at_the_server_is_refreshed_once_and_retried(authorized):
@@ -387,7 +386,7 @@ def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     assert [a.status_code for a in answers] == [400, 400]
     assert "does not belong" in answers[0].text
     assert_json(result)  # the real redirect still went through
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
+    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
     assert "forged" not in result.output
 
 
@@ -604,8 +603,8 @@ def test_logout_leaves_no_token_that_works(target, tmp_path, expired):
     assert result.stdout == ""
     assert "Logged out" in one_line(result.stderr, prefix="")
     assert not client.token_file.exists()
-    revokes = [(e["method"], e["status"], e["client_auth"], e["params"].get("token_type_hint"))
-               for e in target.access_log(since=mark) if e["path"] == path_of(target.revoke_endpoint)]
+    revokes = [(e.method, e.status, e.client_auth, e.params.get("token_type_hint"))
+               for e in target.access_log(since=mark) if e.path == path_of(target.revoke_endpoint)]
     auth = client_auth_of(target)
     assert revokes == [("POST", 200, auth, "refresh_token"), ("POST", 200, auth, "access_token")]  # the grant first
     assert target.live_tokens() == 0
@@ -682,7 +681,7 @@ def test_a_narrowed_scope_is_said_once_and_later_refreshes_keep_working(client):
         again = client.run(tty=False)
         assert_json(again, quiet=True)  # the note was said once, at the authorization
         [refresh] = refresh_requests(server, mark)
-        assert refresh["status"] == 200 and "scope" not in refresh["params"]
+        assert refresh.status == 200 and "scope" not in refresh.params
         held.append(client.token())
         assert held[-1]["access_token"] != held[-2]["access_token"]
         assert held[-1]["fetch_memos"]["scope"] == ["read", "write"]
@@ -710,7 +709,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     assert "Authorizing again" in result.stderr
     [url] = result.authorize_urls
     assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]
     new = authorized.token()
     assert new["fetch_memos"]["scope"] == ["read", "write"]
     assert new["scope"] == (["read"] if server.has("narrow_scope") else ["read", "write"])
@@ -745,9 +744,9 @@ def test_logout_ends_the_grant_when_access_tokens_cannot_be_revoked(target, tmp_
     assert "cannot revoke access tokens (unsupported_token_type)" in line
     assert re.search(r"stays valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(in \d+ h \d+ min\)\.$", line), line
     assert not client.token_file.exists()
-    revokes = [(e["status"], e["params"].get("token_type_hint"), e.get("error"))
-               for e in target.access_log(since=mark) if e["path"] == path_of(target.revoke_endpoint)]
-    assert [(status, hint) for status, hint, _ in revokes] == [(200, "refresh_token"), (400, "access_token")]
+    revokes = [(e.status, e.params.get("token_type_hint"))
+               for e in target.access_log(since=mark) if e.path == path_of(target.revoke_endpoint)]
+    assert revokes == [(200, "refresh_token"), (400, "access_token")]
     for token in held:
         assert target.refresh_answer(token["refresh_token"]) == (400, "invalid_grant")  # the grant is dead
     assert_clean(result, secrets_of(client, *held), typed=result.typed)
@@ -816,20 +815,20 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     result = client.run()
 
     assert_json(result)
-    discovery = [(e["method"], e["path"], e["status"]) for e in server.access_log(since=mark)
-                 if "/.well-known/" in e["path"]]
+    discovery = [(e.method, e.path, e.status) for e in server.access_log(since=mark)
+                 if "/.well-known/" in e.path]
     assert discovery[-1] == ("GET", path_of(server.metadata_url), 200)
     assert len(discovery) == len(set(discovery))  # each URL asked once
     cache = client.token_file.with_name(client.token_file.name + ".metadata.json")
     record = json.loads(cache.read_text())
     assert record["issuer"] == server.issuer and server.token_endpoint in record["endpoints"].values()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]
 
     mark = server.log_mark()
     warm = client.run(tty=False)
     assert_json(warm, quiet=True)
-    assert [(e["method"], e["path"]) for e in server.access_log(since=mark)] == [
+    assert [(e.method, e.path) for e in server.access_log(since=mark)] == [
         ("GET", path_of(server.memos_url))]  # the metadata came from the cache
 
     status = client.run("--status", tty=False)
@@ -855,12 +854,12 @@ def test_a_public_client_authenticates_with_its_client_id_alone(client):
 
     assert logout.exit_code == 0, logout.output
     calls = [e for e in server.access_log(since=mark)
-             if e["path"] in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
-    assert [e["path"] for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
+             if e.path in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
+    assert [e.path for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
     for entry in calls:
-        assert (entry["client_auth"], entry["auth"], entry["params"].get("client_id")) == (
+        assert (entry.client_auth, entry.auth, entry.params.get("client_id")) == (
             "none", None, server.client_id), entry
-        assert "client_secret" not in entry.get("has", entry.get("secrets_present", ()))
+        assert "client_secret" not in entry.secret_params
     assert not client.token_file.exists()
     assert_clean(logout, secrets_of(client, *held))
 
@@ -873,8 +872,8 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
 
     held = refresh_and_hold_two(client)
 
-    assert [e["params"].get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
-    assert [(e["grant_type"], e["params"].get("resource"), e["status"]) for e in token_requests(server, mark)] == [
+    assert [e.params.get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
+    assert [(e.grant_type, e.params.get("resource"), e.status) for e in token_requests(server, mark)] == [
         ("authorization_code", RESOURCE, 200), ("refresh_token", RESOURCE, 200)]
 
     without = conformance_client(server, tmp_path / "without", "loopback")
@@ -902,7 +901,7 @@ def test_offline_access_asks_for_consent(client):
     [url] = result.authorize_urls
     query = parse_qs(urlsplit(url).query)
     assert (query["prompt"], query["scope"]) == (["consent"], ["read offline_access"])
-    assert authorize_requests(server, mark)[0]["params"].get("prompt") == "consent"
+    assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
     assert client.token()["refresh_token"]
     assert_clean(result, secrets_of(client), typed=result.typed)
 

@@ -185,7 +185,7 @@ def wait_until_closed(port: int, seconds: float = 15) -> None:
 
 
 def api_calls(server: Any, mark: int) -> list[tuple[str, int]]:
-    return [(e["method"], e["status"]) for e in api_requests(server, mark)]
+    return [(e.method, e.status) for e in api_requests(server, mark)]
 
 
 def codes_in(landings: list[Landing]) -> tuple[str, ...]:

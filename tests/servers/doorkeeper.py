@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -28,7 +27,7 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
 
-from servers.harness import free_port, require
+from servers.harness import AccessEntry, AccessLog, free_port, require
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
@@ -417,25 +416,13 @@ class DoorkeeperServer:
 
     # -- access log ------------------------------------------------------
 
-    def _read_log_lines(self) -> list[str]:
-        try:
-            text = self.access_log_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        # A line being written may lack its newline yet: leave it for the next read.
-        lines = text.split("\n")
-        return lines[:-1]
-
     def log_mark(self) -> int:
         """A position in the access log; pass it as ``since`` to see only later requests."""
-        return len(self._read_log_lines())
+        return AccessLog(self.access_log_path, "/__test__/").mark()
 
-    def access_log(self, since: int = 0, *, include_admin: bool = False) -> list[dict[str, Any]]:
-        """Parsed access-log entries after ``since``, without ``/__test__/`` requests unless asked."""
-        entries = [json.loads(line) for line in self._read_log_lines()[since:] if line.strip()]
-        if not include_admin:
-            entries = [e for e in entries if not str(e.get("path", "")).startswith("/__test__/")]
-        return entries
+    def access_log(self, since: int = 0, *, include_admin: bool = False) -> list[AccessEntry]:
+        """The access-log entries after ``since``, without ``/__test__/`` requests unless asked."""
+        return AccessLog(self.access_log_path, "/__test__/").entries(since, include_admin=include_admin)
 
     # -- test-only admin endpoints ----------------------------------------
 

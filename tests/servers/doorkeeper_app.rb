@@ -254,8 +254,9 @@ class AccessLogMiddleware
     query = safe_parse(request[:query])
     form = request[:form]
     params = query.merge(form)
-    line = {
-      t: started,
+    line = { # the keys of AccessEntry (tests/servers/harness.py)
+      started: started,
+      finished: Time.now.to_f,
       method: method,
       path: path,
       query: filter_query(request[:query]),
@@ -265,7 +266,8 @@ class AccessLogMiddleware
       auth: auth_kind(request[:authorization]),
       client_auth: client_auth(path, request[:authorization], params),
       params: params.slice(*LOGGED_PARAMS),
-      secrets_present: PRESENCE_PARAMS.select { |name| params.key?(name) },
+      secret_params: PRESENCE_PARAMS.select { |name| params.key?(name) },
+      body_keys: form.keys.sort,
       location: filter_url(location_of(headers)),
     }
     @mutex.synchronize { @io.write("#{JSON.generate(line)}\n") }

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin, urlsplit
 
-from servers.harness import require
+from servers.harness import AccessEntry, AccessLog, require
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
@@ -414,27 +414,12 @@ class DotServer:
 
     # -- access log ---------------------------------------------------------
     def log_mark(self) -> int:
-        """Current number of access-log lines; pass it to access_log(since=...) later."""
-        try:
-            with open(self.access_log_path, "rb") as fh:
-                return sum(1 for _ in fh)
-        except FileNotFoundError:
-            return 0
+        """A position in the access log; pass it as `since` to see only later requests."""
+        return AccessLog(self.access_log_path, ADMIN_PREFIX).mark()
 
-    def access_log(self, since: int | None = None, include_admin: bool = False) -> list[dict]:
-        """Parsed access-log entries (after mark `since`), without /__test__/ calls unless asked.
-
-        A request's line is written before its response is sent, so it is visible as soon
-        as the client has the response.
-        """
-        try:
-            lines = self.access_log_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        entries = [json.loads(line) for line in lines[since or 0 :] if line.strip()]
-        if not include_admin:
-            entries = [e for e in entries if not e["path"].startswith(ADMIN_PREFIX)]
-        return entries
+    def access_log(self, since: int = 0, include_admin: bool = False) -> list[AccessEntry]:
+        """The access-log entries after mark `since`, without /__test__/ calls unless asked."""
+        return AccessLog(self.access_log_path, ADMIN_PREFIX).entries(since, include_admin=include_admin)
 
     # -- a person at a browser, without a browser ---------------------------------------
     def login_and_authorize_http(self, url: str, *, approve: bool = True, session: object | None = None) -> str:
@@ -564,9 +549,9 @@ class DotServer:
             raise AssertionError(f"device authorization failed ({resp.status_code}): {resp.text[:500]}")
         return resp.json()
 
-    def device_polls(self, since: int | None = None) -> list[dict]:
-        """The token requests of the device grant in the access log (each has t_start, status, error)."""
-        return [e for e in self.access_log(since) if e["path"] == "/o/token/" and e["grant_type"] == DEVICE_GRANT]
+    def device_polls(self, since: int = 0) -> list[AccessEntry]:
+        """The token requests of the device grant in the access log."""
+        return [e for e in self.access_log(since) if e.path == "/o/token/" and e.grant_type == DEVICE_GRANT]
 
     # -- test-only admin endpoints (urllib, so `responses`/mocks of requests never intercept them)
     def _admin(self, method: str, path: str) -> dict:
