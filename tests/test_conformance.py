@@ -39,6 +39,7 @@ from conftest import Client, conformance_client, secrets_of
 from profiles import MIXUP_ISS, RESOURCE, Target, needs
 from runner import (
     EOF_AT_PROMPT,
+    Result,
     assert_clean,
     assert_fails,
     assert_json,
@@ -100,6 +101,23 @@ def refresh_and_hold_two(client: Client) -> list[dict]:
     assert client.run(tty=False).exit_code == 0
     held.append(client.token())
     return held
+
+
+def logout_after_a_refresh(target: Target, tmp_path: Path, expired: bool) -> tuple[Client, list[dict], int, Result]:
+    """A client that has held two tokens (the last one expired, if asked) logs out: exit 0, nothing on stdout.
+    Returns the client, the tokens it held, the log mark before the logout, and the logout's result."""
+    client = conformance_client(target, tmp_path / "client")
+    try:
+        held = refresh_and_hold_two(client)
+        if expired:
+            expire(client)
+        mark = target.log_mark()
+        result = client.run("--logout", tty=False)
+    finally:
+        client.person.close()
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    return client, held, mark, result
 
 
 # --- first run, warm run ---------------------------------------------------------------------------
@@ -177,8 +195,10 @@ def test_pasting_the_address_the_person_landed_on_works(client, mode):
 
 
 @needs(lacks=("oob",))
-def test_without_an_oob_page_the_default_redirect_uri_gets_no_code(target, tmp_path):
-    """A user who keeps the default redirect URI gets the server's error page, and no code to paste."""
+def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp_path):
+    """A user who keeps the default redirect URI gets the server's error page and no code to paste: giving up
+    at the prompt ends the run; pasting that page's address (the authorization request itself) names oob and
+    loopback."""
     client = conformance_client(target, tmp_path / "client", "oob")
     mark = target.log_mark()
     pages = []
@@ -186,18 +206,28 @@ def test_without_an_oob_page_the_default_redirect_uri_gets_no_code(target, tmp_p
     def person(url):
         assert "redirect_uri=urn%3Aietf%3Awg%3Aoauth%3A2.0%3Aoob" in url
         with pytest.raises(AssertionError) as refused:
-            client.person.landing(url)
+            client.person.landing(url)  # the server's invalid-redirect-URI page, no code
         pages.append(str(refused.value))
-        return EOF_AT_PROMPT  # nothing to paste
+        return EOF_AT_PROMPT if len(pages) == 1 else url  # nothing to paste; then the address the browser shows
 
-    result = client.run(person=person)
+    try:
+        gave_up = client.run(person=person)
+        pasted = client.run(person=person)
+    finally:
+        client.person.close()
 
-    assert "invalid_request" in pages[0] and "redirect uri" in pages[0].lower()
-    assert result.exit_code == 3
-    assert result.stdout == ""
-    assert "no code was entered (end of input)" in result.stderr
+    assert len(pages) == 2
+    for page in pages:
+        assert "invalid_request" in page and "redirect uri" in page.lower()
+    assert gave_up.exit_code == 3
+    assert gave_up.stdout == ""
+    assert "no code was entered (end of input)" in gave_up.stderr
+    assert_fails(pasted, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
+                 "http://127.0.0.1/callback")
     assert token_requests(target, mark) == []
     assert not client.token_file.exists()
+    assert_clean(gave_up, secrets_of(client))
+    assert_clean(pasted, secrets_of(client), typed=pasted.typed)
 
 
 # --- refresh --------------------------------------------------------------------------------------
@@ -587,20 +617,8 @@ def test_malicious_token_file_is_never_run_and_is_set_aside(client, tmp_path):
 @pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
 def test_logout_leaves_no_token_that_works(target, tmp_path, expired):
     target.reset()  # only this test's tokens exist, so the server's own count can be checked as well
-    client = conformance_client(target, tmp_path / "client")
-    try:
-        held = refresh_and_hold_two(client)
-        if expired:
-            client.expire_locally()
-            target.age_tokens(10_000)
-        mark = target.log_mark()
+    client, held, mark, result = logout_after_a_refresh(target, tmp_path, expired)
 
-        result = client.run("--logout", tty=False)
-    finally:
-        client.person.close()
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout == ""
     assert "Logged out" in one_line(result.stderr, prefix="")
     assert not client.token_file.exists()
     revokes = [(e.method, e.status, e.client_auth, e.params.get("token_type_hint"))
@@ -698,7 +716,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
 
     without_person = authorized.run(tty=False, env=env)
 
-    line = assert_fails(without_person, 3, "scope write", "not asked for", "interactively")
+    assert_fails(without_person, 3, "scope write", "not asked for", "interactively")
     assert client_calls(server, mark) == []
     assert authorized.token() == old  # kept
 
@@ -718,7 +736,6 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     warm = authorized.run(tty=False, env=env)  # granted or not, write was asked for: no new authorization
     assert_json(warm, quiet=True)
     assert client_calls(server, mark) == [("GET", path_of(server.memos_url), None, 200)]
-    assert "write" in line
     assert_clean(result, secrets_of(authorized, old, new), typed=result.typed)
 
 
@@ -726,19 +743,8 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
 @pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
 def test_logout_ends_the_grant_when_access_tokens_cannot_be_revoked(target, tmp_path, expired):
     """RFC 7009 2.2.1: unsupported_token_type for the access token, after the refresh token was revoked."""
-    client = conformance_client(target, tmp_path / "client")
-    try:
-        held = refresh_and_hold_two(client)
-        if expired:
-            expire(client)
-        mark = target.log_mark()
+    client, held, mark, result = logout_after_a_refresh(target, tmp_path, expired)
 
-        result = client.run("--logout", tty=False)
-    finally:
-        client.person.close()
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout == ""
     line = one_line(result.stderr, prefix="")
     assert line.startswith("Logged out: the grant was revoked")
     assert "cannot revoke access tokens (unsupported_token_type)" in line
@@ -771,14 +777,13 @@ def test_an_authorization_response_naming_another_issuer_is_refused(profile, tmp
             finally:
                 client.person.close()
 
-            line = assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
-                                "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
+            assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
+                         "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
             assert token_requests(server, mark) == [], mode
             assert not client.token_file.exists()
             if mode == "loopback":
                 [page] = client.person.pages
                 assert page.status_code == 400 and "iss" in page.text
-            assert line
             assert_clean(result, secrets_of(client), typed=result.typed)
     finally:
         server.server.stop()
@@ -903,30 +908,4 @@ def test_offline_access_asks_for_consent(client):
     assert (query["prompt"], query["scope"]) == (["consent"], ["read offline_access"])
     assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
     assert client.token()["refresh_token"]
-    assert_clean(result, secrets_of(client), typed=result.typed)
-
-
-@needs(lacks=("oob",))
-def test_pasting_the_invalid_redirect_page_names_oob_and_loopback(target, tmp_path):
-    """A server without out-of-band: what the person has is the error page's address; the script says why."""
-    client = conformance_client(target, tmp_path / "client", "oob")
-    mark = target.log_mark()
-    landed = []
-
-    def person(url):
-        with pytest.raises(AssertionError):
-            client.person.landing(url)  # the server's invalid-redirect-URI page, no code
-        landed.append(url)
-        return url  # the address the browser shows: the authorization request itself
-
-    try:
-        result = client.run(person=person)
-    finally:
-        client.person.close()
-
-    line = assert_fails(result, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
-                        "http://127.0.0.1/callback")
-    assert landed and line
-    assert token_requests(target, mark) == []
-    assert not client.token_file.exists()
     assert_clean(result, secrets_of(client), typed=result.typed)
