@@ -138,6 +138,15 @@ def people() -> Iterator[People]:
     made.close()
 
 
+@pytest.fixture
+def mock() -> Iterator[Any]:
+    """The unit tiers' mock server (runner.SERVER): register its answers with mock.add(...)."""
+    import responses  # here: only the unit tiers need it
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
 def save_token(token_file: Path, env: dict[str, str], token: dict[str, Any]) -> None:
     """Store a token exactly as the script would for the settings in env (same store, same metadata)."""
     settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), env)

@@ -208,6 +208,8 @@ CLIENT_ID = "client-id-unit"
 CLIENT_SECRET = "client-secret-UNIT-7f3a9c"
 ACCESS = "access-token-UNIT-AAAA1111"
 REFRESH = "refresh-token-UNIT-RRRR2222"
+SECOND_ACCESS = "access-token-2ND-BBBB3333"  # the grant's other token: the one held before, or the one after
+SECOND_REFRESH = "refresh-token-2ND-SSSS4444"
 MEMOS = [{"id": 1, "title": "買い物", "body": "牛乳"}]
 
 

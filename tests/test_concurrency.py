@@ -131,6 +131,13 @@ def assert_token_file_valid(setup: Client, old: dict[str, Any]) -> None:
     assert token_requests(setup.server, mark) == []
 
 
+def expired_token(people: People, server: DoorkeeperServer, tmp_path: Path) -> tuple[Client, dict[str, Any], int]:
+    """A client whose stored token expired for it and for the server; the token, and the log mark before any run."""
+    setup = people.client(server, tmp_path, OAUTH_TIMEOUT="20")
+    old = setup.store_token(expired=True, aged=True)
+    return setup, old, server.log_mark()
+
+
 def all_alive_together(runs: list[Run]) -> bool:
     return max(run.started for run in runs) < min(run.ended for run in runs)
 
@@ -138,9 +145,7 @@ def all_alive_together(runs: list[Run]) -> bool:
 def test_twenty_runs_released_together_refresh_once(immediate: DoorkeeperServer, tmp_path: Path,
         people: People) -> None:
     """Immediate revocation: a second refresh with the same refresh token would fail, so the lock must hold."""
-    setup = people.client(immediate, tmp_path, OAUTH_TIMEOUT="20")
-    old = setup.store_token(expired=True, aged=True)
-    mark = immediate.log_mark()
+    setup, old, mark = expired_token(people, immediate, tmp_path)
 
     runs = run_at_once(setup, barrier=True, debug=True)
 
@@ -164,9 +169,7 @@ def test_twenty_plain_runs_started_at_once_refresh_once(request: pytest.FixtureR
                                                         mode: str, people: People) -> None:
     """`python fetch_memos.py` 20 times, launched back to back, no barrier and no --debug: the literal case."""
     server: DoorkeeperServer = request.getfixturevalue(mode)
-    setup = people.client(server, tmp_path, OAUTH_TIMEOUT="20")
-    old = setup.store_token(expired=True, aged=True)
-    mark = server.log_mark()
+    setup, old, mark = expired_token(people, server, tmp_path)
 
     runs = run_at_once(setup, barrier=False)
 
@@ -182,9 +185,7 @@ def test_twenty_plain_runs_started_at_once_refresh_once(request: pytest.FixtureR
 def test_control_without_the_lock_the_same_checks_fail(immediate: DoorkeeperServer, tmp_path: Path,
         people: People) -> None:
     """Proof that the checks above can fail: with TokenStore.locked() removed, runs race to refresh."""
-    setup = people.client(immediate, tmp_path, OAUTH_TIMEOUT="20")
-    old = setup.store_token(expired=True, aged=True)
-    mark = immediate.log_mark()
+    setup, old, mark = expired_token(people, immediate, tmp_path)
 
     runs = run_at_once(setup, barrier=True, remove_lock=True)
 

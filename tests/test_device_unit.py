@@ -41,15 +41,16 @@ from runner import (  # own_secrets: an autouse fixture
     DEVICE_URL,
     MEMOS,
     REFRESH,
+    SECOND_ACCESS,
+    SECOND_REFRESH,
     SERVER,
     TOKEN_URL,
     VERIFY_URL,
     own_secrets,  # noqa: F401
 )
 
+OLD_ACCESS, OLD_REFRESH = SECOND_ACCESS, SECOND_REFRESH  # the tokens held before the device grant
 DEVICE_CODE = "device-code-SECRET-GmRhmhcxhwAzkoEqiMEg"
-OLD_ACCESS = "access-token-OLD-BBBB3333"
-OLD_REFRESH = "refresh-token-OLD-SSSS4444"
 SECRETS = [CLIENT_SECRET, DEVICE_CODE, ACCESS, REFRESH, OLD_ACCESS, OLD_REFRESH]
 PENDING = PollError("authorization_pending")
 TOKEN = {"access_token": ACCESS, "token_type": "Bearer"}
@@ -85,12 +86,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(fetch_memos, "DEVICE_CLOCK", fetch_memos.Clock(now=fake.now, sleep=fake.sleep))
     return fake
-
-
-@pytest.fixture
-def mock():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture

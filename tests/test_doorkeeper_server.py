@@ -194,12 +194,17 @@ def test_loopback_redirect_is_not_followed(fresh: DoorkeeperServer) -> None:
         person.authorize(fresh.authorize_url(redirect_uri=LOOPBACK), approve=False)
 
 
+def granted_and_refreshed(server: DoorkeeperServer) -> tuple[dict, dict]:
+    """A grant's first tokens, and those of one refresh with its refresh token."""
+    first = get_tokens(server)
+    resp = refresh(server, first["refresh_token"])
+    assert resp.status_code == 200, resp.text
+    return first, resp.json()
+
+
 def test_refresh_keeps_old_tokens_until_new_one_is_used(tmp_path: Path) -> None:
     with make_server(tmp_path, previous_refresh_token=True) as srv:
-        first = get_tokens(srv)
-        resp = refresh(srv, first["refresh_token"])
-        assert resp.status_code == 200, resp.text
-        second = resp.json()
+        first, second = granted_and_refreshed(srv)
         assert second["refresh_token"] != first["refresh_token"]
         assert api(srv, first["access_token"]).status_code == 200  # still valid
         assert api(srv, second["access_token"]).status_code == 200  # first use of the new token...
@@ -213,10 +218,7 @@ def test_refresh_keeps_old_tokens_until_new_one_is_used(tmp_path: Path) -> None:
 
 def test_refresh_revokes_old_tokens_at_once_without_column(tmp_path: Path) -> None:
     with make_server(tmp_path, previous_refresh_token=False) as srv:
-        first = get_tokens(srv)
-        resp = refresh(srv, first["refresh_token"])
-        assert resp.status_code == 200, resp.text
-        second = resp.json()
+        first, second = granted_and_refreshed(srv)
         assert api(srv, first["access_token"]).status_code == 401
         stale = refresh(srv, first["refresh_token"])
         assert stale.status_code == 400

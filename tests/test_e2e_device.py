@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,26 +36,21 @@ def launch(profile: Profile, factory: pytest.TempPathFactory, variant: str) -> I
     started.server.stop()
 
 
-@pytest.fixture(scope="module")
-def device(profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    """Sends verification_uri_complete (the code filled in); its metadata names no device endpoint."""
-    yield from launch(profile, tmp_path_factory, "device")
+def variant(fixture: str, name: str) -> Any:
+    """A module fixture named `fixture`: the profile's server in its variant `name` (profiles.DEVICE_VARIANTS)."""
+    @pytest.fixture(scope="module", name=fixture)
+    def started(profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+        yield from launch(profile, tmp_path_factory, name)
+
+    return started
 
 
-@pytest.fixture(scope="module")
-def plain(profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    """Only verification_uri (the person types the code); its metadata names the device endpoint."""
-    yield from launch(profile, tmp_path_factory, "device_in_metadata")
-
-
-@pytest.fixture(scope="module")
-def slow(profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    yield from launch(profile, tmp_path_factory, "device_slow_down")
-
-
-@pytest.fixture(scope="module")
-def short(profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    yield from launch(profile, tmp_path_factory, "device_code_expiry")
+# verification_uri_complete (the code filled in); the metadata names no device endpoint
+device = variant("device", "device")
+# only verification_uri (the person types the code); the metadata names the device endpoint
+plain = variant("plain", "device_in_metadata")
+slow = variant("slow", "device_slow_down")
+short = variant("short", "device_code_expiry")
 
 
 def env_for(server: Target, tmp_path: Path, **extra: str | None) -> dict[str, str]:

@@ -44,14 +44,15 @@ from runner import (  # own_secrets: an autouse fixture
     MEMOS,
     REFRESH,
     REVOKE_URL,
+    SECOND_ACCESS,
+    SECOND_REFRESH,
     SERVER,
     TOKEN_URL,
     one_line,
     own_secrets,  # noqa: F401
 )
 
-NEW_ACCESS = "access-token-NEW-BBBB3333"
-NEW_REFRESH = "refresh-token-NEW-SSSS4444"
+NEW_ACCESS, NEW_REFRESH = SECOND_ACCESS, SECOND_REFRESH  # the tokens a refresh or an exchange gives
 CODE = "auth-code-ERR-CCCC3333"
 SECRETS = [CLIENT_SECRET, ACCESS, REFRESH, NEW_ACCESS, NEW_REFRESH, CODE]
 HTML = "<!doctype html><html><body><h1>We're sorry, but something went wrong.</h1>\n<p>x</p></body></html>"
@@ -61,12 +62,6 @@ HTML = "<!doctype html><html><body><h1>We're sorry, but something went wrong.</h
 def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever runs pytest, nobody is at this terminal."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-
-
-@pytest.fixture
-def mock():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
 
-from servers.harness import AccessEntry, AccessLog, free_port, require
+from servers.harness import ServerProcess, free_port, require
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
@@ -51,6 +51,22 @@ _RUBY_LIBS = {
     "sqlite3": "ruby-sqlite3",
     "webrick": "ruby-webrick",
     "bcrypt": "ruby-bcrypt",
+}
+
+
+# The switches that mimic stricter servers: DoorkeeperServer's keyword (also its attribute; the app reads it as
+# the upper-case environment variable, see doorkeeper_app.rb) -> (metavar, or None for an on/off flag; help).
+# tests/servers/run_doorkeeper.py offers each as --keyword-with-dashes.
+SWITCHES: dict[str, tuple[str | None, str]] = {
+    "grant_scopes": ("SCOPES", 'grant only these of the asked scopes, e.g. "read"'),
+    "strict_refresh_scope": (None, "invalid_scope for a refresh asking for a scope not granted"),
+    "refuse_access_token_revocation": (None, "/oauth/revoke answers unsupported_token_type for access tokens"),
+    "send_iss": (None, "RFC 9207 iss in authorization responses"),
+    "iss_value": ("URL", "send this (wrong) iss instead of the issuer"),
+    "advertise_iss": (None, "with --oidc: metadata claims iss support (even without --send-iss)"),
+    "oidc": (None, "OpenID Connect discovery (ruby-doorkeeper-openid-connect)"),
+    "require_resource": ("URL", "refuse requests without resource=URL (RFC 8707)"),
+    "public_client_id": ("ID", "also seed a public client (no secret) with this id"),
 }
 
 
@@ -132,7 +148,7 @@ class ServerError(RuntimeError):
     """The test server failed to start or to answer an admin request."""
 
 
-class DoorkeeperServer:
+class DoorkeeperServer(ServerProcess):
     """A Rails/Devise/Doorkeeper server on 127.0.0.1 with its own SQLite database in ``state_dir``.
 
     The keyword switches (all off by default) make it show what stricter servers do; each is an environment
@@ -240,18 +256,12 @@ class DoorkeeperServer:
                 "DEMO_EMAIL": self.email,
                 "DEMO_PASSWORD": self.password,
                 "PARENT_PID": str(os.getpid()),
-                # The switches are always set, so one in the surrounding environment cannot leak in.
-                "GRANT_SCOPES": " ".join(self.grant_scopes) if self.grant_scopes is not None else "",
-                "STRICT_REFRESH_SCOPE": "1" if self.strict_refresh_scope else "",
-                "REFUSE_ACCESS_TOKEN_REVOCATION": "1" if self.refuse_access_token_revocation else "",
-                "SEND_ISS": "1" if self.send_iss else "",
-                "ISS_VALUE": self.iss_value or "",
-                "ADVERTISE_ISS": "1" if self.advertise_iss else "",
-                "OIDC": "1" if self.oidc else "",
-                "REQUIRE_RESOURCE": self.require_resource or "",
-                "PUBLIC_CLIENT_ID": self.public_client_id or "",
             }
         )
+        # The switches are always set, so one in the surrounding environment cannot leak in.
+        for name in SWITCHES:
+            value = getattr(self, name)
+            env[name.upper()] = " ".join(value) if isinstance(value, tuple) else "1" if value is True else value or ""
         # Bundler variables from a surrounding `bundle exec` would make ruby look for a Gemfile.
         for name in ("BUNDLE_GEMFILE", "RUBYOPT", "BUNDLE_BIN_PATH"):
             env.pop(name, None)
@@ -318,12 +328,6 @@ class DoorkeeperServer:
         """Stop and start again on the same port with the same database (tokens survive)."""
         self.stop()
         return self.start(timeout=timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- URLs ------------------------------------------------------------
 
@@ -415,14 +419,6 @@ class DoorkeeperServer:
         return token
 
     # -- access log ------------------------------------------------------
-
-    def log_mark(self) -> int:
-        """A position in the access log; pass it as ``since`` to see only later requests."""
-        return AccessLog(self.access_log_path, "/__test__/").mark()
-
-    def access_log(self, since: int = 0, *, include_admin: bool = False) -> list[AccessEntry]:
-        """The access-log entries after ``since``, without ``/__test__/`` requests unless asked."""
-        return AccessLog(self.access_log_path, "/__test__/").entries(since, include_admin=include_admin)
 
     # -- test-only admin endpoints ----------------------------------------
 

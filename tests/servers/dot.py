@@ -22,14 +22,13 @@ import time
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin, urlsplit
 
-from servers.harness import AccessEntry, AccessLog, require
+from servers.harness import AccessEntry, ServerProcess, require
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
-    from typing import Self
+    pass
 
 APP = Path(__file__).with_name("dot_app.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +124,7 @@ def _forms(html: str) -> list[_Form]:
     return parser.forms
 
 
-class DotServer:
+class DotServer(ServerProcess):
     """A running dot_app.py on 127.0.0.1 with a seeded user and its clients.
 
     Clients: the confidential code client (client_id/client_secret), a public code client
@@ -403,24 +402,7 @@ class DotServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     # -- access log ---------------------------------------------------------
-    def log_mark(self) -> int:
-        """A position in the access log; pass it as `since` to see only later requests."""
-        return AccessLog(self.access_log_path, ADMIN_PREFIX).mark()
-
-    def access_log(self, since: int = 0, include_admin: bool = False) -> list[AccessEntry]:
-        """The access-log entries after mark `since`, without /__test__/ calls unless asked."""
-        return AccessLog(self.access_log_path, ADMIN_PREFIX).entries(since, include_admin=include_admin)
-
     # -- a person at a browser, without a browser ---------------------------------------
     def login_and_authorize_http(self, url: str, *, approve: bool = True, session: object | None = None) -> str:
         """Walk the real login + consent HTML pages with `requests` and return the redirect Location.

@@ -71,6 +71,36 @@ class AccessEntry:
 KEYS = frozenset(f.name for f in fields(AccessEntry))
 
 
+class ServerProcess:
+    """What every test server class shares: a context manager that starts and stops it, and its access log.
+
+    A subclass provides start() (returning itself), stop(), and access_log_path.
+    """
+
+    admin_prefix = "/__test__/"  # the test-only admin endpoints, left out of access_log() unless asked for
+    access_log_path: Path
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def log_mark(self) -> int:
+        """A position in the access log; pass it as `since` to see only later requests."""
+        return AccessLog(self.access_log_path, self.admin_prefix).mark()
+
+    def access_log(self, since: int = 0, *, include_admin: bool = False) -> list[AccessEntry]:
+        """The access-log entries after mark `since`, without the admin endpoints' unless asked."""
+        return AccessLog(self.access_log_path, self.admin_prefix).entries(since, include_admin=include_admin)
+
+
 class AccessLog:
     """A server's access log file: marks (line counts) and the entries after one."""
 
