@@ -182,15 +182,15 @@ module RemotePortMetaVars
 end
 WEBrick::HTTPRequest.prepend(RemotePortMetaVars)
 
-# One JSON line per request, written before the response is handed back to
-# the server (so a client that got its response finds the line in the file).
-# Besides method, path, status: the query with secret values filtered, the
+# One JSON line per request with the keys of AccessEntry (tests/servers/harness.py), written before the
+# response is handed back to the server (so a client that got its response finds the line in the file).
+# Besides started/finished, method, path, status: the query with secret values filtered, the
 # grant_type, the Authorization kind (auth: bearer/basic), at the client-
 # authenticating endpoints the client authentication kind (client_auth:
 # basic / post = client_secret in the body / none), the non-secret parameters
 # of query and form body (params; a repeated one as a list), which secret
-# parameters were present (secrets_present: names only, never values), and a
-# redirect's Location with secret values filtered (so `iss` can be checked).
+# parameters were present (secret_params: names only, never values), the form's field names (body_keys), and
+# a redirect's Location with secret values filtered (so `iss` can be checked).
 class AccessLogMiddleware
   SENSITIVE = %w[
     code access_token refresh_token token id_token client_secret code_verifier
