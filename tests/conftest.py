@@ -3,6 +3,7 @@
 The one rig is Client (the script configured for one server, with its own token file); secrets_of() lists what
 must never be printed; People keeps one logged-in person per server. The conformance suite's profiles and
 their parametrization (pytest_generate_tests) are described in tests/profiles.py and tests/test_conformance.py.
+The helpers the tests share are in tests/runner.py (and servers/harness.py); tests/README.md says where to add what.
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def people() -> Iterator[People]:
     made = People()
     yield made
     made.close()
+
+
+@pytest.fixture
+def mock() -> Iterator[Any]:
+    """The unit tiers' mock server (runner.SERVER): register its answers with mock.add(...)."""
+    import responses  # here: only the unit tiers need it
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
 
 
 def save_token(token_file: Path, env: dict[str, str], token: dict[str, Any]) -> None:

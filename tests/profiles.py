@@ -32,7 +32,6 @@ the browser follows the redirect to the script's listener).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ import pytest
 import requests
 
 from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_oidc, require_ruby_stack
-from servers.dot import DotServer, dot_stack_available
+from servers.dot import DotServer, require_dot_stack
 
 LOOPBACK = "http://127.0.0.1/callback"  # registered without a port: any loopback port is accepted (RFC 8252 7.3)
 RESOURCE = "https://memos.example.test/api/"  # the RFC 8707 resource of the profiles with the feature "resource"
@@ -59,7 +58,6 @@ FEATURES = {
     "revoke_kills_both": "revoking the access token (RFC 7009) kills its refresh token as well",
     "write_scope": "the client may ask for scope write, which the memo API does not accept (it needs read)",
     "insufficient_scope_challenge": "403 for a token without the needed scope names insufficient_scope (RFC 6750)",
-    "log_body_keys": "the access log names the body parameters of token requests",
     "refresh_scope_strict": "a refresh whose scope names anything not granted gets 400 invalid_scope",
     "narrow_scope": "grants fewer scopes than asked (RFC 6749 3.3): never write; the token response says so",
     "access_token_unrevocable": "revoking an access token gets 400 unsupported_token_type (RFC 7009 2.2.1); "
@@ -73,21 +71,14 @@ FEATURES = {
     "wrong_iss": "a variant of the server sends an iss that names another issuer (the mix-up attack)",
     "omitted_iss": "a variant of the server promises iss in its metadata but sends none",
     "error_without_iss": "its error redirects (access_denied) carry no iss, though its metadata promises iss",
+    # The device grant: each is a variant (a server of its own, polling every second, so the scenarios stay short).
+    "device": "the device authorization grant (RFC 8628) for a device client; the variant sends "
+              "verification_uri_complete and names no device endpoint in its metadata",
+    "device_in_metadata": "a variant of the device server that sends no verification_uri_complete and names its "
+                          "device endpoint in its metadata (RFC 8414)",
+    "device_slow_down": "a variant of the device server that answers the first poll with slow_down",
+    "device_code_expiry": "a variant of the device server whose device codes expire after 4 s",
 }
-
-
-def require(ok_why: tuple[bool, str], what: str) -> None:
-    """Skip when a server's stack is missing, but fail under CI=true, where it must be installed."""
-    ok, why = ok_why
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{what} required under CI=true: {why}", pytrace=False)
-    pytest.skip(f"{what} unavailable: {why}")
-
-
-def require_dot_stack() -> None:
-    require(dot_stack_available(), "django-oauth-toolkit stack")
 
 
 def goes_to_listener(authorize_url: str) -> bool:
@@ -175,17 +166,41 @@ class DotPerson(Person):
 # --- one shape for every server -------------------------------------------------------------------
 
 
+def _of_server(name: str, doc: str) -> property:
+    """What every test server has under the same name (DoorkeeperServer and DotServer), read through the Target."""
+    return property(lambda target: getattr(target.server, name), doc=doc)
+
+
 class Target:
-    """A started server of one profile, in the shape the scenarios use (attributes not named here: the server's)."""
+    """A started server of one profile, in the shape the scenarios use: everything they may ask is named here."""
 
     person_class: type[Person] = Person
+
+    base_url = _of_server("base_url", "http://127.0.0.1:PORT")
+    issuer = _of_server("issuer", "the issuer its metadata names (RFC 8414)")
+    metadata_url = _of_server("metadata_url", "where its metadata is published, or None")
+    authorize_endpoint = _of_server("authorize_endpoint", "the authorization endpoint's URL")
+    token_endpoint = _of_server("token_endpoint", "the token endpoint's URL")
+    revoke_endpoint = _of_server("revoke_endpoint", "the revocation endpoint's URL (RFC 7009)")
+    memos_url = _of_server("memos_url", "the memo API's URL")
+    log_mark = _of_server("log_mark", "log_mark() -> int: a position in the access log")
+    access_log = _of_server("access_log", "access_log(since) -> list[AccessEntry] (tests/servers/harness.py)")
+    age_tokens = _of_server("age_tokens", "age_tokens(seconds): the server's clock moves on for every token")
+    reset = _of_server("reset", "reset(): forget every grant and token, keep the client and the user")
+    # The device grant (feature "device"): a server with it has these too.
+    device_authorization_endpoint = _of_server("device_authorization_url", "the device endpoint (RFC 8628 3.1)")
+    device_verification_url = _of_server("device_verification_url", "the page where the person enters the code")
+    device_client_id = _of_server("device_client_id", "a confidential client allowed the device grant")
+    device_client_secret = _of_server("device_client_secret", "its secret")
+    public_device_client_id = _of_server("public_device_client_id", "a public client allowed the device grant")
+    device_polls = _of_server("device_polls", "device_polls(since) -> list[AccessEntry]: the device grant's polls")
+    approve_device = _of_server("approve_device", "approve_device(code, url=, approve=) -> the page title the "
+                                                  "person ends on (code None: the page has it filled in)")
+    issued_secrets = _of_server("issued_secrets", "issued_secrets() -> every token, code and secret it issued")
 
     def __init__(self, profile: Profile, server: Any) -> None:
         self.profile = profile
         self.server = server
-
-    def __getattr__(self, name: str) -> Any:  # base_url, client_id, endpoints, access_log, age_tokens, reset, ...
-        return getattr(self.server, name)
 
     def has(self, feature: str) -> bool:
         return feature in self.profile.features
@@ -222,6 +237,14 @@ class Target:
     def endpoint_env(self) -> dict[str, str | None]:
         """The endpoint settings a server without metadata needs beyond OAUTH_SERVER_URL."""
         return {}
+
+    def device_env(self, *, public: bool = False) -> dict[str, str | None]:
+        """The script's settings for the device grant: the device client, every endpoint set (no discovery)."""
+        return {"CLIENT_ID": self.public_device_client_id if public else self.device_client_id,
+                "CLIENT_SECRET": None if public else self.device_client_secret, "OAUTH_SERVER_URL": self.base_url,
+                "OAUTH_TOKEN_URL": self.token_endpoint, "OAUTH_REVOKE_URL": self.revoke_endpoint,
+                "MEMOS_API_URL": self.memos_url, "OAUTH_DEVICE_AUTHORIZATION_URL": self.device_authorization_endpoint,
+                "OAUTH_DEVICE_FLOW": "1"}
 
     def _client_auth(self) -> dict[str, Any]:
         if self.client_secret:
@@ -308,7 +331,16 @@ class Profile:
 
 
 DOORKEEPER = frozenset({"oob", "loopback", "dead_token_401", "offline_access"})
-DOT = frozenset({"loopback", "rotation_immediate", "log_body_keys", "refresh_scope_strict", "offline_access"})
+DOT = frozenset({"loopback", "rotation_immediate", "refresh_scope_strict", "offline_access"})
+
+
+# The switches of DotServer's device variants (tests/test_e2e_device.py).
+DEVICE_VARIANTS: dict[str, dict[str, Any]] = {
+    "device": {"device_interval": 1, "device_uri_complete": True},
+    "device_in_metadata": {"device_interval": 1, "advertise_device": True},
+    "device_slow_down": {"device_interval": 1, "slow_down": 1},
+    "device_code_expiry": {"device_interval": 1, "device_expires_in": 4, "expire_on_poll": True},
+}
 
 
 def doorkeeper(**switches: Any) -> Callable[..., DoorkeeperServer]:
@@ -338,8 +370,9 @@ PROFILES: list[Profile] = [
             doorkeeper(grant_scopes=("read", "openid", "offline_access"), strict_refresh_scope=True,
                        refuse_access_token_revocation=True, send_iss=True, require_resource=RESOURCE),
             DoorkeeperTarget, require_ruby_stack, variants={"wrong_iss": {"iss_value": MIXUP_ISS}}),
-    Profile("dot", "dot", DOT | {"dead_token_403", "revoke_kills_both", "write_scope"}, dot(), DotTarget,
-            require_dot_stack),
+    # The device scenarios run here only: the other DOT profiles' switches do not touch the device grant.
+    Profile("dot", "dot", DOT | {"dead_token_403", "revoke_kills_both", "write_scope", *DEVICE_VARIANTS},
+            dot(), DotTarget, require_dot_stack, variants=DEVICE_VARIANTS),
     Profile("dot-challenge", "dot",
             DOT | {"dead_token_401", "insufficient_scope_challenge", "revoke_kills_both", "write_scope"},
             dot(bearer_challenge=True), DotTarget, require_dot_stack),

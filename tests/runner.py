@@ -24,6 +24,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pexpect
+import pytest
+
+from servers.harness import AccessEntry
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "fetch_memos.py"
@@ -192,6 +195,33 @@ def assert_fails(result: Result, exit_code: int, *fragments: str, only: bool = F
     return line
 
 
+# --- the unit tiers: the mock server (responses) and the script's own state ------------------------------
+
+# One mock server for every unit test that answers requests with `responses` (test_errors_unit, test_device_unit).
+SERVER = "https://memos.example.test"
+TOKEN_URL = SERVER + "/oauth/token"
+API_URL = SERVER + "/api/memos/"
+REVOKE_URL = SERVER + "/oauth/revoke"
+DEVICE_URL = SERVER + "/oauth/authorize_device"
+VERIFY_URL = SERVER + "/device"
+CLIENT_ID = "client-id-unit"
+CLIENT_SECRET = "client-secret-UNIT-7f3a9c"
+ACCESS = "access-token-UNIT-AAAA1111"
+REFRESH = "refresh-token-UNIT-RRRR2222"
+SECOND_ACCESS = "access-token-2ND-BBBB3333"  # the grant's other token: the one held before, or the one after
+SECOND_REFRESH = "refresh-token-2ND-SSSS4444"
+MEMOS = [{"id": 1, "title": "買い物", "body": "牛乳"}]
+
+
+@pytest.fixture(autouse=True)
+def own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each in-process test starts with no secret registered for redaction: one test's secrets never hide (or
+    reveal) another's. Autouse in every module that imports it."""
+    import fetch_memos  # here: the end-to-end tests that import this module run the script as its own process
+
+    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
+
+
 # --- what reached a test server (DoorkeeperServer and DotServer have the same shape) ----------------
 
 
@@ -199,30 +229,35 @@ def path_of(url: str) -> str:
     return urlsplit(url).path
 
 
-def token_requests(server: Any, since: int = 0, grant_type: str | None = None) -> list[dict[str, Any]]:
+def token_requests(server: Any, since: int = 0, grant_type: str | None = None) -> list[AccessEntry]:
     """The access-log entries of the token endpoint after mark `since` (of one grant type, if given)."""
     path = path_of(server.token_endpoint)
     return [e for e in server.access_log(since=since)
-            if e["path"] == path and (grant_type is None or e["grant_type"] == grant_type)]
+            if e.path == path and (grant_type is None or e.grant_type == grant_type)]
 
 
-def authorize_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
+def grants(server: Any, since: int = 0) -> list[tuple[str | None, int]]:
+    """(grant_type, status) of each token request after mark `since`."""
+    return [(e.grant_type, e.status) for e in token_requests(server, since)]
+
+
+def authorize_requests(server: Any, since: int = 0) -> list[AccessEntry]:
     """The access-log entries of the browser's GETs of the authorization endpoint after mark `since`."""
     path = path_of(server.authorize_endpoint)
-    return [e for e in server.access_log(since=since) if e["path"] == path and e["method"] == "GET"]
+    return [e for e in server.access_log(since=since) if e.path == path and e.method == "GET"]
 
 
-def api_requests(server: Any, since: int = 0) -> list[dict[str, Any]]:
+def api_requests(server: Any, since: int = 0) -> list[AccessEntry]:
     """The access-log entries of the memo API after mark `since`."""
     path = path_of(server.memos_url)
-    return [e for e in server.access_log(since=since) if e["path"] == path]
+    return [e for e in server.access_log(since=since) if e.path == path]
 
 
 def client_calls(server: Any, since: int = 0) -> list[tuple[str, str, str | None, int]]:
     """What the script asked (token, API, revocation; not the person's pages): (method, path, grant_type, status)."""
     paths = {path_of(server.token_endpoint), path_of(server.memos_url), path_of(server.revoke_endpoint)}
-    return [(e["method"], e["path"], e.get("grant_type"), e["status"]) for e in server.access_log(since=since)
-            if e["path"] in paths]
+    return [(e.method, e.path, e.grant_type, e.status) for e in server.access_log(since=since)
+            if e.path in paths]
 
 
 class LiveRun:

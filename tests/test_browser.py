@@ -7,8 +7,6 @@ checks that machinery on its own, with a stand-in listener instead of the client
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,20 +18,11 @@ import requests
 from servers.browser import BrowserFlowError, RealBrowser, chromium_available
 from servers.doorkeeper import pkce_pair
 from servers.dot import DotServer, dot_stack_available
+from servers.harness import free_port, require
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 
 CALLBACK_PATH = "/oauth/callback"
-
-
-def require(ok_why: tuple[bool, str], what: str) -> None:
-    """Skip when a piece of the stack is missing, but fail under CI=true, where it must be installed."""
-    ok, why = ok_why
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{what} required under CI=true: {why}")
-    pytest.skip(f"{what} unavailable: {why}")
 
 
 class Listener:
@@ -107,12 +96,6 @@ def authorize_url(server: DotServer, redirect_uri: str, state: str, challenge: s
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_chromium_available_reports_versions() -> None:
     ok, why = chromium_available()
     require((ok, why), "Chromium + Playwright")
@@ -147,7 +130,7 @@ def test_login_and_authorize_reaches_listener(dot: DotServer, browser: RealBrows
     memo = requests.get(dot.api_url, headers={"Authorization": f"Bearer {token.json()['access_token']}"}, timeout=30)
     assert memo.json() == {"message": "ふじ"}
 
-    steps = [(e["method"], e["path"], e["status"]) for e in dot.access_log(since=mark)]
+    steps = [(e.method, e.path, e.status) for e in dot.access_log(since=mark)]
     assert ("POST", "/accounts/login/", 302) in steps
     assert ("POST", "/o/authorize/", 302) in steps
 
@@ -176,7 +159,7 @@ def test_logged_in_session_goes_straight_to_consent(dot: DotServer, browser: Rea
         url.replace("state=s1", "state=s2"), username=dot.username, password=dot.password, fresh_session=False
     )
     assert "state=s2" in second
-    paths = [e["path"] for e in dot.access_log(since=mark)]
+    paths = [e.path for e in dot.access_log(since=mark)]
     assert "/accounts/login/" not in paths
     assert "/o/authorize/" in paths
 

@@ -96,7 +96,7 @@ def run_at_once(client: Client, *, barrier: bool, debug: bool = False, remove_lo
 
 
 def refresh_posts(server: DoorkeeperServer, mark: int) -> list[dict[str, Any]]:
-    return [e for e in token_requests(server, mark, "refresh_token") if e["method"] == "POST"]
+    return [e for e in token_requests(server, mark, "refresh_token") if e.method == "POST"]
 
 
 def assert_all_printed_the_json(runs: list[Run], old: dict[str, Any], setup: Client) -> None:
@@ -131,6 +131,13 @@ def assert_token_file_valid(setup: Client, old: dict[str, Any]) -> None:
     assert token_requests(setup.server, mark) == []
 
 
+def expired_token(people: People, server: DoorkeeperServer, tmp_path: Path) -> tuple[Client, dict[str, Any], int]:
+    """A client whose stored token expired for it and for the server; the token, and the log mark before any run."""
+    setup = people.client(server, tmp_path, OAUTH_TIMEOUT="20")
+    old = setup.store_token(expired=True, aged=True)
+    return setup, old, server.log_mark()
+
+
 def all_alive_together(runs: list[Run]) -> bool:
     return max(run.started for run in runs) < min(run.ended for run in runs)
 
@@ -138,24 +145,22 @@ def all_alive_together(runs: list[Run]) -> bool:
 def test_twenty_runs_released_together_refresh_once(immediate: DoorkeeperServer, tmp_path: Path,
         people: People) -> None:
     """Immediate revocation: a second refresh with the same refresh token would fail, so the lock must hold."""
-    setup = people.client(immediate, tmp_path, OAUTH_TIMEOUT="20")
-    old = setup.store_token(expired=True, aged=True)
-    mark = immediate.log_mark()
+    setup, old, mark = expired_token(people, immediate, tmp_path)
 
     runs = run_at_once(setup, barrier=True, debug=True)
 
     assert len(runs) == RUNS and all_alive_together(runs)
     assert_all_printed_the_json(runs, old, setup)
     posts = refresh_posts(setup.server, mark)
-    assert [(e["status"], e["auth"]) for e in posts] == [(200, "basic")]  # exactly one refresh reached the server
+    assert [(e.status, e.auth) for e in posts] == [(200, "basic")]  # exactly one refresh reached the server
     refreshed = sum("refreshed the token at" in run.stderr for run in runs)
     adopted = sum(ADOPTED in run.stderr for run in runs)
     assert refreshed == 1
     assert adopted >= 2, "the runs did not race: the check below would prove nothing"
     RACED["immediate"] = adopted
-    api = [e for e in immediate.access_log(mark) if e["path"].startswith("/api/memos")]
-    assert [e["status"] for e in api] == [200] * RUNS  # nobody used the dead token
-    assert all(e["t"] > posts[0]["t"] for e in api)
+    api = [e for e in immediate.access_log(mark) if e.path.startswith("/api/memos")]
+    assert [e.status for e in api] == [200] * RUNS  # nobody used the dead token
+    assert all(e.started > posts[0].started for e in api)
     assert_token_file_valid(setup, old)
 
 
@@ -164,33 +169,29 @@ def test_twenty_plain_runs_started_at_once_refresh_once(request: pytest.FixtureR
                                                         mode: str, people: People) -> None:
     """`python fetch_memos.py` 20 times, launched back to back, no barrier and no --debug: the literal case."""
     server: DoorkeeperServer = request.getfixturevalue(mode)
-    setup = people.client(server, tmp_path, OAUTH_TIMEOUT="20")
-    old = setup.store_token(expired=True, aged=True)
-    mark = server.log_mark()
+    setup, old, mark = expired_token(people, server, tmp_path)
 
     runs = run_at_once(setup, barrier=False)
 
     assert len(runs) == RUNS
     assert_all_printed_the_json(runs, old, setup)
     assert all(run.stderr == "" for run in runs)
-    assert [e["status"] for e in refresh_posts(setup.server, mark)] == [200]
-    api = [e for e in server.access_log(mark) if e["path"].startswith("/api/memos")]
-    assert [e["status"] for e in api] == [200] * RUNS
+    assert [e.status for e in refresh_posts(setup.server, mark)] == [200]
+    api = [e for e in server.access_log(mark) if e.path.startswith("/api/memos")]
+    assert [e.status for e in api] == [200] * RUNS
     assert_token_file_valid(setup, old)
 
 
 def test_control_without_the_lock_the_same_checks_fail(immediate: DoorkeeperServer, tmp_path: Path,
         people: People) -> None:
     """Proof that the checks above can fail: with TokenStore.locked() removed, runs race to refresh."""
-    setup = people.client(immediate, tmp_path, OAUTH_TIMEOUT="20")
-    old = setup.store_token(expired=True, aged=True)
-    mark = immediate.log_mark()
+    setup, old, mark = expired_token(people, immediate, tmp_path)
 
     runs = run_at_once(setup, barrier=True, remove_lock=True)
 
     posts = refresh_posts(setup.server, mark)
     assert len(posts) >= 2  # "exactly one refresh" would fail
-    assert [e["status"] for e in posts].count(200) == 1  # Doorkeeper refused the used refresh token
+    assert [e.status for e in posts].count(200) == 1  # Doorkeeper refused the used refresh token
     failed = [run for run in runs if run.exit_code != 0]
     assert failed, "'all 20 print the JSON' would fail too"
     assert all(run.exit_code == 3 and "no longer valid" in run.stderr for run in failed)

@@ -39,6 +39,7 @@ from conftest import Client, conformance_client, secrets_of
 from profiles import MIXUP_ISS, RESOURCE, Target, needs
 from runner import (
     EOF_AT_PROMPT,
+    Result,
     assert_clean,
     assert_fails,
     assert_json,
@@ -102,6 +103,23 @@ def refresh_and_hold_two(client: Client) -> list[dict]:
     return held
 
 
+def logout_after_a_refresh(target: Target, tmp_path: Path, expired: bool) -> tuple[Client, list[dict], int, Result]:
+    """A client that has held two tokens (the last one expired, if asked) logs out: exit 0, nothing on stdout.
+    Returns the client, the tokens it held, the log mark before the logout, and the logout's result."""
+    client = conformance_client(target, tmp_path / "client")
+    try:
+        held = refresh_and_hold_two(client)
+        if expired:
+            expire(client)
+        mark = target.log_mark()
+        result = client.run("--logout", tty=False)
+    finally:
+        client.person.close()
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    return client, held, mark, result
+
+
 # --- first run, warm run ---------------------------------------------------------------------------
 
 
@@ -130,13 +148,12 @@ def test_first_run_authorizes_and_prints_the_json(client, mode):
         assert page.status_code == 200 and "You can close this tab" in page.text
     assert "prompt" not in query  # only for offline_access
     [exchange] = token_requests(server, mark)
-    assert (exchange["grant_type"], exchange["status"], exchange["client_auth"]) == (
+    assert (exchange.grant_type, exchange.status, exchange.client_auth) == (
         "authorization_code", 200, client_auth_of(server))
-    if client.server.has("log_body_keys"):
-        assert {"code", "code_verifier", "redirect_uri"} <= set(exchange["body_keys"])
-        assert "client_secret" not in exchange["body_keys"]  # HTTP Basic (or no secret), never in the body
+    assert {"code", "code_verifier", "redirect_uri"} <= set(exchange.body_keys)
+    assert "client_secret" not in exchange.body_keys  # HTTP Basic (or no secret), never in the body
     log = server.access_log(since=mark)
-    assert [(e["method"], e["status"], e["auth"]) for e in log if e["path"] == path_of(server.memos_url)] == [
+    assert [(e.method, e.status, e.auth) for e in log if e.path == path_of(server.memos_url)] == [
         ("GET", 200, "bearer")]
     token = client.token()
     assert token["scope"] == ["read"]
@@ -153,7 +170,7 @@ def test_warm_run_makes_exactly_one_request_and_asks_nothing(authorized):
     result = authorized.run(tty=False)
 
     assert_json(result, quiet=True)
-    assert [(e["method"], e["path"], e["auth"], e["status"]) for e in server.access_log(since=mark)] == [
+    assert [(e.method, e.path, e.auth, e.status) for e in server.access_log(since=mark)] == [
         ("GET", path_of(server.memos_url), "bearer", 200)]
 
 
@@ -178,8 +195,10 @@ def test_pasting_the_address_the_person_landed_on_works(client, mode):
 
 
 @needs(lacks=("oob",))
-def test_without_an_oob_page_the_default_redirect_uri_gets_no_code(target, tmp_path):
-    """A user who keeps the default redirect URI gets the server's error page, and no code to paste."""
+def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp_path):
+    """A user who keeps the default redirect URI gets the server's error page and no code to paste: giving up
+    at the prompt ends the run; pasting that page's address (the authorization request itself) names oob and
+    loopback."""
     client = conformance_client(target, tmp_path / "client", "oob")
     mark = target.log_mark()
     pages = []
@@ -187,18 +206,28 @@ def test_without_an_oob_page_the_default_redirect_uri_gets_no_code(target, tmp_p
     def person(url):
         assert "redirect_uri=urn%3Aietf%3Awg%3Aoauth%3A2.0%3Aoob" in url
         with pytest.raises(AssertionError) as refused:
-            client.person.landing(url)
+            client.person.landing(url)  # the server's invalid-redirect-URI page, no code
         pages.append(str(refused.value))
-        return EOF_AT_PROMPT  # nothing to paste
+        return EOF_AT_PROMPT if len(pages) == 1 else url  # nothing to paste; then the address the browser shows
 
-    result = client.run(person=person)
+    try:
+        gave_up = client.run(person=person)
+        pasted = client.run(person=person)
+    finally:
+        client.person.close()
 
-    assert "invalid_request" in pages[0] and "redirect uri" in pages[0].lower()
-    assert result.exit_code == 3
-    assert result.stdout == ""
-    assert "no code was entered (end of input)" in result.stderr
+    assert len(pages) == 2
+    for page in pages:
+        assert "invalid_request" in page and "redirect uri" in page.lower()
+    assert gave_up.exit_code == 3
+    assert gave_up.stdout == ""
+    assert "no code was entered (end of input)" in gave_up.stderr
+    assert_fails(pasted, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
+                 "http://127.0.0.1/callback")
     assert token_requests(target, mark) == []
     assert not client.token_file.exists()
+    assert_clean(gave_up, secrets_of(client))
+    assert_clean(pasted, secrets_of(client), typed=pasted.typed)
 
 
 # --- refresh --------------------------------------------------------------------------------------
@@ -217,9 +246,9 @@ def test_expired_token_is_refreshed_once_rotated_and_saved(authorized):
     assert client_calls(server, mark) == [("POST", path_of(server.token_endpoint), "refresh_token", 200),
                                           ("GET", path_of(server.memos_url), None, 200)]
     assert len(log) == 2
-    assert log[0]["remote_port"] == log[1]["remote_port"], "refresh and API call should share one connection"
-    assert "scope" not in log[0]["params"], "RFC 6749 section 6: a refresh without scope keeps the granted scope"
-    assert log[0]["client_auth"] == client_auth_of(server)
+    assert log[0].remote_port == log[1].remote_port, "refresh and API call should share one connection"
+    assert "scope" not in log[0].params, "RFC 6749 section 6: a refresh without scope keeps the granted scope"
+    assert log[0].client_auth == client_auth_of(server)
     new = authorized.token()
     assert new["access_token"] != old["access_token"]
     assert new["refresh_token"] != old["refresh_token"], "the refresh token is rotated"
@@ -243,7 +272,7 @@ def test_token_in_its_last_seconds_is_refreshed_before_use(authorized):
     result = authorized.run(tty=False)
 
     assert_json(result)
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["refresh_token"]
+    assert [e.grant_type for e in token_requests(server, mark)] == ["refresh_token"]
 
 
 def test_token_expired_only_at_the_server_is_refreshed_once_and_retried(authorized):
@@ -387,7 +416,7 @@ def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     assert [a.status_code for a in answers] == [400, 400]
     assert "does not belong" in answers[0].text
     assert_json(result)  # the real redirect still went through
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
+    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
     assert "forged" not in result.output
 
 
@@ -588,24 +617,12 @@ def test_malicious_token_file_is_never_run_and_is_set_aside(client, tmp_path):
 @pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
 def test_logout_leaves_no_token_that_works(target, tmp_path, expired):
     target.reset()  # only this test's tokens exist, so the server's own count can be checked as well
-    client = conformance_client(target, tmp_path / "client")
-    try:
-        held = refresh_and_hold_two(client)
-        if expired:
-            client.expire_locally()
-            target.age_tokens(10_000)
-        mark = target.log_mark()
+    client, held, mark, result = logout_after_a_refresh(target, tmp_path, expired)
 
-        result = client.run("--logout", tty=False)
-    finally:
-        client.person.close()
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout == ""
     assert "Logged out" in one_line(result.stderr, prefix="")
     assert not client.token_file.exists()
-    revokes = [(e["method"], e["status"], e["client_auth"], e["params"].get("token_type_hint"))
-               for e in target.access_log(since=mark) if e["path"] == path_of(target.revoke_endpoint)]
+    revokes = [(e.method, e.status, e.client_auth, e.params.get("token_type_hint"))
+               for e in target.access_log(since=mark) if e.path == path_of(target.revoke_endpoint)]
     auth = client_auth_of(target)
     assert revokes == [("POST", 200, auth, "refresh_token"), ("POST", 200, auth, "access_token")]  # the grant first
     assert target.live_tokens() == 0
@@ -682,7 +699,7 @@ def test_a_narrowed_scope_is_said_once_and_later_refreshes_keep_working(client):
         again = client.run(tty=False)
         assert_json(again, quiet=True)  # the note was said once, at the authorization
         [refresh] = refresh_requests(server, mark)
-        assert refresh["status"] == 200 and "scope" not in refresh["params"]
+        assert refresh.status == 200 and "scope" not in refresh.params
         held.append(client.token())
         assert held[-1]["access_token"] != held[-2]["access_token"]
         assert held[-1]["fetch_memos"]["scope"] == ["read", "write"]
@@ -699,7 +716,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
 
     without_person = authorized.run(tty=False, env=env)
 
-    line = assert_fails(without_person, 3, "scope write", "not asked for", "interactively")
+    assert_fails(without_person, 3, "scope write", "not asked for", "interactively")
     assert client_calls(server, mark) == []
     assert authorized.token() == old  # kept
 
@@ -710,7 +727,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     assert "Authorizing again" in result.stderr
     [url] = result.authorize_urls
     assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]
     new = authorized.token()
     assert new["fetch_memos"]["scope"] == ["read", "write"]
     assert new["scope"] == (["read"] if server.has("narrow_scope") else ["read", "write"])
@@ -719,7 +736,6 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     warm = authorized.run(tty=False, env=env)  # granted or not, write was asked for: no new authorization
     assert_json(warm, quiet=True)
     assert client_calls(server, mark) == [("GET", path_of(server.memos_url), None, 200)]
-    assert "write" in line
     assert_clean(result, secrets_of(authorized, old, new), typed=result.typed)
 
 
@@ -727,27 +743,16 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
 @pytest.mark.parametrize("expired", [False, True], ids=["valid", "expired"])
 def test_logout_ends_the_grant_when_access_tokens_cannot_be_revoked(target, tmp_path, expired):
     """RFC 7009 2.2.1: unsupported_token_type for the access token, after the refresh token was revoked."""
-    client = conformance_client(target, tmp_path / "client")
-    try:
-        held = refresh_and_hold_two(client)
-        if expired:
-            expire(client)
-        mark = target.log_mark()
+    client, held, mark, result = logout_after_a_refresh(target, tmp_path, expired)
 
-        result = client.run("--logout", tty=False)
-    finally:
-        client.person.close()
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout == ""
     line = one_line(result.stderr, prefix="")
     assert line.startswith("Logged out: the grant was revoked")
     assert "cannot revoke access tokens (unsupported_token_type)" in line
     assert re.search(r"stays valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(in \d+ h \d+ min\)\.$", line), line
     assert not client.token_file.exists()
-    revokes = [(e["status"], e["params"].get("token_type_hint"), e.get("error"))
-               for e in target.access_log(since=mark) if e["path"] == path_of(target.revoke_endpoint)]
-    assert [(status, hint) for status, hint, _ in revokes] == [(200, "refresh_token"), (400, "access_token")]
+    revokes = [(e.status, e.params.get("token_type_hint"))
+               for e in target.access_log(since=mark) if e.path == path_of(target.revoke_endpoint)]
+    assert revokes == [(200, "refresh_token"), (400, "access_token")]
     for token in held:
         assert target.refresh_answer(token["refresh_token"]) == (400, "invalid_grant")  # the grant is dead
     assert_clean(result, secrets_of(client, *held), typed=result.typed)
@@ -772,14 +777,13 @@ def test_an_authorization_response_naming_another_issuer_is_refused(profile, tmp
             finally:
                 client.person.close()
 
-            line = assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
-                                "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
+            assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
+                         "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
             assert token_requests(server, mark) == [], mode
             assert not client.token_file.exists()
             if mode == "loopback":
                 [page] = client.person.pages
                 assert page.status_code == 400 and "iss" in page.text
-            assert line
             assert_clean(result, secrets_of(client), typed=result.typed)
     finally:
         server.server.stop()
@@ -816,20 +820,20 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     result = client.run()
 
     assert_json(result)
-    discovery = [(e["method"], e["path"], e["status"]) for e in server.access_log(since=mark)
-                 if "/.well-known/" in e["path"]]
+    discovery = [(e.method, e.path, e.status) for e in server.access_log(since=mark)
+                 if "/.well-known/" in e.path]
     assert discovery[-1] == ("GET", path_of(server.metadata_url), 200)
     assert len(discovery) == len(set(discovery))  # each URL asked once
     cache = client.token_file.with_name(client.token_file.name + ".metadata.json")
     record = json.loads(cache.read_text())
     assert record["issuer"] == server.issuer and server.token_endpoint in record["endpoints"].values()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]
 
     mark = server.log_mark()
     warm = client.run(tty=False)
     assert_json(warm, quiet=True)
-    assert [(e["method"], e["path"]) for e in server.access_log(since=mark)] == [
+    assert [(e.method, e.path) for e in server.access_log(since=mark)] == [
         ("GET", path_of(server.memos_url))]  # the metadata came from the cache
 
     status = client.run("--status", tty=False)
@@ -855,12 +859,12 @@ def test_a_public_client_authenticates_with_its_client_id_alone(client):
 
     assert logout.exit_code == 0, logout.output
     calls = [e for e in server.access_log(since=mark)
-             if e["path"] in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
-    assert [e["path"] for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
+             if e.path in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
+    assert [e.path for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
     for entry in calls:
-        assert (entry["client_auth"], entry["auth"], entry["params"].get("client_id")) == (
+        assert (entry.client_auth, entry.auth, entry.params.get("client_id")) == (
             "none", None, server.client_id), entry
-        assert "client_secret" not in entry.get("has", entry.get("secrets_present", ()))
+        assert "client_secret" not in entry.secret_params
     assert not client.token_file.exists()
     assert_clean(logout, secrets_of(client, *held))
 
@@ -873,8 +877,8 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
 
     held = refresh_and_hold_two(client)
 
-    assert [e["params"].get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
-    assert [(e["grant_type"], e["params"].get("resource"), e["status"]) for e in token_requests(server, mark)] == [
+    assert [e.params.get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
+    assert [(e.grant_type, e.params.get("resource"), e.status) for e in token_requests(server, mark)] == [
         ("authorization_code", RESOURCE, 200), ("refresh_token", RESOURCE, 200)]
 
     without = conformance_client(server, tmp_path / "without", "loopback")
@@ -902,32 +906,6 @@ def test_offline_access_asks_for_consent(client):
     [url] = result.authorize_urls
     query = parse_qs(urlsplit(url).query)
     assert (query["prompt"], query["scope"]) == (["consent"], ["read offline_access"])
-    assert authorize_requests(server, mark)[0]["params"].get("prompt") == "consent"
+    assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
     assert client.token()["refresh_token"]
-    assert_clean(result, secrets_of(client), typed=result.typed)
-
-
-@needs(lacks=("oob",))
-def test_pasting_the_invalid_redirect_page_names_oob_and_loopback(target, tmp_path):
-    """A server without out-of-band: what the person has is the error page's address; the script says why."""
-    client = conformance_client(target, tmp_path / "client", "oob")
-    mark = target.log_mark()
-    landed = []
-
-    def person(url):
-        with pytest.raises(AssertionError):
-            client.person.landing(url)  # the server's invalid-redirect-URI page, no code
-        landed.append(url)
-        return url  # the address the browser shows: the authorization request itself
-
-    try:
-        result = client.run(person=person)
-    finally:
-        client.person.close()
-
-    line = assert_fails(result, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
-                        "http://127.0.0.1/callback")
-    assert landed and line
-    assert token_requests(target, mark) == []
-    assert not client.token_file.exists()
     assert_clean(result, secrets_of(client), typed=result.typed)

@@ -31,20 +31,25 @@ from fetch_memos import (
     readable_user_code,
 )
 
-SERVER = "https://memos.example.test"
-TOKEN_URL = SERVER + "/oauth/token"
-API_URL = SERVER + "/api/memos/"
-DEVICE_URL = SERVER + "/oauth/authorize_device"
-VERIFY_URL = SERVER + "/device"
-CLIENT_ID = "client-id-device"
-CLIENT_SECRET = "client-secret-DEV-5d1e8b"
+from runner import (  # own_secrets: an autouse fixture
+    ACCESS,
+    API_URL,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    DEVICE_URL,
+    MEMOS,
+    REFRESH,
+    SECOND_ACCESS,
+    SECOND_REFRESH,
+    SERVER,
+    TOKEN_URL,
+    VERIFY_URL,
+    own_secrets,  # noqa: F401
+)
+
+OLD_ACCESS, OLD_REFRESH = SECOND_ACCESS, SECOND_REFRESH  # the tokens held before the device grant
 DEVICE_CODE = "device-code-SECRET-GmRhmhcxhwAzkoEqiMEg"
-ACCESS = "access-token-DEV-AAAA1111"
-REFRESH = "refresh-token-DEV-RRRR2222"
-OLD_ACCESS = "access-token-OLD-BBBB3333"
-OLD_REFRESH = "refresh-token-OLD-SSSS4444"
 SECRETS = [CLIENT_SECRET, DEVICE_CODE, ACCESS, REFRESH, OLD_ACCESS, OLD_REFRESH]
-MEMOS = [{"id": 1, "title": "買い物", "body": "牛乳"}]
 PENDING = PollError("authorization_pending")
 TOKEN = {"access_token": ACCESS, "token_type": "Bearer"}
 EXPIRED = r"^the code expired; run again\."  # the device code ran out (RFC 8628 expired_token, or our own wait)
@@ -67,11 +72,6 @@ class FakeClock:
 
 
 @pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
-
-
-@pytest.fixture(autouse=True)
 def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever runs pytest, nobody is at this terminal, and no real browser is ever opened."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
@@ -85,12 +85,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(fetch_memos, "DEVICE_CLOCK", fetch_memos.Clock(now=fake.now, sleep=fake.sleep))
     return fake
-
-
-@pytest.fixture
-def mock():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture

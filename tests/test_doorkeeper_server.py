@@ -133,10 +133,10 @@ def test_full_flow_with_pkce_and_api(fresh: DoorkeeperServer) -> None:
     forbidden = api(fresh, tokens["access_token"], fresh.admin_api_url)
     assert forbidden.status_code == 403
 
-    token_posts = [e for e in fresh.access_log(mark) if e["path"] == "/oauth/token"]
-    assert [(e["grant_type"], e["auth"], e["status"]) for e in token_posts] == [("authorization_code", "basic", 200)]
-    memo_gets = [e for e in fresh.access_log(mark) if e["path"].startswith("/api/memos")]
-    assert all(e["auth"] == "bearer" and isinstance(e["remote_port"], int) for e in memo_gets)
+    token_posts = [e for e in fresh.access_log(mark) if e.path == "/oauth/token"]
+    assert [(e.grant_type, e.auth, e.status) for e in token_posts] == [("authorization_code", "basic", 200)]
+    memo_gets = [e for e in fresh.access_log(mark) if e.path.startswith("/api/memos")]
+    assert all(e.auth == "bearer" and isinstance(e.remote_port, int) for e in memo_gets)
 
     # A second authorization reuses the login, and Doorkeeper skips consent for a held token.
     _, challenge = pkce_pair()
@@ -194,12 +194,17 @@ def test_loopback_redirect_is_not_followed(fresh: DoorkeeperServer) -> None:
         person.authorize(fresh.authorize_url(redirect_uri=LOOPBACK), approve=False)
 
 
+def granted_and_refreshed(server: DoorkeeperServer) -> tuple[dict, dict]:
+    """A grant's first tokens, and those of one refresh with its refresh token."""
+    first = get_tokens(server)
+    resp = refresh(server, first["refresh_token"])
+    assert resp.status_code == 200, resp.text
+    return first, resp.json()
+
+
 def test_refresh_keeps_old_tokens_until_new_one_is_used(tmp_path: Path) -> None:
     with make_server(tmp_path, previous_refresh_token=True) as srv:
-        first = get_tokens(srv)
-        resp = refresh(srv, first["refresh_token"])
-        assert resp.status_code == 200, resp.text
-        second = resp.json()
+        first, second = granted_and_refreshed(srv)
         assert second["refresh_token"] != first["refresh_token"]
         assert api(srv, first["access_token"]).status_code == 200  # still valid
         assert api(srv, second["access_token"]).status_code == 200  # first use of the new token...
@@ -213,10 +218,7 @@ def test_refresh_keeps_old_tokens_until_new_one_is_used(tmp_path: Path) -> None:
 
 def test_refresh_revokes_old_tokens_at_once_without_column(tmp_path: Path) -> None:
     with make_server(tmp_path, previous_refresh_token=False) as srv:
-        first = get_tokens(srv)
-        resp = refresh(srv, first["refresh_token"])
-        assert resp.status_code == 200, resp.text
-        second = resp.json()
+        first, second = granted_and_refreshed(srv)
         assert api(srv, first["access_token"]).status_code == 401
         stale = refresh(srv, first["refresh_token"])
         assert stale.status_code == 400
@@ -268,10 +270,11 @@ def test_access_log_has_no_secrets(fresh: DoorkeeperServer) -> None:
     for secret in (tokens["access_token"], tokens["refresh_token"], fresh.client_secret, fresh.password):
         assert secret not in text
     entries = fresh.access_log(include_admin=True)
-    assert any(e["path"].startswith("/__test__/") for e in entries)
-    assert not any(e["path"].startswith("/__test__/") for e in fresh.access_log())
+    assert any(e.path.startswith("/__test__/") for e in entries)
+    assert not any(e.path.startswith("/__test__/") for e in fresh.access_log())
     assert set(json.loads(text.splitlines()[0])) == {
-        "t",
+        "started",
+        "finished",
         "method",
         "path",
         "query",
@@ -281,7 +284,8 @@ def test_access_log_has_no_secrets(fresh: DoorkeeperServer) -> None:
         "auth",
         "client_auth",
         "params",
-        "secrets_present",
+        "secret_params",
+        "body_keys",
         "location",
     }
 
@@ -344,8 +348,8 @@ def test_grant_scopes_narrows_what_is_granted(tmp_path: Path) -> None:
         tokens = get_tokens(srv, scope="read write")
         assert tokens["scope"] == "read"
         assert [row["scopes"] for row in srv.tokens()] == ["read"]
-        asked = [e for e in srv.access_log(mark) if e["method"] == "GET" and e["path"] == "/oauth/authorize"]
-        assert asked[0]["params"]["scope"] == "read write"  # the log shows what the client asked for
+        asked = [e for e in srv.access_log(mark) if e.method == "GET" and e.path == "/oauth/authorize"]
+        assert asked[0].params["scope"] == "read write"  # the log shows what the client asked for
 
         # Later refreshes: without scope the granted one is kept; asking the original scope again fails.
         again = refresh(srv, tokens["refresh_token"])
@@ -413,8 +417,8 @@ def test_send_iss_in_every_authorization_response(tmp_path: Path) -> None:
         mark = srv.log_mark()
         code = person.authorize(srv.authorize_url(redirect_uri=LOOPBACK, state="st"))
         assert person.response_params == {"code": code, "state": "st", "iss": srv.issuer}
-        posted = [e for e in srv.access_log(mark) if e["location"] and e["location"].startswith(LOOPBACK)]
-        assert "code=[FILTERED]" in posted[-1]["location"] and "iss=http%3A%2F%2F127.0.0.1" in posted[-1]["location"]
+        posted = [e for e in srv.access_log(mark) if e.location and e.location.startswith(LOOPBACK)]
+        assert "code=[FILTERED]" in posted[-1].location and "iss=http%3A%2F%2F127.0.0.1" in posted[-1].location
 
         # Out of band: the page the person lands on (and pastes) has it in its URL.
         srv.reset()
@@ -536,7 +540,7 @@ def test_require_resource(tmp_path: Path) -> None:
         no_resource = refresh(srv, tokens.json()["refresh_token"])
         assert (no_resource.status_code, no_resource.json()["error"]) == (400, "invalid_target")
         assert refresh(srv, tokens.json()["refresh_token"], resource=resource).status_code == 200
-        logged = [e["params"].get("resource") for e in srv.access_log(mark) if e["path"] == "/oauth/token"]
+        logged = [e.params.get("resource") for e in srv.access_log(mark) if e.path == "/oauth/token"]
         assert logged == [None, resource, None, resource]
 
 
@@ -549,10 +553,10 @@ def test_public_client_with_pkce_gets_a_refresh_token(tmp_path: Path) -> None:
         mark = srv.log_mark()
         token = srv.grant_token(person, public=True)
         assert token["refresh_token"] and token["scope"] == ["read"]
-        exchange = [e for e in srv.access_log(mark) if e["path"] == "/oauth/token"]
-        assert [(e["client_auth"], e["auth"], e["params"]["client_id"]) for e in exchange] == [
+        exchange = [e for e in srv.access_log(mark) if e.path == "/oauth/token"]
+        assert [(e.client_auth, e.auth, e.params["client_id"]) for e in exchange] == [
             ("none", None, DEFAULT_PUBLIC_CLIENT_ID)]
-        assert exchange[0]["secrets_present"] == ["code_verifier", "code"]
+        assert exchange[0].secret_params == ["code_verifier", "code"]
 
         body = {"grant_type": "refresh_token", "refresh_token": token["refresh_token"],
                 "client_id": DEFAULT_PUBLIC_CLIENT_ID}
@@ -597,20 +601,20 @@ def test_access_log_records_parameters_but_no_secret(fresh: DoorkeeperServer) ->
     entries = fresh.access_log(mark)
 
     first = entries[0]
-    assert (first["method"], first["path"], first["status"]) == ("GET", "/oauth/authorize", 302)
-    assert first["params"]["scope"] == "read offline_access"
-    assert first["params"]["prompt"] == "consent"
-    assert first["params"]["resource"] == "https://api.example/"
-    assert first["params"]["client_id"] == fresh.client_id
-    assert first["client_auth"] is None and first["grant_type"] is None
-    token_post = next(e for e in entries if e["path"] == "/oauth/token")
-    assert (token_post["grant_type"], token_post["client_auth"], token_post["auth"]) == ("authorization_code", "post",
+    assert (first.method, first.path, first.status) == ("GET", "/oauth/authorize", 302)
+    assert first.params["scope"] == "read offline_access"
+    assert first.params["prompt"] == "consent"
+    assert first.params["resource"] == "https://api.example/"
+    assert first.params["client_id"] == fresh.client_id
+    assert first.client_auth is None and first.grant_type is None
+    token_post = next(e for e in entries if e.path == "/oauth/token")
+    assert (token_post.grant_type, token_post.client_auth, token_post.auth) == ("authorization_code", "post",
                                                                                          None)
-    assert {"code_verifier", "client_secret"} <= set(token_post["secrets_present"])
+    assert {"code_verifier", "client_secret"} <= set(token_post.secret_params)
     revocation = entries[-1]
-    assert (revocation["path"], revocation["client_auth"], revocation["status"]) == ("/oauth/revoke", "basic", 200)
-    assert revocation["params"]["token_type_hint"] == "refresh_token"
-    assert revocation["secrets_present"] == ["token"]
+    assert (revocation.path, revocation.client_auth, revocation.status) == ("/oauth/revoke", "basic", 200)
+    assert revocation.params["token_type_hint"] == "refresh_token"
+    assert revocation.secret_params == ["token"]
 
     text = fresh.access_log_path.read_text(encoding="utf-8")
     for secret in (code, verifier, tokens["access_token"], tokens["refresh_token"], fresh.client_secret,

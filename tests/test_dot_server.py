@@ -8,6 +8,7 @@ Everything goes through real HTTP and the real HTML pages; nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -17,9 +18,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
-from profiles import require_dot_stack
 from servers.doorkeeper import pkce_pair
-from servers.dot import DEVICE_GRANT, DotServer
+from servers.dot import DEVICE_GRANT, DotServer, require_dot_stack
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.dot]
 
@@ -128,17 +128,17 @@ def test_login_authorize_pkce_exchange_and_api(dot: DotServer) -> None:
     assert memo.json() == {"message": "ふじ"}
 
     log = dot.access_log(since=mark)
-    paths = [(e["method"], e["path"], e["status"]) for e in log]
+    paths = [(e.method, e.path, e.status) for e in log]
     assert ("GET", "/accounts/login/", 200) in paths
     assert ("POST", "/accounts/login/", 302) in paths
     assert ("POST", "/o/authorize/", 302) in paths
-    token_call = next(e for e in log if e["path"] == "/o/token/")
-    assert token_call["grant_type"] == "authorization_code"
-    assert token_call["auth"] == "basic"
-    assert "code_verifier" in token_call["body_keys"]
-    assert "client_secret" not in token_call["body_keys"]
-    assert next(e for e in log if e["path"] == "/api/memos/")["auth"] == "bearer"
-    assert all(isinstance(e["remote_port"], int) for e in log)
+    token_call = next(e for e in log if e.path == "/o/token/")
+    assert token_call.grant_type == "authorization_code"
+    assert token_call.auth == "basic"
+    assert "code_verifier" in token_call.body_keys
+    assert "client_secret" not in token_call.body_keys
+    assert next(e for e in log if e.path == "/api/memos/").auth == "bearer"
+    assert all(isinstance(e.remote_port, int) for e in log)
 
     raw = Path(dot.access_log_path).read_text(encoding="utf-8")
     for secret in (
@@ -379,13 +379,15 @@ def test_access_log_filters_admin_calls_and_marks(dot: DotServer) -> None:
     mark = dot.log_mark()
     dot.tokens()
     requests.get(dot.api_url, timeout=10)
-    assert [e["path"] for e in dot.access_log(since=mark)] == ["/api/memos/"]
+    assert [e.path for e in dot.access_log(since=mark)] == ["/api/memos/"]
     with_admin = dot.access_log(since=mark, include_admin=True)
-    assert [e["path"] for e in with_admin] == ["/__test__/tokens", "/api/memos/"]
+    assert [e.path for e in with_admin] == ["/__test__/tokens", "/api/memos/"]
     entry = with_admin[-1]
-    assert set(entry) >= {"t", "method", "path", "query", "status", "remote_port", "grant_type", "auth"}
-    assert entry["auth"] is None
-    assert entry["grant_type"] is None
+    raw = json.loads(dot.access_log_path.read_text(encoding="utf-8").splitlines()[-1])
+    assert set(raw) >= {"started", "finished", "method", "path", "query", "status", "remote_port", "grant_type",
+                        "auth"}
+    assert entry.auth is None
+    assert entry.grant_type is None
 
 
 def test_reset_forgets_all_tokens(dot: DotServer) -> None:
@@ -476,31 +478,31 @@ def test_access_log_records_parameters_and_client_auth_but_no_secrets(dot: DotSe
                                         "client_id": dot.public_client_id}, timeout=30)
     log = dot.access_log(since=mark)
 
-    first = next(e for e in log if e["path"] == "/o/authorize/" and e["method"] == "GET")
-    assert first["params"]["prompt"] == "consent"
-    assert first["params"]["resource"] == resource
-    assert first["params"]["scope"] == "read offline_access"
-    assert first["params"]["code_challenge_method"] == "S256"
-    assert first["client_auth"] is None
-    consent = next(e for e in log if e["path"] == "/o/authorize/" and e["method"] == "POST")
-    assert consent["status"] == 302
-    assert consent["response"]["location"] == REDIRECT_URI
-    assert "code" in consent["response"]["keys"] and "iss" not in consent["response"]
+    first = next(e for e in log if e.path == "/o/authorize/" and e.method == "GET")
+    assert first.params["prompt"] == "consent"
+    assert first.params["resource"] == resource
+    assert first.params["scope"] == "read offline_access"
+    assert first.params["code_challenge_method"] == "S256"
+    assert first.client_auth is None
+    consent = next(e for e in log if e.path == "/o/authorize/" and e.method == "POST")
+    assert consent.status == 302
+    assert consent.response["location"] == REDIRECT_URI
+    assert "code" in consent.response["keys"] and "iss" not in consent.response
 
-    code, refreshed = [e for e in log if e["path"] == "/o/token/"]
-    assert (code["grant_type"], code["client_auth"], code["status"]) == ("authorization_code", "basic", 200)
-    assert code["params"]["resource"] == resource
-    assert set(code["has"]) == {"code", "code_verifier"}
-    assert code["response"]["scope"] == "read offline_access"
-    assert "access_token" in code["response"]["keys"]
-    assert (refreshed["grant_type"], refreshed["client_auth"]) == ("refresh_token", "post")
-    assert refreshed["params"]["scope"] == "read"
-    assert set(refreshed["has"]) == {"client_secret", "refresh_token"}
-    [revocation] = [e for e in log if e["path"] == "/o/revoke_token/"]
-    assert revocation["client_auth"] == "none"
-    assert revocation["params"] == {"client_id": dot.public_client_id, "token_type_hint": "access_token"}
-    assert revocation["has"] == ["token"]
-    assert all(e["t_start"] <= e["t"] for e in log)
+    code, refreshed = [e for e in log if e.path == "/o/token/"]
+    assert (code.grant_type, code.client_auth, code.status) == ("authorization_code", "basic", 200)
+    assert code.params["resource"] == resource
+    assert set(code.secret_params) == {"code", "code_verifier"}
+    assert code.response["scope"] == "read offline_access"
+    assert "access_token" in code.response["keys"]
+    assert (refreshed.grant_type, refreshed.client_auth) == ("refresh_token", "post")
+    assert refreshed.params["scope"] == "read"
+    assert set(refreshed.secret_params) == {"client_secret", "refresh_token"}
+    [revocation] = [e for e in log if e.path == "/o/revoke_token/"]
+    assert revocation.client_auth == "none"
+    assert revocation.params == {"client_id": dot.public_client_id, "token_type_hint": "access_token"}
+    assert revocation.secret_params == ["token"]
+    assert all(e.started <= e.finished for e in log)
 
     raw = Path(dot.access_log_path).read_text(encoding="utf-8")
     for secret in (tokens["access_token"], tokens["refresh_token"], params["code"], verifier, dot.client_secret):
@@ -562,7 +564,7 @@ def test_strict_public_client_token_refresh_and_revoke(strict: DotServer) -> Non
     tokens = resp.json()
     assert tokens["refresh_token"]
     [entry] = strict.access_log(since=mark)
-    assert (entry["client_auth"], entry["params"]["client_id"]) == ("none", strict.public_client_id)
+    assert (entry.client_auth, entry.params["client_id"]) == ("none", strict.public_client_id)
     assert api(strict, tokens["access_token"]).status_code == 200
 
     again = requests.post(strict.token_url, data={"grant_type": "refresh_token", "client_id": strict.public_client_id,
@@ -655,7 +657,7 @@ def test_require_resource(omitting: DotServer) -> None:
     missing = exchange(omitting, code, verifier)
     assert missing.status_code == 400
     assert missing.json()["error"] == "invalid_target"
-    assert omitting.access_log(since=mark)[0]["error"] == "invalid_target"
+    assert omitting.access_log(since=mark)[0].error == "invalid_target"
     data = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
             "code_verifier": verifier, "resource": resource}
     ok = requests.post(omitting.token_url, data=data, auth=(omitting.client_id, omitting.client_secret), timeout=30)
@@ -719,9 +721,9 @@ def test_device_approve_gives_tokens_with_refresh(device: DotServer) -> None:
     assert used.json()["access_token"] != tokens["access_token"]
 
     polls = device.device_polls(since=mark)
-    assert [(p["status"], p["error"]) for p in polls] == [(400, "authorization_pending"), (200, None), (200, None)]
-    assert all(p["client_auth"] == "basic" and p["has"] == ["device_code"] for p in polls)
-    assert isinstance(polls[0]["t_start"], float)
+    assert [(p.status, p.error) for p in polls] == [(400, "authorization_pending"), (200, None), (200, None)]
+    assert all(p.client_auth == "basic" and p.secret_params == ["device_code"] for p in polls)
+    assert isinstance(polls[0].started, float)
     raw = Path(device.access_log_path).read_text(encoding="utf-8")
     for secret in (answer["device_code"], answer["user_code"], tokens["access_token"], tokens["refresh_token"]):
         assert secret not in raw
@@ -788,7 +790,7 @@ def test_device_slow_down_and_short_expiry(tmp_path: Path) -> None:
         assert [(r.status_code, r.json()["error"]) for r in answers] == [
             (400, "slow_down"), (400, "slow_down"), (400, "authorization_pending")]
         assert answers[0].headers["Cache-Control"] == "no-store"
-        assert [p["error"] for p in server.device_polls(since=mark)] == ["slow_down", "slow_down",
+        assert [p.error for p in server.device_polls(since=mark)] == ["slow_down", "slow_down",
                                                                          "authorization_pending"]
         other = server.start_device_flow(public=True)  # counted per device_code
         assert poll(server, other["device_code"], public=True).json()["error"] == "slow_down"

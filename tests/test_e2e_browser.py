@@ -24,11 +24,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import Client, secrets_of
-from profiles import require
-from runner import MEMO_JSON, api_requests, assert_clean, token_requests
+from runner import MEMO_JSON, api_requests, assert_clean, grants
 from servers.browser import RealBrowser, chromium_available
 from servers.doorkeeper import DoorkeeperServer, require_ruby_stack
 from servers.dot import DotServer, dot_stack_available
+from servers.harness import free_port, require
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,18 +184,8 @@ def wait_until_closed(port: int, seconds: float = 15) -> None:
         time.sleep(0.1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def grants(server: Any, mark: int) -> list[tuple[str | None, int]]:
-    return [(e["grant_type"], e["status"]) for e in token_requests(server, mark)]
-
-
 def api_calls(server: Any, mark: int) -> list[tuple[str, int]]:
-    return [(e["method"], e["status"]) for e in api_requests(server, mark)]
+    return [(e.method, e.status) for e in api_requests(server, mark)]
 
 
 def codes_in(landings: list[Landing]) -> tuple[str, ...]:

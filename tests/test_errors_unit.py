@@ -36,39 +36,32 @@ from fetch_memos import (
     token_meta,
 )
 
-from runner import one_line
+from runner import (  # own_secrets: an autouse fixture
+    ACCESS,
+    API_URL,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    MEMOS,
+    REFRESH,
+    REVOKE_URL,
+    SECOND_ACCESS,
+    SECOND_REFRESH,
+    SERVER,
+    TOKEN_URL,
+    one_line,
+    own_secrets,  # noqa: F401
+)
 
-SERVER = "https://memos.example.test"
-TOKEN_URL = SERVER + "/oauth/token"
-API_URL = SERVER + "/api/memos/"
-REVOKE_URL = SERVER + "/oauth/revoke"
-CLIENT_ID = "client-id-errors"
-CLIENT_SECRET = "client-secret-ERR-7f3a9c"
-ACCESS = "access-token-ERR-AAAA1111"
-REFRESH = "refresh-token-ERR-RRRR2222"
-NEW_ACCESS = "access-token-NEW-BBBB3333"
-NEW_REFRESH = "refresh-token-NEW-SSSS4444"
+NEW_ACCESS, NEW_REFRESH = SECOND_ACCESS, SECOND_REFRESH  # the tokens a refresh or an exchange gives
 CODE = "auth-code-ERR-CCCC3333"
 SECRETS = [CLIENT_SECRET, ACCESS, REFRESH, NEW_ACCESS, NEW_REFRESH, CODE]
-MEMOS = [{"id": 1, "title": "買い物", "body": "牛乳"}]
 HTML = "<!doctype html><html><body><h1>We're sorry, but something went wrong.</h1>\n<p>x</p></body></html>"
-
-
-@pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
 
 
 @pytest.fixture(autouse=True)
 def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever runs pytest, nobody is at this terminal."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-
-
-@pytest.fixture
-def mock():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture

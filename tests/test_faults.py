@@ -164,7 +164,7 @@ def test_slow_refresh_and_slow_api_still_work(rig: Client, proxy: fp.FaultProxy)
     result = run(rig, proxy.url)
     assert_printed(result, rig)
     assert [(s.method, s.action) for s in proxy.seen] == [("POST", fp.SLOW), ("GET", fp.SLOW)]
-    assert [e["status"] for e in token_requests(rig.server, mark, "refresh_token")] == [200]
+    assert [e.status for e in token_requests(rig.server, mark, "refresh_token")] == [200]
     post, get = proxy.seen
     assert get.t - post.t > TIMEOUT  # the refresh's answer alone took longer than OAUTH_TIMEOUT to arrive
     assert not same_grant(rig.token(), rig.issued[-1])  # the refreshed token was saved
@@ -192,7 +192,7 @@ def test_refresh_whose_answer_is_lost_is_not_replayed(request: pytest.FixtureReq
         result = run(rig, proxy.url)
 
         # Exactly one refresh reached the server, and the server did it; the script did not try again.
-        assert [e["status"] for e in token_requests(server, mark, "refresh_token")] == [200]
+        assert [e.status for e in token_requests(server, mark, "refresh_token")] == [200]
         assert len(proxy.attempts("POST")) == 1
         assert proxy.attempts("GET") == []
         line = assert_one_line(result, rig, 1, "while refreshing the token", "The stored token was kept")
@@ -205,11 +205,11 @@ def test_refresh_whose_answer_is_lost_is_not_replayed(request: pytest.FixtureReq
         again = run(rig, proxy.url)
         if mode == "rotation":  # the kept refresh token still works until the new access token is used
             assert_printed(again, rig)
-            assert [e["status"] for e in token_requests(server, mark, "refresh_token")] == [200]
+            assert [e.status for e in token_requests(server, mark, "refresh_token")] == [200]
             assert not same_grant(rig.token(), before)
         else:  # the server used it up: say that authorization is needed, keep the file
             assert_one_line(again, rig, 3, "no longer valid", "interactively")
-            assert [e["status"] for e in token_requests(server, mark, "refresh_token")] == [400]
+            assert [e.status for e in token_requests(server, mark, "refresh_token")] == [400]
             assert same_grant(rig.token(), before)
             # With a person at the terminal, the run authorizes again and prints the JSON.
             third = run(rig, proxy.url, person=rig.person.authorize)
@@ -243,7 +243,7 @@ def test_refresh_post_is_never_retried(rig: Client, proxy: fp.FaultProxy, action
 
     again = run(rig, proxy.url)
     assert_printed(again, rig)
-    assert [e["status"] for e in token_requests(rig.server, mark, "refresh_token")] == [200]
+    assert [e.status for e in token_requests(rig.server, mark, "refresh_token")] == [200]
 
 
 def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Client, proxy: fp.FaultProxy) -> None:
@@ -252,7 +252,7 @@ def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Client, proxy: 
     proxy.rule = fp.first(1, fp.LOSE_ANSWER, method="POST", path="/oauth/token")
     result = run(rig, proxy.url, person=rig.person.authorize)
 
-    assert [e["status"] for e in token_requests(rig.server, mark, "authorization_code")] == [200]
+    assert [e.status for e in token_requests(rig.server, mark, "authorization_code")] == [200]
     assert len(proxy.attempts("POST", "/oauth/token")) == 1
     assert result.exit_code == 1, result.output
     assert result.stdout == ""

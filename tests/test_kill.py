@@ -27,7 +27,7 @@ import pytest
 import fetch_memos
 
 from conftest import Client, People
-from runner import MEMO_JSON, SCRIPT, Result, assert_clean, assert_fails, assert_json, token_requests
+from runner import MEMO_JSON, SCRIPT, Result, assert_clean, assert_fails, assert_json, grants
 from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
@@ -73,10 +73,6 @@ def launch(client: Client, *argv: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def grants(client: Client, mark: int) -> list[tuple[str, int]]:
-    return [(e["grant_type"], e["status"]) for e in token_requests(client.server, mark)]
-
-
 def wait_until_server_idle(server: DoorkeeperServer, quiet: float = 0.05) -> None:
     """A killed run's last request may still be in the server: wait until the access log stops growing."""
     mark, since = server.log_mark(), time.monotonic()
@@ -104,7 +100,7 @@ def check_after_kill(setup: Client, old: dict[str, Any], mark: int) -> tuple[str
     """The file holds the old token or a new one; the next run succeeds, or says a person is needed."""
     wait_until_server_idle(setup.server)
     stored = setup.token()
-    killed_run = grants(setup, mark)
+    killed_run = grants(setup.server, mark)
     state = "old" if stored["access_token"] == old["access_token"] else "new"
     if state == "old":
         assert stored == old  # every field, meta included: untouched
@@ -115,7 +111,7 @@ def check_after_kill(setup: Client, old: dict[str, Any], mark: int) -> tuple[str
 
     mark2 = setup.server.log_mark()
     result = setup.run(tty=False, timeout=60)
-    next_run = grants(setup, mark2)
+    next_run = grants(setup.server, mark2)
     if state == "new":
         assert_json(result, quiet=True)
         assert next_run == []  # the saved token simply works
@@ -206,7 +202,7 @@ def test_killed_right_after_the_server_refreshed(immediate: DoorkeeperServer, tm
     mark = immediate.log_mark()
     proc = launch(setup, str(SCRIPT), *setup.args)
     deadline = time.monotonic() + 30
-    while not grants(setup, mark) and proc.poll() is None and time.monotonic() < deadline:
+    while not grants(setup.server, mark) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     assert kill(proc), "the run ended before the kill"
     state, next_exit = check_after_kill(setup, old, mark)
@@ -236,7 +232,7 @@ def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: li
             assert stored == old
             states.append("old")
         else:
-            assert grants(setup, mark) == [("refresh_token", 200)]
+            assert grants(setup.server, mark) == [("refresh_token", 200)]
             assert stored["refresh_token"] != old["refresh_token"] and stored["expires_at"] > time.time() + 3600
             states.append("new")
     assert len(states) >= 10 and states[0] == "old" and states[-1] == "new"
@@ -331,7 +327,7 @@ def test_lock_of_a_killed_process_does_not_block_the_next_run(rotation: Doorkeep
     run = launch(setup, str(SCRIPT), *setup.args)
     time.sleep(2.0)
     assert run.poll() is None, "the run did not wait for a held lock"
-    assert grants(setup, mark) == [], "the run refreshed without the lock"
+    assert grants(setup.server, mark) == [], "the run refreshed without the lock"
 
     # ...and once the holder is killed, its lock is gone: the run goes on at once.
     killed_at = time.monotonic()

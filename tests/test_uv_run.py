@@ -83,7 +83,7 @@ def run_warm(client: Client, argv: list[str], **env: str) -> subprocess.Complete
     assert client.server.client_secret not in result.stdout + result.stderr
     assert client.token()["access_token"] not in result.stdout + result.stderr
     log = client.server.access_log(since=mark)
-    assert [(e["method"], e["path"]) for e in log] == [("GET", "/api/memos/")], detail
+    assert [(e.method, e.path) for e in log] == [("GET", "/api/memos/")], detail
     return result
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
+
+from servers.harness import ServerProcess, free_port, require
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
@@ -51,6 +51,22 @@ _RUBY_LIBS = {
     "sqlite3": "ruby-sqlite3",
     "webrick": "ruby-webrick",
     "bcrypt": "ruby-bcrypt",
+}
+
+
+# The switches that mimic stricter servers: DoorkeeperServer's keyword (also its attribute; the app reads it as
+# the upper-case environment variable, see doorkeeper_app.rb) -> (metavar, or None for an on/off flag; help).
+# tests/servers/run_doorkeeper.py offers each as --keyword-with-dashes.
+SWITCHES: dict[str, tuple[str | None, str]] = {
+    "grant_scopes": ("SCOPES", 'grant only these of the asked scopes, e.g. "read"'),
+    "strict_refresh_scope": (None, "invalid_scope for a refresh asking for a scope not granted"),
+    "refuse_access_token_revocation": (None, "/oauth/revoke answers unsupported_token_type for access tokens"),
+    "send_iss": (None, "RFC 9207 iss in authorization responses"),
+    "iss_value": ("URL", "send this (wrong) iss instead of the issuer"),
+    "advertise_iss": (None, "with --oidc: metadata claims iss support (even without --send-iss)"),
+    "oidc": (None, "OpenID Connect discovery (ruby-doorkeeper-openid-connect)"),
+    "require_resource": ("URL", "refuse requests without resource=URL (RFC 8707)"),
+    "public_client_id": ("ID", "also seed a public client (no secret) with this id"),
 }
 
 
@@ -82,16 +98,7 @@ def ruby_stack_available() -> tuple[bool, str]:
 
 
 def require_ruby_stack() -> None:
-    """Skip the calling test when the Ruby stack is missing, but fail under CI=true, where it must be installed."""
-    import pytest
-
-    ok, reason = ruby_stack_available()
-    if ok:
-        return
-    message = f"Doorkeeper test server unavailable: {reason}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: the Ruby stack is required here)", pytrace=False)
-    pytest.skip(message)
+    require(ruby_stack_available(), "Doorkeeper test server (Ruby stack)")
 
 
 @lru_cache(maxsize=1)
@@ -116,17 +123,9 @@ def oidc_available() -> tuple[bool, str]:
 
 
 def require_oidc() -> None:
-    """Skip the calling test when the OIDC gem is missing (Debian may not ship it); fail under CI=true."""
-    import pytest
-
+    """Debian may not ship the OIDC gem; tests/setup.sh installs it where the distribution has it."""
     require_ruby_stack()
-    ok, reason = oidc_available()
-    if ok:
-        return
-    message = f"Doorkeeper OIDC discovery profile unavailable: {reason}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: tests/setup.sh installs it where the distribution has it)", pytrace=False)
-    pytest.skip(message)
+    require(oidc_available(), "Doorkeeper OIDC discovery profile")
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -135,12 +134,6 @@ def pkce_pair() -> tuple[str, str]:
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
     return verifier, challenge
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -155,7 +148,7 @@ class ServerError(RuntimeError):
     """The test server failed to start or to answer an admin request."""
 
 
-class DoorkeeperServer:
+class DoorkeeperServer(ServerProcess):
     """A Rails/Devise/Doorkeeper server on 127.0.0.1 with its own SQLite database in ``state_dir``.
 
     The keyword switches (all off by default) make it show what stricter servers do; each is an environment
@@ -263,18 +256,12 @@ class DoorkeeperServer:
                 "DEMO_EMAIL": self.email,
                 "DEMO_PASSWORD": self.password,
                 "PARENT_PID": str(os.getpid()),
-                # The switches are always set, so one in the surrounding environment cannot leak in.
-                "GRANT_SCOPES": " ".join(self.grant_scopes) if self.grant_scopes is not None else "",
-                "STRICT_REFRESH_SCOPE": "1" if self.strict_refresh_scope else "",
-                "REFUSE_ACCESS_TOKEN_REVOCATION": "1" if self.refuse_access_token_revocation else "",
-                "SEND_ISS": "1" if self.send_iss else "",
-                "ISS_VALUE": self.iss_value or "",
-                "ADVERTISE_ISS": "1" if self.advertise_iss else "",
-                "OIDC": "1" if self.oidc else "",
-                "REQUIRE_RESOURCE": self.require_resource or "",
-                "PUBLIC_CLIENT_ID": self.public_client_id or "",
             }
         )
+        # The switches are always set, so one in the surrounding environment cannot leak in.
+        for name in SWITCHES:
+            value = getattr(self, name)
+            env[name.upper()] = " ".join(value) if isinstance(value, tuple) else "1" if value is True else value or ""
         # Bundler variables from a surrounding `bundle exec` would make ruby look for a Gemfile.
         for name in ("BUNDLE_GEMFILE", "RUBYOPT", "BUNDLE_BIN_PATH"):
             env.pop(name, None)
@@ -286,7 +273,7 @@ class DoorkeeperServer:
             return self
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         stdout_path = self.state_dir / "server.stdout"
         stderr_path = self.state_dir / "server.stderr"
         started = time.monotonic()
@@ -341,12 +328,6 @@ class DoorkeeperServer:
         """Stop and start again on the same port with the same database (tokens survive)."""
         self.stop()
         return self.start(timeout=timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- URLs ------------------------------------------------------------
 
@@ -438,26 +419,6 @@ class DoorkeeperServer:
         return token
 
     # -- access log ------------------------------------------------------
-
-    def _read_log_lines(self) -> list[str]:
-        try:
-            text = self.access_log_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        # A line being written may lack its newline yet: leave it for the next read.
-        lines = text.split("\n")
-        return lines[:-1]
-
-    def log_mark(self) -> int:
-        """A position in the access log; pass it as ``since`` to see only later requests."""
-        return len(self._read_log_lines())
-
-    def access_log(self, since: int = 0, *, include_admin: bool = False) -> list[dict[str, Any]]:
-        """Parsed access-log entries after ``since``, without ``/__test__/`` requests unless asked."""
-        entries = [json.loads(line) for line in self._read_log_lines()[since:] if line.strip()]
-        if not include_admin:
-            entries = [e for e in entries if not str(e.get("path", "")).startswith("/__test__/")]
-        return entries
 
     # -- test-only admin endpoints ----------------------------------------
 

@@ -182,15 +182,15 @@ module RemotePortMetaVars
 end
 WEBrick::HTTPRequest.prepend(RemotePortMetaVars)
 
-# One JSON line per request, written before the response is handed back to
-# the server (so a client that got its response finds the line in the file).
-# Besides method, path, status: the query with secret values filtered, the
+# One JSON line per request with the keys of AccessEntry (tests/servers/harness.py), written before the
+# response is handed back to the server (so a client that got its response finds the line in the file).
+# Besides started/finished, method, path, status: the query with secret values filtered, the
 # grant_type, the Authorization kind (auth: bearer/basic), at the client-
 # authenticating endpoints the client authentication kind (client_auth:
 # basic / post = client_secret in the body / none), the non-secret parameters
 # of query and form body (params; a repeated one as a list), which secret
-# parameters were present (secrets_present: names only, never values), and a
-# redirect's Location with secret values filtered (so `iss` can be checked).
+# parameters were present (secret_params: names only, never values), the form's field names (body_keys), and
+# a redirect's Location with secret values filtered (so `iss` can be checked).
 class AccessLogMiddleware
   SENSITIVE = %w[
     code access_token refresh_token token id_token client_secret code_verifier
@@ -254,8 +254,9 @@ class AccessLogMiddleware
     query = safe_parse(request[:query])
     form = request[:form]
     params = query.merge(form)
-    line = {
-      t: started,
+    line = { # the keys of AccessEntry (tests/servers/harness.py)
+      started: started,
+      finished: Time.now.to_f,
       method: method,
       path: path,
       query: filter_query(request[:query]),
@@ -265,7 +266,8 @@ class AccessLogMiddleware
       auth: auth_kind(request[:authorization]),
       client_auth: client_auth(path, request[:authorization], params),
       params: params.slice(*LOGGED_PARAMS),
-      secrets_present: PRESENCE_PARAMS.select { |name| params.key?(name) },
+      secret_params: PRESENCE_PARAMS.select { |name| params.key?(name) },
+      body_keys: form.keys.sort,
       location: filter_url(location_of(headers)),
     }
     @mutex.synchronize { @io.write("#{JSON.generate(line)}\n") }

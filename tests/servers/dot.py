@@ -22,12 +22,13 @@ import time
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from servers.harness import AccessEntry, ServerProcess, require
+
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
-    from typing import Self
+    pass
 
 APP = Path(__file__).with_name("dot_app.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +79,10 @@ def dot_stack_available() -> tuple[bool, str]:
     return _probe(str(dot_python()))
 
 
+def require_dot_stack() -> None:
+    require(dot_stack_available(), "django-oauth-toolkit stack")
+
+
 class _Form:
     def __init__(self, action: str | None, method: str) -> None:
         self.action = action
@@ -119,7 +124,7 @@ def _forms(html: str) -> list[_Form]:
     return parser.forms
 
 
-class DotServer:
+class DotServer(ServerProcess):
     """A running dot_app.py on 127.0.0.1 with a seeded user and its clients.
 
     Clients: the confidential code client (client_id/client_secret), a public code client
@@ -397,39 +402,7 @@ class DotServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     # -- access log ---------------------------------------------------------
-    def log_mark(self) -> int:
-        """Current number of access-log lines; pass it to access_log(since=...) later."""
-        try:
-            with open(self.access_log_path, "rb") as fh:
-                return sum(1 for _ in fh)
-        except FileNotFoundError:
-            return 0
-
-    def access_log(self, since: int | None = None, include_admin: bool = False) -> list[dict]:
-        """Parsed access-log entries (after mark `since`), without /__test__/ calls unless asked.
-
-        A request's line is written before its response is sent, so it is visible as soon
-        as the client has the response.
-        """
-        try:
-            lines = self.access_log_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        entries = [json.loads(line) for line in lines[since or 0 :] if line.strip()]
-        if not include_admin:
-            entries = [e for e in entries if not e["path"].startswith(ADMIN_PREFIX)]
-        return entries
-
     # -- a person at a browser, without a browser ---------------------------------------
     def login_and_authorize_http(self, url: str, *, approve: bool = True, session: object | None = None) -> str:
         """Walk the real login + consent HTML pages with `requests` and return the redirect Location.
@@ -558,9 +531,9 @@ class DotServer:
             raise AssertionError(f"device authorization failed ({resp.status_code}): {resp.text[:500]}")
         return resp.json()
 
-    def device_polls(self, since: int | None = None) -> list[dict]:
-        """The token requests of the device grant in the access log (each has t_start, status, error)."""
-        return [e for e in self.access_log(since) if e["path"] == "/o/token/" and e["grant_type"] == DEVICE_GRANT]
+    def device_polls(self, since: int = 0) -> list[AccessEntry]:
+        """The token requests of the device grant in the access log."""
+        return [e for e in self.access_log(since) if e.path == "/o/token/" and e.grant_type == DEVICE_GRANT]
 
     # -- test-only admin endpoints (urllib, so `responses`/mocks of requests never intercept them)
     def _admin(self, method: str, path: str) -> dict:

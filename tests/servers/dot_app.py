@@ -52,13 +52,14 @@ Refusing a refresh whose ``scope`` asks for more than was granted (400 invalid_s
 own behaviour (oauthlib's refresh grant), so it needs no switch.
 
 Access log ($STATE_DIR/access.log): one JSON object per request, written when the response is
-ready: t_start / t (epoch seconds, sub-second), method, path and query (secrets, and the user code
-in DOT's /o/device-confirm/<client_id>/<user_code> paths, redacted), status,
+ready, with the keys of AccessEntry (tests/servers/harness.py): started / finished (epoch seconds),
+method, path and query (secrets, and the user code in DOT's /o/device-confirm/<client_id>/<user_code>
+paths, redacted), status,
 remote_port, auth (Authorization scheme), grant_type, body_keys (form field names),
 client_auth ("basic" | "post" | "none" at the client-authenticating endpoints, else null),
 params (non-secret parameters from the query and the form: scope, resource, prompt,
 token_type_hint, iss, client_id, grant_type, response_type, redirect_uri, state,
-code_challenge_method, action; a repeated one as a list), has (names of secret parameters
+code_challenge_method, action; a repeated one as a list), secret_params (names of secret parameters
 present: code, code_verifier, client_secret, device_code, refresh_token, token, user_code, ...),
 error (the OAuth error code answered, in a JSON body or an error redirect) and response
 (non-secret parts of the answer: JSON error/scope/token_type/expires_in/interval and key names;
@@ -526,9 +527,9 @@ class AccessLogMiddleware:
         form = _form(request)
         params, has = _logged_params(request, form)
         answer, error = _logged_response(response)
-        entry = {
-            "t": time.time(),
-            "t_start": started,
+        entry = {  # the keys of AccessEntry (tests/servers/harness.py)
+            "started": started,
+            "finished": time.time(),
             "method": request.method,
             "path": _redact_path(request.path),
             "query": urlencode(_redact(parse_qsl(request.META.get("QUERY_STRING", ""), keep_blank_values=True))),
@@ -540,7 +541,7 @@ class AccessLogMiddleware:
             "body_keys": sorted(form.keys()) if form is not None else [],
             "client_auth": _client_auth(request, form),
             "params": params,
-            "has": has,
+            "secret_params": has,
             "error": error,
             "response": answer,
         }

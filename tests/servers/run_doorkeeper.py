@@ -22,6 +22,7 @@ from servers.doorkeeper import (
     DEFAULT_EMAIL,
     DEFAULT_PASSWORD,
     OOB_REDIRECT_URI,
+    SWITCHES,
     DoorkeeperServer,
     ServerError,
     ruby_stack_available,
@@ -50,19 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         help="extra allowed redirect URI, e.g. http://127.0.0.1:8765/callback (repeatable)",
     )
     switches = parser.add_argument_group("switches that mimic stricter servers (see doorkeeper_app.rb)")
-    switches.add_argument("--grant-scopes", metavar="SCOPES", help='grant only these of the asked scopes, e.g. "read"')
-    switches.add_argument("--strict-refresh-scope", action="store_true",
-                          help="invalid_scope for a refresh asking for a scope not granted")
-    switches.add_argument("--refuse-access-token-revocation", action="store_true",
-                          help="/oauth/revoke answers unsupported_token_type for access tokens")
-    switches.add_argument("--send-iss", action="store_true", help="RFC 9207 iss in authorization responses")
-    switches.add_argument("--iss-value", metavar="URL", help="send this (wrong) iss instead of the issuer")
-    switches.add_argument("--advertise-iss", action="store_true",
-                          help="with --oidc: metadata claims iss support (even without --send-iss)")
-    switches.add_argument("--oidc", action="store_true",
-                          help="OpenID Connect discovery (ruby-doorkeeper-openid-connect)")
-    switches.add_argument("--require-resource", metavar="URL", help="refuse requests without resource=URL (RFC 8707)")
-    switches.add_argument("--public-client-id", metavar="ID", help="also seed a public client (no secret) with this id")
+    for name, (metavar, help_text) in SWITCHES.items():
+        kind = {"metavar": metavar} if metavar else {"action": "store_true"}
+        switches.add_argument("--" + name.replace("_", "-"), help=help_text, **kind)
     args = parser.parse_args(argv)
 
     ok, reason = ruby_stack_available()
@@ -81,15 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         email=args.email,
         password=args.password,
-        grant_scopes=args.grant_scopes,
-        strict_refresh_scope=args.strict_refresh_scope,
-        refuse_access_token_revocation=args.refuse_access_token_revocation,
-        send_iss=args.send_iss,
-        iss_value=args.iss_value,
-        advertise_iss=args.advertise_iss,
-        oidc=args.oidc,
-        require_resource=args.require_resource,
-        public_client_id=args.public_client_id,
+        **{name: getattr(args, name) for name in SWITCHES},
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
