@@ -218,16 +218,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "matrix: run on every Python and dependency set (tests/run-matrix)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects and xdist groups: both read the markers added here
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: it reads the marker added here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Marks `matrix` (above) and, for pytest-xdist's `--dist loadgroup` (tests/run), one group per module, and
-    per profile in the conformance suite: each module's servers then boot once, on one worker, and its tests
-    meet them in the same order and state as in a run without xdist."""
     for item in items:
         tiers = {mark.name for mark in item.iter_markers()} & TIERS.keys()
         callspec = getattr(item, "callspec", None)
         profile = callspec.params.get("profile") if callspec else None
-        item.add_marker(pytest.mark.xdist_group(item.path.name + (f"[{profile.name}]" if profile else "")))
         if not tiers or (tiers == {"doorkeeper"} and (getattr(profile, "name", None) == MATRIX_PROFILE
                                                        or item.path.name in MATRIX_FILES)):
             item.add_marker(pytest.mark.matrix)
