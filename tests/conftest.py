@@ -214,11 +214,29 @@ TIERS = {
 }
 
 
+# What tests/run-matrix runs on every other Python and dependency set (`-m matrix`): the unit tier, the
+# conformance scenarios against this one profile, and `uv run`/`pipx run` (they run on the Python under test).
+# The other profiles test the servers' differences, which do not change with the client's Python.
+MATRIX_PROFILE = "doorkeeper"
+MATRIX_FILES = ("test_uv_run.py",)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """The test tiers: a test with none of these markers needs no server (the unit tier).
-    The runs on other Pythons and dependency sets select `-m "not dot and not browser"`."""
+    """The test tiers: a test with none of these markers needs no server (the unit tier)."""
     for name, why in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {why}")
+    config.addinivalue_line("markers", "matrix: run on every Python and dependency set (tests/run-matrix)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: it reads the marker added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tiers = {mark.name for mark in item.iter_markers()} & TIERS.keys()
+        callspec = getattr(item, "callspec", None)
+        profile = callspec.params.get("profile") if callspec else None
+        if not tiers or (tiers == {"doorkeeper"} and (getattr(profile, "name", None) == MATRIX_PROFILE
+                                                       or item.path.name in MATRIX_FILES)):
+            item.add_marker(pytest.mark.matrix)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
