@@ -21,7 +21,7 @@ import pytest
 
 import fetch_memos
 
-from runner import SCRIPT, one_line, script_env
+from runner import SCRIPT, one_line, own_secrets, script_env  # noqa: F401  (own_secrets: autouse)
 
 SECRET = "client-secret-s3ttings-9Qz"
 BASE_ENV = {"CLIENT_ID": "client-id-settings", "CLIENT_SECRET": SECRET}
@@ -40,12 +40,6 @@ FLAGS = [
     "--device-authorization-url", "--resource", "--device",
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
-
-
-@pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """main() registers the client secret globally; keep this file's secrets out of other tests."""
-    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
 
 
 @pytest.fixture

@@ -26,18 +26,14 @@ import pytest
 import fetch_memos
 from fetch_memos import META_KEY, BadTokenFile, ConfigError, TokenFileBusy, TokenNotSaved, TokenStore
 
+from runner import own_secrets  # noqa: F401  (an autouse fixture: each test starts with no secret registered)
+
 ACCESS = "access-token-store-A1b2C3d4"
 REFRESH = "refresh-token-store-R9s8T7u6"
 TOKEN = {"access_token": ACCESS, "refresh_token": REFRESH, "token_type": "Bearer", "expires_in": 7200,
          "expires_at": 1_900_000_000.5, "scope": ["read"]}
 META = {"version": 1, "server_url": "http://localhost:3801", "token_url": "http://localhost:3801/oauth/token",
         "api_url": "http://localhost:3801/api/memos/", "client_id": "client-store", "scope": ["read"]}
-
-
-@pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """load() registers tokens globally; keep them out of other tests' redaction."""
-    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
 
 
 @pytest.fixture
