@@ -707,6 +707,87 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
     return token
 
 
+# How every file of ours is opened: never through a symlink in its place (O_NOFOLLOW), never waiting on a FIFO or a
+# device (O_NONBLOCK: opening a FIFO with no writer, or a tty, would block the run), never becoming a controlling
+# terminal; binary on Windows, whose os.open otherwise translates line ends. Flags a platform lacks count as 0.
+_OPEN_SAFELY = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+class UntrustedFile(Exception):
+    """A file at one of our paths that the rule below refuses; `regular` says whether it is a file we may set aside."""
+
+    def __init__(self, reason: str, regular: bool) -> None:
+        super().__init__(reason)
+        self.regular = regular
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def not_ours(st: os.stat_result) -> UntrustedFile | None:
+    """Why a file is not one of ours: not a regular file, or (POSIX) another user's. None when it is ours.
+
+    Windows: st_uid is always 0 and st_mode says nothing about ACLs, so only the file type is judged there.
+    """
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        return UntrustedFile(f"it is {_file_kind(st.st_mode)}, not a regular file", stat.S_ISLNK(st.st_mode))
+    if sys.platform != "win32" and st.st_uid != os.geteuid():
+        return UntrustedFile(f"it belongs to another user (uid {st.st_uid})", True)
+    return None
+
+
+def why_untrusted(st: os.stat_result) -> UntrustedFile | None:
+    """OpenSSH's rule for a private key (sshkey_perm_ok): ours, and nobody else may change it; plus a regular file.
+
+    Only the file is judged, not its folders (OpenSSH's safe_path walk is for authorized_keys, not keys). Whatever
+    another user can put at our path, by creating it or by renaming it over ours in a folder they may write, is a
+    file they own, which this rule refuses; the check is made on the open descriptor, so a swap after it changes
+    nothing read. A folder others can write still lets them delete or rename our files: that costs a login, and
+    leaks no secret and redirects no request, while refusing such folders would refuse every shared or
+    group-writable setup (umask 002 with a group per user is common) and OpenSSH does not refuse them for keys.
+    """
+    refused = not_ours(st)
+    if refused is None and sys.platform != "win32" and st.st_mode & 0o022:
+        refused = UntrustedFile(f"other users can change it (mode {st.st_mode & 0o777:o})", True)
+    return refused
+
+
+def open_trusted(path: Path) -> int:
+    """A read-only descriptor for path if why_untrusted accepts it; else UntrustedFile, or OSError (absent, etc.).
+
+    A symlink in its place is refused, never followed: these files are replaced by rename, which replaces a link,
+    not its target, so a followed link would be read in one place and written in another (and a link planted by
+    another user could point anywhere). Point OAUTH_TOKEN_FILE at the real file instead.
+    """
+    if not getattr(os, "O_NOFOLLOW", 0) and os.path.islink(path):  # Windows: no O_NOFOLLOW, so look first
+        raise UntrustedFile("it is a symbolic link, not a regular file", True)
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_SAFELY)
+    except OSError:
+        try:  # O_NOFOLLOW's ELOOP (EMLINK on FreeBSD), or EACCES on another user's 0600 file: say which
+            refused = why_untrusted(os.lstat(path))
+        except OSError:
+            refused = None
+        if refused is not None:
+            raise refused from None
+        raise
+    refused = why_untrusted(os.fstat(fd))
+    if refused is not None:
+        os.close(fd)
+        raise refused
+    return fd
+
+
 def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a.get("access_token") == b.get("access_token") and a.get("refresh_token") == b.get("refresh_token")
 
@@ -804,28 +885,35 @@ class TokenStore:
     def load(self) -> dict[str, Any] | None:
         """The stored token, or None when there is none; a bad file is set aside, never deleted."""
         try:
-            with open(self.path, "rb") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
-                data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+            fd = open_trusted(self.path)
         except FileNotFoundError:
             return None
+        except UntrustedFile as exc:
+            if not exc.regular:  # a directory, FIFO or device is not ours to move (it may be /dev/null)
+                raise ConfigError(f"cannot read the token file {self.path}: {exc}. Point OAUTH_TOKEN_FILE at a "
+                                  "file.") from None
+            return self._refuse(str(exc))
         except OSError as exc:
             raise ConfigError(
                 f"cannot read the token file {self.path}: {exc.strerror or exc}. Fix its permissions, or "
                 "point OAUTH_TOKEN_FILE elsewhere."
             ) from None
-        try:
-            token = parse_token_bytes(data)
-        except BadTokenFile as exc:
-            aside = self.set_aside()
-            warn(f"the token file {self.path} was not usable: {exc}. It was set aside as {aside}.")
-            return None
-        # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say there.
-        if mode & 0o077 and sys.platform != "win32":
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o600)
-                warn(f"the token file {self.path} was readable by other users (mode {mode & 0o777:o}); "
-                     "it is now 0600.")
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(fd).st_mode
+            data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+            try:
+                token = parse_token_bytes(data)
+            except BadTokenFile as exc:
+                return self._refuse(str(exc))
+            # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say.
+            if mode & 0o077 and sys.platform != "win32":
+                try:
+                    os.fchmod(fd, 0o600)
+                    warn(f"the token file {self.path} was readable by other users (mode {mode & 0o777:o}); "
+                         "it is now 0600.")
+                except OSError as exc:
+                    warn(f"the token file {self.path} is readable by other users (mode {mode & 0o777:o}) and "
+                         f"could not be made private ({exc.strerror or exc}): chmod 600 {self.path}")
         remember_secret(token.get("access_token"), token.get("refresh_token"))
         return token
 
@@ -847,18 +935,40 @@ class TokenStore:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def _refuse(self, reason: str) -> None:
+        aside = self.set_aside()
+        warn(f"the token file {self.path} was not usable: {reason}. It was set aside as {aside}.")
+
     def set_aside(self, label: str = "bad") -> Path:
         """Keep a file we will not use under a new name instead of deleting it: nothing is lost."""
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
         aside = self.path.with_name(f"{self.path.name}.{label}-{stamp}-{secrets.token_hex(2)}")
         try:
-            os.replace(self.path, aside)
-            with contextlib.suppress(OSError):
-                os.chmod(aside, 0o600)  # it may still hold tokens
+            os.replace(self.path, aside)  # renames a symlink itself, never its target
         except OSError as exc:
             raise ConfigError(f"the token file {self.path} is not usable and could not be set aside: "
                               f"{exc.strerror or exc}. Move it away by hand.") from None
+        if sys.platform != "win32":
+            self._make_private(aside)
         return aside
+
+    @staticmethod
+    def _make_private(path: Path) -> None:
+        """A set-aside file may still hold tokens: make it 0600, through a descriptor so a link is never followed."""
+        import stat
+
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_SAFELY)
+        except OSError:
+            return  # a symlink (left as it is), or another user's file we cannot even read
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:
+            warn(f"{path} could not be made private ({exc.strerror or exc}); whoever could read it still can.")
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def locked(self, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
@@ -871,25 +981,19 @@ class TokenStore:
                 self._lock_depth -= 1
             return
         try_lock, unlock = _file_lock_functions()
-        handle = None
-        if try_lock is not None:
-            try:
-                handle = open(self.lock_path, "a+b")  # noqa: SIM115 - held for the duration of the lock
-                with contextlib.suppress(OSError):
-                    os.chmod(self.lock_path, 0o600)
-            except OSError as exc:
-                log.debug("no lock file at %s (%s); continuing without a lock", self.lock_path, exc)
-        if handle is not None:
+        fd = self._open_lock() if try_lock is not None else None
+        if fd is not None:
             deadline = time.monotonic() + wait
             while True:
                 try:
-                    try_lock(handle.fileno())
+                    try_lock(fd)
                     break
                 except OSError as exc:
                     if exc.errno not in _LOCK_BUSY:
+                        os.close(fd)
                         raise
                     if time.monotonic() > deadline:
-                        handle.close()
+                        os.close(fd)
                         raise TokenFileBusy(f"another fetch_memos run has held {self.lock_path} for over "
                                             f"{wait:g} s; try again when it has finished.") from None
                     time.sleep(0.02)
@@ -898,10 +1002,39 @@ class TokenStore:
             yield
         finally:
             self._lock_depth = 0
-            if handle is not None:
+            if fd is not None:
                 with contextlib.suppress(OSError):
-                    unlock(handle.fileno())
-                handle.close()
+                    unlock(fd)
+                os.close(fd)
+
+    def _open_lock(self) -> int | None:
+        """The lock file's descriptor, or None to go on unlocked (refreshes are then not serialised, nothing else).
+
+        Never through a symlink (a planted link would have us create or chmod its target), never a FIFO or device,
+        never another user's file (its owner could hold the lock forever). Its content means nothing, so a lock of
+        ours that others may open is simply made 0600 again.
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _OPEN_SAFELY, 0o600)
+        except OSError as exc:
+            refused = None
+            with contextlib.suppress(OSError):
+                refused = not_ours(os.lstat(self.lock_path))
+            if refused is None:  # e.g. no folder yet: saving there fails later, with its own words
+                log.debug("no lock file at %s (%s); continuing without a lock", self.lock_path, exc)
+                return None
+        else:
+            st = os.fstat(fd)
+            refused = not_ours(st)
+            if refused is None:
+                if st.st_mode & 0o077 and sys.platform != "win32":
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, 0o600)
+                return fd
+            os.close(fd)
+        warn(f"the lock file {self.lock_path} was not used: {refused}. Runs are not serialised until it is "
+             "removed.")
+        return None
 
 
 class MetadataCache:
@@ -915,11 +1048,17 @@ class MetadataCache:
         self.path = token_file.with_name(token_file.name + ".metadata.json")
 
     def load(self, issuer: str, now: float | None = None) -> dict[str, Any] | None:
-        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another's."""
+        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another issuer's.
+
+        A file the token file's rule refuses is ignored with a warning: its endpoints would receive the secrets.
+        """
         now = time.time() if now is None else now
         try:
-            with open(self.path, "rb") as handle:
+            with os.fdopen(open_trusted(self.path), "rb") as handle:
                 record = json.loads(handle.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
+        except UntrustedFile as exc:
+            warn(f"the server metadata cached in {self.path} was not used: {exc}.")
+            return None
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or record.get("issuer") != issuer:
