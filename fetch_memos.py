@@ -391,16 +391,26 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
-    """A .env holding the client secret should be 0600. OpenSSH refuses such a key file; we only warn, on each run
-    until it is fixed, and never change the file (it is the person's)."""
-    if sys.platform == "win32" or not values.get("CLIENT_SECRET", "").strip():
-        return  # Windows: ACLs decide, and st_mode cannot tell
+    """A .env holding the client secret should be 0600, and one that others can change can send the run (and the
+    secret) to their server, secret or not. OpenSSH refuses such a key file; we only warn, on each run until it is
+    fixed, and never change the file (it is the person's)."""
+    if sys.platform == "win32":
+        return  # ACLs decide, and st_mode cannot tell
     try:
-        mode = env_file.stat().st_mode
+        st = env_file.stat()
     except OSError:
         return
-    if mode & 0o044:
-        warn(f"{env_file} holds the client secret and other users can read it (mode {mode & 0o777:o}); "
+    mode = st.st_mode & 0o777
+    secret_readable = bool(values.get("CLIENT_SECRET", "").strip()) and mode & 0o044
+    also = "; they can also read the client secret in it" if secret_readable else ""
+    if st.st_uid not in (os.geteuid(), 0):  # root can change any file anyway
+        warn(f"{env_file} belongs to another user (uid {st.st_uid}), who can change it and so point this script at "
+             f"another server{also}; use a .env of your own, mode 600 (--env-file)")
+    elif mode & 0o022:
+        warn(f"other users can change {env_file} (mode {mode:o}) and so point this script at another server{also}; "
+             f"make it private: chmod 600 {env_file}")
+    elif secret_readable:
+        warn(f"{env_file} holds the client secret and other users can read it (mode {mode:o}); "
              f"make it private: chmod 600 {env_file}")
 
 

@@ -506,6 +506,56 @@ def test_our_loose_lock_file_is_tightened_quietly(tmp_path: Path, capsys) -> Non
     assert mode(store.lock_path) == 0o600
 
 
+# --- .env --------------------------------------------------------------------------------------------------------
+
+
+DOTENV_WITH_SECRET = f"CLIENT_ID=client-local\nCLIENT_SECRET={SECRET}\n"
+DOTENV_WITHOUT = "CLIENT_ID=client-local\nOAUTH_SERVER_URL=http://localhost:3801\n"
+
+
+def settings_from_env_file(env_file: Path, text: str, file_mode: int) -> fetch_memos.Settings:
+    env_file.write_text(text)
+    env_file.chmod(file_mode)
+    args = fetch_memos.build_parser().parse_args(["--env-file", str(env_file)])
+    return fetch_memos.load_settings(args, {} if "SECRET" in text else {"CLIENT_SECRET": "from-environment"})
+
+
+@pytest.mark.parametrize("file_mode", [0o620, 0o602, 0o660, 0o606], ids=oct)
+@pytest.mark.parametrize("text", [DOTENV_WITH_SECRET, DOTENV_WITHOUT], ids=["with-secret", "without-secret"])
+def test_env_file_others_can_change_is_warned_about_secret_or_not(tmp_path: Path, capsys, file_mode: int,
+                                                                  text: str) -> None:
+    env_file = tmp_path / ".env"
+    settings_from_env_file(env_file, text, file_mode)  # the run goes on
+    readable = "SECRET" in text and file_mode & 0o044
+    also = "; they can also read the client secret in it" if readable else ""
+    assert capsys.readouterr().err == (
+        f"fetch_memos: warning: other users can change {env_file} (mode {file_mode:o}) and so point this script at "
+        f"another server{also}; make it private: chmod 600 {env_file}\n")
+    assert mode(env_file) == file_mode  # the person's file: never changed by the script
+
+
+def test_env_file_of_another_user_is_warned_about(tmp_path: Path, capsys) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(DOTENV_WITHOUT)
+    env_file.chmod(0o644)
+    if ROOT:
+        os.chown(env_file, OTHER_UID, OTHER_UID)
+        expected = (f"{env_file} belongs to another user (uid {OTHER_UID}), who can change it and so point this script "
+                    "at another server; use a .env of your own, mode 600 (--env-file)")
+    else:
+        env_file.chmod(0o666)
+        expected = f"other users can change {env_file} (mode 666)"
+    fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", str(env_file)]),
+                              {"CLIENT_SECRET": "from-environment"})
+    assert expected in capsys.readouterr().err
+
+
+def test_env_file_root_owned_and_private_is_quiet(tmp_path: Path, capsys) -> None:
+    env_file = tmp_path / ".env"
+    settings_from_env_file(env_file, DOTENV_WITH_SECRET, 0o600)
+    assert capsys.readouterr().err == ""
+
+
 # --- Windows: ACLs, not mode bits or uids ------------------------------------------------------------------------
 
 
@@ -522,6 +572,8 @@ def test_on_windows_modes_and_owners_are_not_judged_but_symlinks_are(windows: No
     path.chmod(0o666)  # st_mode reads 0o666 for any writable file there, whatever its ACL says
     give_away(path)
     assert TokenStore(path).load()["access_token"] == ACCESS
+    env_file = tmp_path / ".env"
+    settings_from_env_file(env_file, DOTENV_WITH_SECRET, 0o666)
     assert capsys.readouterr().err == ""
     link = tmp_path / "link.pickle"
     link.symlink_to(path)
