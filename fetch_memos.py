@@ -621,6 +621,8 @@ def request_failed(exc: Exception, url: str, timeout: float, context: str = "") 
 MAX_TOKEN_FILE_BYTES = 64 * 1024
 LOCK_WAIT_SECONDS = 60.0  # how long a run waits for another's refresh before giving up (TokenFileBusy, exit 1)
 META_KEY = "fetch_memos"  # our keys, beside the token fields the server sent
+OTHER_GRANTS = "other_grants"  # in META_KEY of the grant saved last: the grants of other servers and clients
+MAX_GRANTS = 16  # grants kept side by side; past that the one saved longest ago goes
 
 
 class _LegacyOAuth2Token(dict):
@@ -676,7 +678,8 @@ def _check_opcodes(data: bytes) -> None:
 
 
 def parse_token_bytes(data: bytes) -> dict[str, Any]:
-    """Turn the file's bytes into a token dict, or raise BadTokenFile; never runs code from the file."""
+    """Turn the file's bytes into a token dict (the grant saved last, its META_KEY holding the others), or raise
+    BadTokenFile; never runs code from the file."""
 
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise BadTokenFile(f"it is {len(data)} bytes, far more than a token")
@@ -687,6 +690,18 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
         raise BadTokenFile(f"it is not a token file ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle can fail in many ways, all meaning "not a token"
         raise BadTokenFile(f"it is damaged or truncated ({type(exc).__name__})") from None
+    token = check_grant(obj)
+    others = token[META_KEY].get(OTHER_GRANTS, []) if META_KEY in token else []
+    if not isinstance(others, list):
+        raise BadTokenFile(f"its {META_KEY} {OTHER_GRANTS} is not a list")
+    for other in others:
+        if OTHER_GRANTS in check_grant(other).get(META_KEY, {}):
+            raise BadTokenFile(f"a grant in its {META_KEY} {OTHER_GRANTS} holds grants itself")
+    return token
+
+
+def check_grant(obj: Any) -> dict[str, Any]:
+    """One grant as the file holds it: the server's token fields plus our META_KEY; else BadTokenFile."""
     if not isinstance(obj, dict):
         raise BadTokenFile(f"it holds a {type(obj).__name__}, not a token")
     token = dict(obj)
@@ -714,6 +729,8 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
             raise BadTokenFile(f"its {META_KEY} {key} is not text")
     if "scope" in meta and not (isinstance(meta["scope"], list) and all(isinstance(s, str) for s in meta["scope"])):
         raise BadTokenFile(f"its {META_KEY} scope is not a list of text")
+    if META_KEY in token:
+        token[META_KEY] = dict(meta)
     return token
 
 
@@ -882,27 +899,75 @@ def write_private_file(path: Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
-class TokenStore:
-    """The pickle file holding one token dict, plus a lock file beside it that serialises refreshes."""
+GrantKey = tuple[str, str, str]
 
-    def __init__(self, path: Path) -> None:
+
+def grant_key(token_url: str, client_id: str, api_url: str) -> GrantKey:
+    """Which grant a run uses: a token goes back only to the token endpoint and API that it came with, for its client.
+
+    Scope is not part of it: asking for another scope replaces the grant (the server decides what it covers).
+    """
+    try:
+        parts = urlsplit(api_url)
+        api_origin = f"{parts.scheme}://{parts.hostname}:{parts.port}"
+    except ValueError:  # not a URL we could have written: it matches only itself
+        api_origin = api_url
+    return token_url, client_id, api_origin
+
+
+def _key_of(grant: Mapping[str, Any]) -> GrantKey | None:
+    """None for a grant written by the original script, which knew one server: whichever run asks adopts it."""
+    meta = grant.get(META_KEY) or {}
+    if not meta.get("token_url"):
+        return None
+    return grant_key(meta["token_url"], meta.get("client_id", ""), meta.get("api_url", ""))
+
+
+class TokenStore:
+    """The pickle file holding the grants, one per GrantKey, plus a lock file beside it that serialises refreshes.
+
+    Several servers and clients live side by side, so a run with a mistyped server or client costs nothing stored:
+    switching back finds its grant. One file, not one per key: OAUTH_TOKEN_FILE keeps naming the one place tokens
+    are, --status can say what else is there, and one lock covers it all. The grant saved last is the file's top
+    level, exactly the format of today's and the original script's one-token files (both still load, as a store of
+    one grant), and the others sit in its META_KEY under OTHER_GRANTS. `key` (None: the grant saved last) picks
+    the grant that load, save and remove act on.
+    """
+
+    def __init__(self, path: Path, key: GrantKey | None = None) -> None:
         self.path = path
+        self.key = key
         self.lock_path = path.with_name(path.name + ".lock")
         self._lock_depth = 0
-        self._lock_file: Any = None
         self._last_saved: dict[str, Any] | None = None
+        self._grants: list[dict[str, Any]] = []  # as the last load found them, the grant saved last first
+
+    def _mine(self, grant: Mapping[str, Any], key: GrantKey | None) -> bool:
+        return key is None or _key_of(grant) in (None, key)
 
     def load(self) -> dict[str, Any] | None:
-        """The stored token, or None when there is none; a bad file is set aside, never deleted."""
+        """This key's grant, or None when there is none; a bad file is set aside, never deleted."""
+        self._grants = self._read()
+        for grant in self._grants:
+            remember_secret(grant.get("access_token"), grant.get("refresh_token"))
+        return next((dict(grant) for grant in self._grants if self._mine(grant, self.key)), None)
+
+    def other_servers(self) -> list[str]:
+        """The servers of the grants that load() found for other keys, for messages (never their tokens)."""
+        return [str((grant.get(META_KEY) or {}).get("server_url") or _key_of(grant)[0])
+                for grant in self._grants if not self._mine(grant, self.key)]
+
+    def _read(self) -> list[dict[str, Any]]:
         try:
             fd = open_trusted(self.path)
         except FileNotFoundError:
-            return None
+            return []
         except UntrustedFile as exc:
             if not exc.regular:  # a directory, FIFO or device is not ours to move (it may be /dev/null)
                 raise ConfigError(f"cannot read the token file {self.path}: {exc}. Point OAUTH_TOKEN_FILE at a "
                                   "file.") from None
-            return self._refuse(str(exc))
+            self._refuse(str(exc))
+            return []
         except OSError as exc:
             raise ConfigError(
                 f"cannot read the token file {self.path}: {exc.strerror or exc}. Fix its permissions, or "
@@ -912,9 +977,10 @@ class TokenStore:
             mode = os.fstat(fd).st_mode
             data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
             try:
-                token = parse_token_bytes(data)
+                top = parse_token_bytes(data)
             except BadTokenFile as exc:
-                return self._refuse(str(exc))
+                self._refuse(str(exc))
+                return []
             # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say.
             if mode & 0o077 and sys.platform != "win32":
                 try:
@@ -924,26 +990,56 @@ class TokenStore:
                 except OSError as exc:
                     warn(f"the token file {self.path} is readable by other users (mode {mode & 0o777:o}) and "
                          f"could not be made private ({exc.strerror or exc}): chmod 600 {self.path}")
-        remember_secret(token.get("access_token"), token.get("refresh_token"))
-        return token
+        others = top.get(META_KEY, {}).pop(OTHER_GRANTS, [])
+        return [top, *(check_grant(grant) for grant in others)]
 
     def save(self, token: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-        """Write under the lock, through write_private_file: a crash leaves the old token or the new, never half."""
+        """Write under the lock, through write_private_file: a crash leaves the old token or the new, never half.
+
+        The file is read again under the lock, so grants another run saved meanwhile for other keys are kept.
+        """
         record = {key: value for key, value in token.items() if key != META_KEY}
-        record[META_KEY] = dict(meta, saved_at=time.time())
+        record[META_KEY] = {k: v for k, v in meta.items() if k != OTHER_GRANTS} | {"saved_at": time.time()}
         if self._last_saved is not None and _same_token(self._last_saved, record):
             return
-        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        key = _key_of(record)
         with self.locked():
             try:
-                write_private_file(self.path, data)
-            except OSError as exc:
-                raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
+                grants = self._read()
+            except ConfigError:  # not a regular file: the rename below replaces it, or says why it cannot
+                grants = []
+            self._write([record, *(grant for grant in grants if not self._mine(grant, key))])
         self._last_saved = record
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        """Forget this key's grant (the whole file without a key); the file and its lock go with the last grant."""
+        with self.locked():
+            grants = [grant for grant in self._read() if not self._mine(grant, self.key)] if self.key else []
+            if grants:
+                self._write(grants)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            if self._lock_depth:  # held: a run waiting on this inode sees it is gone, and locks the new one
+                with contextlib.suppress(OSError):
+                    self.lock_path.unlink()
+
+    def _write(self, grants: list[dict[str, Any]]) -> None:
+        """The first grant on top, the others (newest first, MAX_GRANTS at most, within the size cap) in its meta."""
+        top, others = grants[0], sorted(grants[1:], key=lambda g: -float((g.get(META_KEY) or {}).get("saved_at", 0)))
+        others = others[:MAX_GRANTS - 1]
+        while True:
+            record = dict(top)
+            if others:
+                record[META_KEY] = {**record.get(META_KEY, {}), OTHER_GRANTS: others}
+            data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+            if len(data) <= MAX_TOKEN_FILE_BYTES or not others:  # a file we wrote is never refused by a later run
+                break
+            others = others[:-1]
+        try:
+            write_private_file(self.path, data)
+        except OSError as exc:
+            raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
 
     def _refuse(self, reason: str) -> None:
         aside = self.set_aside()
@@ -997,7 +1093,12 @@ class TokenStore:
             while True:
                 try:
                     try_lock(fd)
-                    break
+                    if self._is_current_lock(fd):
+                        break
+                    os.close(fd)  # removed by a logout while we waited: lock the file that is there now
+                    fd = self._open_lock()
+                    if fd is None:
+                        break
                 except OSError as exc:
                     if exc.errno not in _LOCK_BUSY:
                         os.close(fd)
@@ -1016,6 +1117,16 @@ class TokenStore:
                 with contextlib.suppress(OSError):
                     unlock(fd)
                 os.close(fd)
+
+    def _is_current_lock(self, fd: int) -> bool:
+        """Whether the file locked is still the one at lock_path (remove() deletes it while holding it)."""
+        if sys.platform == "win32":
+            return True  # an open file cannot be deleted there
+        try:
+            here, held = os.lstat(self.lock_path), os.fstat(fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
     def _open_lock(self) -> int | None:
         """The lock file's descriptor, or None to go on unlocked (refreshes are then not serialised, nothing else).
