@@ -60,15 +60,16 @@ log = logging.getLogger("fetch_memos")
 
 # The public surface: what tests/ and bench/ use. Everything else may change without notice.
 __all__ = [
-    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE",
-    "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS",
-    "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
-    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
-    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "authorize",
-    "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring", "is_loopback_host",
-    "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes",
-    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
-    "resolve_endpoints", "should_open_browser", "token_meta", "token_mismatch",
+    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_GRANTS", "MAX_TOKEN_FILE_BYTES", "MESSAGES",
+    "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS",
+    "SETTINGS", "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller",
+    "FetchMemosError", "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError",
+    "ServerError", "Settings", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError",
+    "WaitingLine", "apply_metadata", "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos",
+    "grant_key", "is_expiring", "is_loopback_host", "load_settings", "main", "metadata_urls", "oauth_error",
+    "oauth_failure", "parse_pasted", "parse_token_bytes", "read_pasted_code", "readable_user_code", "redact",
+    "remember_secret", "request_device_authorization", "resolve_endpoints", "should_open_browser", "token_meta",
+    "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
@@ -671,8 +672,6 @@ MESSAGES: dict[str, Message] = {
     "api_not_json": Message(1, "the API at {url} answered {status} with {content_type}, not JSON."),
     "needs_person": Message(3, "{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
                                "once."),
-    "logout_other_server": Message(2, "the stored token cannot be revoked with the current settings: {reason}. Point "
-                                      "the settings back at that server, or delete the file by hand."),
     "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}; the token file was kept."),
     "client_kept": Message(2, "{problem} The token file was kept."),
 }
@@ -1278,18 +1277,21 @@ class TokenStore:
             self._write([record, *(grant for grant in grants if not self._mine(grant, key))])
         self._last_saved = record
 
-    def remove(self) -> None:
-        """Forget this key's grant (the whole file without a key); the file and its lock go with the last grant."""
+    def remove(self) -> list[str]:
+        """Forget this key's grant (the whole file without a key); the file and its lock go with the last grant.
+
+        Returns the servers whose grants stay."""
         with self.locked():
-            grants = [grant for grant in self._read() if not self._mine(grant, self.key)] if self.key else []
-            if grants:
-                self._write(grants)
-                return
+            self._grants = [grant for grant in self._read() if not self._mine(grant, self.key)] if self.key else []
+            if self._grants:
+                self._write(self._grants)
+                return self.other_servers()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             if self._lock_depth:  # held: a run waiting on this inode sees it is gone, and locks the new one
                 with contextlib.suppress(OSError):
                     self.lock_path.unlink()
+        return []
 
     def _write(self, grants: list[dict[str, Any]]) -> None:
         """The first grant on top, the others (newest first, MAX_GRANTS at most, within the size cap) in its meta."""
@@ -2772,20 +2774,20 @@ def authorize_again(terminal: Terminal, reason: str) -> None:
 
 
 def usable_stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
-    """The stored token if it may be used with these settings; otherwise say why and return None.
+    """The stored token for these settings' server and client (the store picks it); otherwise say why and return None.
 
-    Not only a getter: a token issued by another server is moved aside (never overwritten by the new
-    authorization), and without a person to authorize anew this raises instead.
+    Grants of other servers stay where they are, so a mistyped setting costs nothing: putting it right finds the
+    grant again. Without a person to authorize anew this raises instead.
     """
     token = store.load()
     if token is None:
-        return None
-    reason = token_mismatch(token, settings)
-    if reason:
-        if not terminal.can_authorize:
-            raise needs_person(f"the stored token cannot be used: {reason}.")
-        aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
-        say(f"Not using the stored token: {reason}. It was kept as {aside}.")
+        others = store.other_servers()
+        if others:
+            reason = f"it was issued by {', '.join(others)}, but the configuration now points at {settings.server_url}"
+            if not terminal.can_authorize:
+                raise needs_person(f"the stored token cannot be used: {reason}.")
+            say(f"No token stored for {settings.server_url} yet ({reason}; {store.path} keeps it for when the "
+                "settings point there again).")
         return None
     added = scope_added(token, settings)
     if added:
@@ -2883,12 +2885,18 @@ def endpoint_lines(settings: Settings) -> list[str]:
     return lines
 
 
+def other_grant_lines(store: TokenStore) -> list[str]:
+    """The other servers the token file holds grants for: used when the settings point there again."""
+    others = store.other_servers()
+    return [f"Also stored:   grants for {', '.join(others)} (used when the settings point there)"] if others else []
+
+
 def command_status(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
     """What is stored, without any secret and without touching the network."""
     token = store.load()
     if token is None:
         print("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
-                         *endpoint_lines(settings)]))
+                         *endpoint_lines(settings), *other_grant_lines(store)]))
         return 0
     meta = token.get(META_KEY) or {}
     scope = token.get("scope")
@@ -2906,10 +2914,7 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     else:
         lines.append("Access token:  expiry unknown")
     lines.append(f"Refresh token: {'stored (refreshed automatically)' if token.get('refresh_token') else 'none'}")
-    lines += endpoint_lines(settings)
-    mismatch = token_mismatch(token, settings)
-    if mismatch:
-        lines.append(f"Note:          not usable with the current settings: {mismatch}.")
+    lines += endpoint_lines(settings) + other_grant_lines(store)
     added = scope_added(token, settings)
     if added:
         lines.append(f"Note:          the next run authorizes again: {added}.")
@@ -2948,7 +2953,7 @@ def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
 
 
 def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
-    """Revoke the grant (RFC 7009), then remove the file; the file stays if revocation did not happen.
+    """Revoke this server's grant (RFC 7009), then forget it; it stays stored if revocation did not happen.
 
     Doorkeeper only revokes a token that is still usable: the access token must not have expired.
     And after a refresh it keeps the previous refresh token alive until the new access token is
@@ -2962,25 +2967,24 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
         return 0
     session = MemoSession(settings, store, token)
     try:
-        mismatch = token_mismatch(token, settings)
-        if mismatch:
-            raise fail("logout_other_server", reason=mismatch)
         dead = False
         try:
             session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
         except DeadGrant:
             dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
         still_valid = revoke_tokens(session, settings)
-        store.remove()
+        kept = store.remove()  # this grant only: the file, and its lock, go with the last one
+        removed = (f"its token removed from {store.path} (which keeps the grants for {', '.join(kept)})" if kept
+                   else f"{store.path} removed")
         if still_valid is not None:
             expires_at = session.token.get("expires_at")
             until = _when(expires_at) if isinstance(expires_at, (int, float)) else "its expiry (not known)"
-            say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed. The server "
+            say(f"Logged out: the grant was revoked at {settings.server_url} and {removed}. The server "
                 f"cannot revoke access tokens ({still_valid}), so the last access token stays valid until {until}.")
         elif dead:
-            say(f"The grant was already dead at the server; revoked what was held and removed {store.path}.")
+            say(f"The grant was already dead at the server; revoked what was held, and {removed}.")
         else:
-            say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed.")
+            say(f"Logged out: the grant was revoked at {settings.server_url} and {removed}.")
         return 0
     finally:
         session.close()
@@ -3112,10 +3116,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         settings = load_settings(args, environ)
         configure_logging(settings.debug)
         remember_secret(settings.client_secret)
-        store = TokenStore(settings.token_file)
         terminal = Terminal(can_authorize=person_can_authorize(settings, sys.stdin), environ=environ)
         command = COMMANDS[args.command]
         settings = resolve_endpoints(settings, fetch=command.uses_network)
+        store = TokenStore(settings.token_file, grant_key(settings.token_url, settings.client_id, settings.api_url))
         return command.run(settings, store, terminal)
     except FetchMemosError as exc:
         print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)

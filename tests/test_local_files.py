@@ -37,7 +37,7 @@ import pytest
 import fetch_memos
 from fetch_memos import META_KEY, ConfigError, MetadataCache, TokenStore
 
-from runner import run_script, script_env
+from runner import EOF_AT_PROMPT, run_script, script_env
 
 ROOT = os.geteuid() == 0
 OTHER_UID = 65533  # the hostile user: needs no passwd entry to own a file
@@ -579,3 +579,33 @@ def test_on_windows_modes_and_owners_are_not_judged_but_symlinks_are(windows: No
     link.symlink_to(path)
     assert TokenStore(link).load() is None
     assert_set_aside(link, None, capsys.readouterr().err, "it is a symbolic link, not a regular file")
+
+
+# --- mistakes cost nothing stored ----------------------------------------------------------------------------
+
+
+def test_a_mistyped_server_never_costs_the_stored_login(tmp_path: Path, servers: tuple[Recorder, Recorder]) -> None:
+    """Issue 15: one run with a mistyped server moved the token aside, and fixing the typo meant logging in again.
+    Now the person gives up at the typo's prompt, fixes the setting, and the next run uses the stored grant."""
+    right, typo = servers
+    token_file = tmp_path / "token.pickle"
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    environ = {"CLIENT_ID": "client-local", "CLIENT_SECRET": SECRET, "OAUTH_TOKEN_FILE": str(token_file),
+               "OAUTH_SERVER_URL": right.url}
+    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", str(env_file)]), environ)
+    TokenStore(token_file).save(TOKEN, fetch_memos.token_meta(settings))
+    before = token_file.read_bytes()
+
+    mistyped = run_script("--env-file", str(env_file), person=lambda url: EOF_AT_PROMPT,
+                          env=script_env({**environ, "OAUTH_SERVER_URL": typo.url}))
+    assert mistyped.exit_code != 0
+    assert mistyped.authorize_urls and mistyped.authorize_urls[0].startswith(typo.url)
+    assert token_file.read_bytes() == before and asides(token_file) == []
+    assert list(tmp_path.glob("token.pickle.other-server-*")) == []
+
+    fixed = run_script("--env-file", str(env_file), tty=False, env=script_env(environ))
+    assert fixed.exit_code == 0, fixed.stderr
+    assert json.loads(fixed.stdout) == {"message": "memo"}
+    assert typo.requests == []  # the right server's token never went to the mistyped one
+    assert ACCESS not in mistyped.stderr + fixed.stderr
