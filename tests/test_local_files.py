@@ -364,15 +364,25 @@ class Recorder(ThreadingHTTPServer):
                 "token_endpoint": f"{self.url}/oauth/token", "revocation_endpoint": f"{self.url}/oauth/revoke"}
 
 
-@pytest.fixture
-def servers() -> Iterator[tuple[Recorder, Recorder]]:
-    honest, hostile = Recorder(honest=True), Recorder(honest=False)
+def recorders(*honest: bool) -> Iterator[tuple[Recorder, ...]]:
+    started = tuple(Recorder(honest=each) for each in honest)
     try:
-        yield honest, hostile
+        yield started
     finally:
-        for server in (honest, hostile):
+        for server in started:
             server.shutdown()
             server.server_close()
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[Recorder, ...]]:
+    """An honest server and a hostile one."""
+    yield from recorders(True, False)
+
+
+@pytest.fixture
+def two_servers() -> Iterator[tuple[Recorder, ...]]:
+    yield from recorders(True, True)
 
 
 def planted_cache(path: Path, honest: Recorder, hostile: Recorder) -> bytes:
@@ -609,3 +619,41 @@ def test_a_mistyped_server_never_costs_the_stored_login(tmp_path: Path, servers:
     assert json.loads(fixed.stdout) == {"message": "memo"}
     assert typo.requests == []  # the right server's token never went to the mistyped one
     assert ACCESS not in mistyped.stderr + fixed.stderr
+
+
+def stored_for(tmp_path: Path, server: Recorder, name: str) -> dict[str, str]:
+    """The environment of a run against server, its grant stored as the script stores it."""
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    environ = {"CLIENT_ID": "client-local", "CLIENT_SECRET": SECRET, "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"),
+               "OAUTH_SERVER_URL": server.url}
+    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", str(env_file)]), environ)
+    key = fetch_memos.grant_key(settings.token_url, settings.client_id, settings.api_url)
+    TokenStore(settings.token_file, key).save({**TOKEN, "access_token": f"{ACCESS}-{name}",
+                                               "refresh_token": f"{REFRESH}-{name}"}, fetch_memos.token_meta(settings))
+    return script_env(environ)
+
+
+def test_logout_forgets_only_its_grant_and_the_last_one_leaves_no_lock_file(
+        tmp_path: Path, two_servers: tuple[Recorder, Recorder]) -> None:
+    first, second = two_servers
+    env_file = str(tmp_path / "empty.env")
+    first_env, second_env = stored_for(tmp_path, first, "first"), stored_for(tmp_path, second, "second")
+
+    status = run_script("--env-file", env_file, "--status", tty=False, env=first_env)
+    assert f"Also stored:   grants for {second.url} (used when the settings point there)" in status.stdout
+
+    out = run_script("--env-file", env_file, "--logout", tty=False, env=first_env)
+    assert out.exit_code == 0, out.stderr
+    assert out.stderr == (f"Logged out: the grant was revoked at {first.url} and its token removed from "
+                          f"{tmp_path / 'token.pickle'} (which keeps the grants for {second.url}).\n")
+    assert "POST /oauth/revoke" in first.requests
+
+    again = run_script("--env-file", env_file, tty=False, env=second_env)  # the other grant still works
+    assert json.loads(again.stdout) == {"message": "memo"}, again.stderr
+
+    last = run_script("--env-file", env_file, "--logout", tty=False, env=second_env)
+    assert last.exit_code == 0, last.stderr
+    assert last.stderr == (f"Logged out: the grant was revoked at {second.url} and {tmp_path / 'token.pickle'} "
+                           "removed.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.env"]  # no token file, no lock file
