@@ -1189,6 +1189,11 @@ def _key_of(grant: Mapping[str, Any]) -> GrantKey | None:
     return grant_key(meta["token_url"], meta.get("client_id", ""), meta.get("api_url", ""))
 
 
+def _saved_at(grant: Mapping[str, Any]) -> float:
+    saved_at = (grant.get(META_KEY) or {}).get("saved_at")
+    return float(saved_at) if isinstance(saved_at, (int, float)) and not isinstance(saved_at, bool) else 0.0
+
+
 class TokenStore:
     """The pickle file holding the grants, one per GrantKey, plus a lock file beside it that serialises refreshes.
 
@@ -1288,15 +1293,15 @@ class TokenStore:
                 return self.other_servers()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            if self._lock_depth:  # held: a run waiting on this inode sees it is gone, and locks the new one
+            if self._lock_depth:  # held: a waiting run sees its file is gone and locks the new one (Windows
+                # cannot delete an open file: the lock file stays there)
                 with contextlib.suppress(OSError):
                     self.lock_path.unlink()
         return []
 
     def _write(self, grants: list[dict[str, Any]]) -> None:
         """The first grant on top, the others (newest first, MAX_GRANTS at most, within the size cap) in its meta."""
-        top, others = grants[0], sorted(grants[1:], key=lambda g: -float((g.get(META_KEY) or {}).get("saved_at", 0)))
-        others = others[:MAX_GRANTS - 1]
+        top, others = grants[0], sorted(grants[1:], key=_saved_at, reverse=True)[:MAX_GRANTS - 1]
         while True:
             record = dict(top)
             if others:

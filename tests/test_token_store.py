@@ -765,6 +765,13 @@ def test_many_grants_stay_within_the_file_cap_and_load(path: Path) -> None:
     assert TokenStore(path, key_for("https://as0.example")).load() is None
 
 
+def test_an_odd_saved_at_in_another_grant_never_stops_a_save(path: Path) -> None:
+    other = {**grant("typo"), META_KEY: {**meta_for(TYPO), "saved_at": "yesterday"}}
+    write(path, pickle.dumps({**grant("right"), META_KEY: {**meta_for(RIGHT), "other_grants": [other]}}))
+    TokenStore(path, key_for(RIGHT)).save(grant("right-2"), meta_for(RIGHT))
+    assert TokenStore(path, key_for(TYPO)).load()["access_token"] == "access-typo-0123456789"
+
+
 @pytest.mark.parametrize("others", ["not a list", ["not a grant"], [{"access_token": ""}],
                                     [{"access_token": "a", META_KEY: {"other_grants": []}}]])
 def test_damaged_other_grants_make_the_file_bad(others: object, path: Path, capsys) -> None:
