@@ -60,15 +60,16 @@ log = logging.getLogger("fetch_memos")
 
 # The public surface: what tests/ and bench/ use. Everything else may change without notice.
 __all__ = [
-    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE",
-    "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS",
-    "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
-    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
-    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "authorize",
-    "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring", "is_loopback_host",
-    "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes",
-    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
-    "resolve_endpoints", "should_open_browser", "token_meta", "token_mismatch",
+    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_GRANTS", "MAX_TOKEN_FILE_BYTES", "MESSAGES",
+    "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS",
+    "SETTINGS", "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller",
+    "FetchMemosError", "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError",
+    "ServerError", "Settings", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError",
+    "WaitingLine", "apply_metadata", "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos",
+    "grant_key", "is_expiring", "is_loopback_host", "load_settings", "main", "metadata_urls", "oauth_error",
+    "oauth_failure", "parse_pasted", "parse_token_bytes", "read_pasted_code", "readable_user_code", "redact",
+    "remember_secret", "request_device_authorization", "resolve_endpoints", "should_open_browser", "token_meta",
+    "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
@@ -404,16 +405,26 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def warn_if_others_can_read(env_file: Path, values: Mapping[str, str]) -> None:
-    """A .env holding the client secret should be 0600. OpenSSH refuses such a key file; we only warn, on each run
-    until it is fixed, and never change the file (it is the person's)."""
-    if sys.platform == "win32" or not values.get("CLIENT_SECRET", "").strip():
-        return  # Windows: ACLs decide, and st_mode cannot tell
+    """A .env holding the client secret should be 0600, and one that others can change can send the run (and the
+    secret) to their server, secret or not. OpenSSH refuses such a key file; we only warn, on each run until it is
+    fixed, and never change the file (it is the person's)."""
+    if sys.platform == "win32":
+        return  # ACLs decide, and st_mode cannot tell
     try:
-        mode = env_file.stat().st_mode
+        st = env_file.stat()
     except OSError:
         return
-    if mode & 0o044:
-        warn(f"{env_file} holds the client secret and other users can read it (mode {mode & 0o777:o}); "
+    mode = st.st_mode & 0o777
+    secret_readable = bool(values.get("CLIENT_SECRET", "").strip()) and mode & 0o044
+    also = "; they can also read the client secret in it" if secret_readable else ""
+    if st.st_uid not in (os.geteuid(), 0):  # root can change any file anyway
+        warn(f"{env_file} belongs to another user (uid {st.st_uid}), who can change it and so point this script at "
+             f"another server{also}; use a .env of your own, mode 600 (--env-file)")
+    elif mode & 0o022:
+        warn(f"other users can change {env_file} (mode {mode:o}) and so point this script at another server{also}; "
+             f"make it private: chmod 600 {env_file}")
+    elif secret_readable:
+        warn(f"{env_file} holds the client secret and other users can read it (mode {mode:o}); "
              f"make it private: chmod 600 {env_file}")
 
 
@@ -666,8 +677,6 @@ MESSAGES: dict[str, Message] = {
     "api_not_json": Message(1, "the API at {url} answered {status} with {content_type}, not JSON."),
     "needs_person": Message(3, "{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
                                "once."),
-    "logout_other_server": Message(2, "the stored token cannot be revoked with the current settings: {reason}. Point "
-                                      "the settings back at that server, or delete the file by hand."),
     "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}; the token file was kept."),
     "client_kept": Message(2, "{problem} The token file was kept."),
 }
@@ -882,6 +891,8 @@ def request_failed(exc: Exception, url: str, timeout: float, context: str = "") 
 
 MAX_TOKEN_FILE_BYTES = 64 * 1024
 META_KEY = "fetch_memos"  # our keys, beside the token fields the server sent
+OTHER_GRANTS = "other_grants"  # in META_KEY of the grant saved last: the grants of other servers and clients
+MAX_GRANTS = 16  # grants kept side by side; past that the one saved longest ago goes
 
 
 class _LegacyOAuth2Token(dict):
@@ -937,7 +948,8 @@ def _check_opcodes(data: bytes) -> None:
 
 
 def parse_token_bytes(data: bytes) -> dict[str, Any]:
-    """Turn the file's bytes into a token dict, or raise BadTokenFile; never runs code from the file."""
+    """Turn the file's bytes into a token dict (the grant saved last, its META_KEY holding the others), or raise
+    BadTokenFile; never runs code from the file."""
 
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise BadTokenFile(f"it is {len(data)} bytes, far more than a token")
@@ -948,6 +960,18 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
         raise BadTokenFile(f"it is not a token file ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle can fail in many ways, all meaning "not a token"
         raise BadTokenFile(f"it is damaged or truncated ({type(exc).__name__})") from None
+    token = check_grant(obj)
+    others = token[META_KEY].get(OTHER_GRANTS, []) if META_KEY in token else []
+    if not isinstance(others, list):
+        raise BadTokenFile(f"its {META_KEY} {OTHER_GRANTS} is not a list")
+    for other in others:
+        if OTHER_GRANTS in check_grant(other).get(META_KEY, {}):
+            raise BadTokenFile(f"a grant in its {META_KEY} {OTHER_GRANTS} holds grants itself")
+    return token
+
+
+def check_grant(obj: Any) -> dict[str, Any]:
+    """One grant as the file holds it: the server's token fields plus our META_KEY; else BadTokenFile."""
     if not isinstance(obj, dict):
         raise BadTokenFile(f"it holds a {type(obj).__name__}, not a token")
     token = dict(obj)
@@ -975,7 +999,90 @@ def parse_token_bytes(data: bytes) -> dict[str, Any]:
             raise BadTokenFile(f"its {META_KEY} {key} is not text")
     if "scope" in meta and not (isinstance(meta["scope"], list) and all(isinstance(s, str) for s in meta["scope"])):
         raise BadTokenFile(f"its {META_KEY} scope is not a list of text")
+    if META_KEY in token:
+        token[META_KEY] = dict(meta)
     return token
+
+
+# How every file of ours is opened: never through a symlink in its place (O_NOFOLLOW), never waiting on a FIFO or a
+# device (O_NONBLOCK: opening a FIFO with no writer, or a tty, would block the run), never becoming a controlling
+# terminal; binary on Windows, whose os.open otherwise translates line ends. Flags a platform lacks count as 0.
+_OPEN_SAFELY = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+class UntrustedFile(Exception):
+    """A file at one of our paths that the rule below refuses; `regular` says whether it is a file we may set aside."""
+
+    def __init__(self, reason: str, regular: bool) -> None:
+        super().__init__(reason)
+        self.regular = regular
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def not_ours(st: os.stat_result) -> UntrustedFile | None:
+    """Why a file is not one of ours: not a regular file, or (POSIX) another user's. None when it is ours.
+
+    Windows: st_uid is always 0 and st_mode says nothing about ACLs, so only the file type is judged there.
+    """
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        return UntrustedFile(f"it is {_file_kind(st.st_mode)}, not a regular file", stat.S_ISLNK(st.st_mode))
+    if sys.platform != "win32" and st.st_uid != os.geteuid():
+        return UntrustedFile(f"it belongs to another user (uid {st.st_uid})", True)
+    return None
+
+
+def why_untrusted(st: os.stat_result) -> UntrustedFile | None:
+    """OpenSSH's rule for a private key (sshkey_perm_ok): ours, and nobody else may change it; plus a regular file.
+
+    Only the file is judged, not its folders (OpenSSH's safe_path walk is for authorized_keys, not keys). Whatever
+    another user can put at our path, by creating it or by renaming it over ours in a folder they may write, is a
+    file they own, which this rule refuses; the check is made on the open descriptor, so a swap after it changes
+    nothing read. A folder others can write still lets them delete or rename our files: that costs a login, and
+    leaks no secret and redirects no request, while refusing such folders would refuse every shared or
+    group-writable setup (umask 002 with a group per user is common) and OpenSSH does not refuse them for keys.
+    """
+    refused = not_ours(st)
+    if refused is None and sys.platform != "win32" and st.st_mode & 0o022:
+        refused = UntrustedFile(f"other users can change it (mode {st.st_mode & 0o777:o})", True)
+    return refused
+
+
+def open_trusted(path: Path) -> int:
+    """A read-only descriptor for path if why_untrusted accepts it; else UntrustedFile, or OSError (absent, etc.).
+
+    A symlink in its place is refused, never followed: these files are replaced by rename, which replaces a link,
+    not its target, so a followed link would be read in one place and written in another (and a link planted by
+    another user could point anywhere). Point OAUTH_TOKEN_FILE at the real file instead.
+    """
+    if not getattr(os, "O_NOFOLLOW", 0) and os.path.islink(path):  # Windows: no O_NOFOLLOW, so look first
+        raise UntrustedFile("it is a symbolic link, not a regular file", True)
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_SAFELY)
+    except OSError:
+        try:  # O_NOFOLLOW's ELOOP (EMLINK on FreeBSD), or EACCES on another user's 0600 file: say which
+            refused = why_untrusted(os.lstat(path))
+        except OSError:
+            refused = None
+        if refused is not None:
+            raise refused from None
+        raise
+    refused = why_untrusted(os.fstat(fd))
+    if refused is not None:
+        os.close(fd)
+        raise refused
+    return fd
 
 
 def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -1062,74 +1169,190 @@ def write_private_file(path: Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
-class TokenStore:
-    """The pickle file holding one token dict, plus a lock file beside it that serialises refreshes."""
+GrantKey = tuple[str, str, str]
 
-    def __init__(self, path: Path) -> None:
+
+def grant_key(token_url: str, client_id: str, api_url: str) -> GrantKey:
+    """Which grant a run uses: a token goes back only to the token endpoint and API that it came with, for its client.
+
+    Scope is not part of it: asking for another scope replaces the grant (the server decides what it covers).
+    """
+    try:
+        parts = urlsplit(api_url)
+        api_origin = f"{parts.scheme}://{parts.hostname}:{parts.port}"
+    except ValueError:  # not a URL we could have written: it matches only itself
+        api_origin = api_url
+    return token_url, client_id, api_origin
+
+
+def _key_of(grant: Mapping[str, Any]) -> GrantKey | None:
+    """None for a grant written by the original script, which knew one server: whichever run asks adopts it."""
+    meta = grant.get(META_KEY) or {}
+    if not meta.get("token_url"):
+        return None
+    return grant_key(meta["token_url"], meta.get("client_id", ""), meta.get("api_url", ""))
+
+
+def _saved_at(grant: Mapping[str, Any]) -> float:
+    saved_at = (grant.get(META_KEY) or {}).get("saved_at")
+    return float(saved_at) if isinstance(saved_at, (int, float)) and not isinstance(saved_at, bool) else 0.0
+
+
+class TokenStore:
+    """The pickle file holding the grants, one per GrantKey, plus a lock file beside it that serialises refreshes.
+
+    Several servers and clients live side by side, so a run with a mistyped server or client costs nothing stored:
+    switching back finds its grant. One file, not one per key: OAUTH_TOKEN_FILE keeps naming the one place tokens
+    are, --status can say what else is there, and one lock covers it all. The grant saved last is the file's top
+    level, exactly the format of today's and the original script's one-token files (both still load, as a store of
+    one grant), and the others sit in its META_KEY under OTHER_GRANTS. `key` (None: the grant saved last) picks
+    the grant that load, save and remove act on.
+    """
+
+    def __init__(self, path: Path, key: GrantKey | None = None) -> None:
         self.path = path
+        self.key = key
         self.lock_path = path.with_name(path.name + ".lock")
         self._lock_depth = 0
-        self._lock_file: Any = None
         self._last_saved: dict[str, Any] | None = None
+        self._grants: list[dict[str, Any]] = []  # as the last load found them, the grant saved last first
+
+    def _mine(self, grant: Mapping[str, Any], key: GrantKey | None) -> bool:
+        return key is None or _key_of(grant) in (None, key)
 
     def load(self) -> dict[str, Any] | None:
-        """The stored token, or None when there is none; a bad file is set aside, never deleted."""
+        """This key's grant, or None when there is none; a bad file is set aside, never deleted."""
+        self._grants = self._read()
+        for grant in self._grants:
+            remember_secret(grant.get("access_token"), grant.get("refresh_token"))
+        return next((dict(grant) for grant in self._grants if self._mine(grant, self.key)), None)
+
+    def other_servers(self) -> list[str]:
+        """The servers of the grants that load() found for other keys, for messages (never their tokens)."""
+        return [str((grant.get(META_KEY) or {}).get("server_url") or _key_of(grant)[0])
+                for grant in self._grants if not self._mine(grant, self.key)]
+
+    def _read(self) -> list[dict[str, Any]]:
         try:
-            with open(self.path, "rb") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
-                data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+            fd = open_trusted(self.path)
         except FileNotFoundError:
-            return None
+            return []
+        except UntrustedFile as exc:
+            if not exc.regular:  # a directory, FIFO or device is not ours to move (it may be /dev/null)
+                raise ConfigError(f"cannot read the token file {self.path}: {exc}. Point OAUTH_TOKEN_FILE at a "
+                                  "file.") from None
+            self._refuse(str(exc))
+            return []
         except OSError as exc:
             raise ConfigError(
                 f"cannot read the token file {self.path}: {exc.strerror or exc}. Fix its permissions, or "
                 "point OAUTH_TOKEN_FILE elsewhere."
             ) from None
-        try:
-            token = parse_token_bytes(data)
-        except BadTokenFile as exc:
-            aside = self.set_aside()
-            warn(f"the token file {self.path} was not usable: {exc}. It was set aside as {aside}.")
-            return None
-        # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say there.
-        if mode & 0o077 and sys.platform != "win32":
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o600)
-                warn(f"the token file {self.path} was readable by other users (mode {mode & 0o777:o}); "
-                     "it is now 0600.")
-        remember_secret(token.get("access_token"), token.get("refresh_token"))
-        return token
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(fd).st_mode
+            data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+            try:
+                top = parse_token_bytes(data)
+            except BadTokenFile as exc:
+                self._refuse(str(exc))
+                return []
+            # Windows has ACLs, not these bits (its st_mode says 0o666 for any writable file): nothing true to say.
+            if mode & 0o077 and sys.platform != "win32":
+                try:
+                    os.fchmod(fd, 0o600)
+                    warn(f"the token file {self.path} was readable by other users (mode {mode & 0o777:o}); "
+                         "it is now 0600.")
+                except OSError as exc:
+                    warn(f"the token file {self.path} is readable by other users (mode {mode & 0o777:o}) and "
+                         f"could not be made private ({exc.strerror or exc}): chmod 600 {self.path}")
+        others = top.get(META_KEY, {}).pop(OTHER_GRANTS, [])
+        return [top, *(check_grant(grant) for grant in others)]
 
     def save(self, token: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-        """Write under the lock, through write_private_file: a crash leaves the old token or the new, never half."""
+        """Write under the lock, through write_private_file: a crash leaves the old token or the new, never half.
+
+        The file is read again under the lock, so grants another run saved meanwhile for other keys are kept.
+        """
         record = {key: value for key, value in token.items() if key != META_KEY}
-        record[META_KEY] = dict(meta, saved_at=time.time())
+        record[META_KEY] = {k: v for k, v in meta.items() if k != OTHER_GRANTS} | {"saved_at": time.time()}
         if self._last_saved is not None and _same_token(self._last_saved, record):
             return
-        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        key = _key_of(record)
         with self.locked():
             try:
-                write_private_file(self.path, data)
-            except OSError as exc:
-                raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
+                grants = self._read()
+            except ConfigError:  # not a regular file: the rename below replaces it, or says why it cannot
+                grants = []
+            self._write([record, *(grant for grant in grants if not self._mine(grant, key))])
         self._last_saved = record
 
-    def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+    def remove(self) -> list[str]:
+        """Forget this key's grant (the whole file without a key); the file and its lock go with the last grant.
+
+        Returns the servers whose grants stay."""
+        with self.locked():
+            self._grants = [grant for grant in self._read() if not self._mine(grant, self.key)] if self.key else []
+            if self._grants:
+                self._write(self._grants)
+                return self.other_servers()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            if self._lock_depth:  # held: a waiting run sees its file is gone and locks the new one (Windows
+                # cannot delete an open file: the lock file stays there)
+                with contextlib.suppress(OSError):
+                    self.lock_path.unlink()
+        return []
+
+    def _write(self, grants: list[dict[str, Any]]) -> None:
+        """The first grant on top, the others (newest first, MAX_GRANTS at most, within the size cap) in its meta."""
+        top, others = grants[0], sorted(grants[1:], key=_saved_at, reverse=True)[:MAX_GRANTS - 1]
+        while True:
+            record = dict(top)
+            if others:
+                record[META_KEY] = {**record.get(META_KEY, {}), OTHER_GRANTS: others}
+            data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+            if len(data) <= MAX_TOKEN_FILE_BYTES or not others:  # a file we wrote is never refused by a later run
+                break
+            others = others[:-1]
+        try:
+            write_private_file(self.path, data)
+        except OSError as exc:
+            raise TokenNotSaved(f"the token could not be saved to {self.path}: {exc.strerror or exc}") from None
+
+    def _refuse(self, reason: str) -> None:
+        aside = self.set_aside()
+        warn(f"the token file {self.path} was not usable: {reason}. It was set aside as {aside}.")
 
     def set_aside(self, label: str = "bad") -> Path:
         """Keep a file we will not use under a new name instead of deleting it: nothing is lost."""
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
         aside = self.path.with_name(f"{self.path.name}.{label}-{stamp}-{secrets.token_hex(2)}")
         try:
-            os.replace(self.path, aside)
-            with contextlib.suppress(OSError):
-                os.chmod(aside, 0o600)  # it may still hold tokens
+            os.replace(self.path, aside)  # renames a symlink itself, never its target
         except OSError as exc:
             raise ConfigError(f"the token file {self.path} is not usable and could not be set aside: "
                               f"{exc.strerror or exc}. Move it away by hand.") from None
+        if sys.platform != "win32":
+            self._make_private(aside)
         return aside
+
+    @staticmethod
+    def _make_private(path: Path) -> None:
+        """A set-aside file may still hold tokens: make it 0600, through a descriptor so a link is never followed."""
+        import stat
+
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_SAFELY)
+        except OSError:
+            return  # a symlink (left as it is), or another user's file we cannot even read
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:
+            warn(f"{path} could not be made private ({exc.strerror or exc}); whoever could read it still can.")
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def locked(self, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
@@ -1142,25 +1365,24 @@ class TokenStore:
                 self._lock_depth -= 1
             return
         try_lock, unlock = _file_lock_functions()
-        handle = None
-        if try_lock is not None:
-            try:
-                handle = open(self.lock_path, "a+b")  # noqa: SIM115 - held for the duration of the lock
-                with contextlib.suppress(OSError):
-                    os.chmod(self.lock_path, 0o600)
-            except OSError as exc:
-                log.debug("no lock file at %s (%s); continuing without a lock", self.lock_path, exc)
-        if handle is not None:
+        fd = self._open_lock() if try_lock is not None else None
+        if fd is not None:
             deadline = time.monotonic() + wait
             while True:
                 try:
-                    try_lock(handle.fileno())
-                    break
+                    try_lock(fd)
+                    if self._is_current_lock(fd):
+                        break
+                    os.close(fd)  # removed by a logout while we waited: lock the file that is there now
+                    fd = self._open_lock()
+                    if fd is None:
+                        break
                 except OSError as exc:
                     if exc.errno not in _LOCK_BUSY:
+                        os.close(fd)
                         raise
                     if time.monotonic() > deadline:
-                        handle.close()
+                        os.close(fd)
                         raise TokenFileBusy(f"another fetch_memos run has held {self.lock_path} for over "
                                             f"{wait:g} s; try again when it has finished.") from None
                     time.sleep(0.02)
@@ -1169,10 +1391,49 @@ class TokenStore:
             yield
         finally:
             self._lock_depth = 0
-            if handle is not None:
+            if fd is not None:
                 with contextlib.suppress(OSError):
-                    unlock(handle.fileno())
-                handle.close()
+                    unlock(fd)
+                os.close(fd)
+
+    def _is_current_lock(self, fd: int) -> bool:
+        """Whether the file locked is still the one at lock_path (remove() deletes it while holding it)."""
+        if sys.platform == "win32":
+            return True  # an open file cannot be deleted there
+        try:
+            here, held = os.lstat(self.lock_path), os.fstat(fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+    def _open_lock(self) -> int | None:
+        """The lock file's descriptor, or None to go on unlocked (refreshes are then not serialised, nothing else).
+
+        Never through a symlink (a planted link would have us create or chmod its target), never a FIFO or device,
+        never another user's file (its owner could hold the lock forever). Its content means nothing, so a lock of
+        ours that others may open is simply made 0600 again.
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _OPEN_SAFELY, 0o600)
+        except OSError as exc:
+            refused = None
+            with contextlib.suppress(OSError):
+                refused = not_ours(os.lstat(self.lock_path))
+            if refused is None:  # e.g. no folder yet: saving there fails later, with its own words
+                log.debug("no lock file at %s (%s); continuing without a lock", self.lock_path, exc)
+                return None
+        else:
+            st = os.fstat(fd)
+            refused = not_ours(st)
+            if refused is None:
+                if st.st_mode & 0o077 and sys.platform != "win32":
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, 0o600)
+                return fd
+            os.close(fd)
+        warn(f"the lock file {self.lock_path} was not used: {refused}. Runs are not serialised until it is "
+             "removed.")
+        return None
 
 
 class MetadataCache:
@@ -1186,11 +1447,17 @@ class MetadataCache:
         self.path = token_file.with_name(token_file.name + ".metadata.json")
 
     def load(self, issuer: str, now: float | None = None) -> dict[str, Any] | None:
-        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another's."""
+        """The cached record for this issuer while it is fresh; None when absent, stale, damaged or another issuer's.
+
+        A file the token file's rule refuses is ignored with a warning: its endpoints would receive the secrets.
+        """
         now = time.time() if now is None else now
         try:
-            with open(self.path, "rb") as handle:
+            with os.fdopen(open_trusted(self.path), "rb") as handle:
                 record = json.loads(handle.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
+        except UntrustedFile as exc:
+            warn(f"the server metadata cached in {self.path} was not used: {exc}.")
+            return None
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or record.get("issuer") != issuer:
@@ -2516,20 +2783,20 @@ def authorize_again(terminal: Terminal, reason: str) -> None:
 
 
 def usable_stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
-    """The stored token if it may be used with these settings; otherwise say why and return None.
+    """The stored token for these settings' server and client (the store picks it); otherwise say why and return None.
 
-    Not only a getter: a token issued by another server is moved aside (never overwritten by the new
-    authorization), and without a person to authorize anew this raises instead.
+    Grants of other servers stay where they are, so a mistyped setting costs nothing: putting it right finds the
+    grant again. Without a person to authorize anew this raises instead.
     """
     token = store.load()
     if token is None:
-        return None
-    reason = token_mismatch(token, settings)
-    if reason:
-        if not terminal.can_authorize:
-            raise needs_person(f"the stored token cannot be used: {reason}.")
-        aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
-        say(f"Not using the stored token: {reason}. It was kept as {aside}.")
+        others = store.other_servers()
+        if others:
+            reason = f"it was issued by {', '.join(others)}, but the configuration now points at {settings.server_url}"
+            if not terminal.can_authorize:
+                raise needs_person(f"the stored token cannot be used: {reason}.")
+            say(f"No token stored for {settings.server_url} yet ({reason}; {store.path} keeps it for when the "
+                "settings point there again).")
         return None
     added = scope_added(token, settings)
     if added:
@@ -2627,12 +2894,18 @@ def endpoint_lines(settings: Settings) -> list[str]:
     return lines
 
 
+def other_grant_lines(store: TokenStore) -> list[str]:
+    """The other servers the token file holds grants for: used when the settings point there again."""
+    others = store.other_servers()
+    return [f"Also stored:   grants for {', '.join(others)} (used when the settings point there)"] if others else []
+
+
 def command_status(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
     """What is stored, without any secret and without touching the network."""
     token = store.load()
     if token is None:
         print("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
-                         *endpoint_lines(settings)]))
+                         *endpoint_lines(settings), *other_grant_lines(store)]))
         return 0
     meta = token.get(META_KEY) or {}
     scope = token.get("scope")
@@ -2650,10 +2923,7 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     else:
         lines.append("Access token:  expiry unknown")
     lines.append(f"Refresh token: {'stored (refreshed automatically)' if token.get('refresh_token') else 'none'}")
-    lines += endpoint_lines(settings)
-    mismatch = token_mismatch(token, settings)
-    if mismatch:
-        lines.append(f"Note:          not usable with the current settings: {mismatch}.")
+    lines += endpoint_lines(settings) + other_grant_lines(store)
     added = scope_added(token, settings)
     if added:
         lines.append(f"Note:          the next run authorizes again: {added}.")
@@ -2692,7 +2962,7 @@ def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
 
 
 def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
-    """Revoke the grant (RFC 7009), then remove the file; the file stays if revocation did not happen.
+    """Revoke this server's grant (RFC 7009), then forget it; it stays stored if revocation did not happen.
 
     Doorkeeper only revokes a token that is still usable: the access token must not have expired.
     And after a refresh it keeps the previous refresh token alive until the new access token is
@@ -2706,25 +2976,24 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
         return 0
     session = MemoSession(settings, store, token)
     try:
-        mismatch = token_mismatch(token, settings)
-        if mismatch:
-            raise fail("logout_other_server", reason=mismatch)
         dead = False
         try:
             session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
         except DeadGrant:
             dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
         still_valid = revoke_tokens(session, settings)
-        store.remove()
+        kept = store.remove()  # this grant only: the file, and its lock, go with the last one
+        removed = (f"its token removed from {store.path} (which keeps the grants for {', '.join(kept)})" if kept
+                   else f"{store.path} removed")
         if still_valid is not None:
             expires_at = session.token.get("expires_at")
             until = _when(expires_at) if isinstance(expires_at, (int, float)) else "its expiry (not known)"
-            say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed. The server "
+            say(f"Logged out: the grant was revoked at {settings.server_url} and {removed}. The server "
                 f"cannot revoke access tokens ({still_valid}), so the last access token stays valid until {until}.")
         elif dead:
-            say(f"The grant was already dead at the server; revoked what was held and removed {store.path}.")
+            say(f"The grant was already dead at the server; revoked what was held, and {removed}.")
         else:
-            say(f"Logged out: the grant was revoked at {settings.server_url} and {store.path} removed.")
+            say(f"Logged out: the grant was revoked at {settings.server_url} and {removed}.")
         return 0
     finally:
         session.close()
@@ -2856,10 +3125,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         settings = load_settings(args, environ)
         configure_logging(settings.debug)
         remember_secret(settings.client_secret)
-        store = TokenStore(settings.token_file)
         terminal = Terminal(can_authorize=person_can_authorize(settings, sys.stdin), environ=environ)
         command = COMMANDS[args.command]
         settings = resolve_endpoints(settings, fetch=command.uses_network)
+        store = TokenStore(settings.token_file, grant_key(settings.token_url, settings.client_id, settings.api_url))
         return command.run(settings, store, terminal)
     except FetchMemosError as exc:
         print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)

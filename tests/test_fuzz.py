@@ -513,7 +513,7 @@ token_dicts = st.fixed_dictionaries(
 
 
 class _StubStore:
-    """command_status only asks the store for its token and its path."""
+    """command_status only asks the store for its token, its path and the servers of its other grants."""
 
     def __init__(self, token: dict) -> None:
         self.token = token
@@ -521,6 +521,9 @@ class _StubStore:
 
     def load(self) -> dict:
         return self.token
+
+    def other_servers(self) -> list[str]:
+        return []
 
 
 @pytest.fixture(scope="module")

@@ -259,7 +259,7 @@ def test_env_file_readable_by_others_is_warned_about_on_each_run_and_left_alone(
 
 @pytest.mark.parametrize(("text", "mode", "environ"), [
     pytest.param(DOTENV, 0o600, {}, id="private"),
-    pytest.param(DOTENV, 0o620, {}, id="group-writable-not-readable"),
+    pytest.param(DOTENV, 0o400, {}, id="read-only-for-the-owner"),
     pytest.param("CLIENT_ID=platform-client\n", 0o644, {"CLIENT_SECRET": "from-environment"},
                  id="secret-not-in-the-file"),
 ])

@@ -457,7 +457,7 @@ def test_status_never_crashes_on_a_token_the_store_accepted(fields, path: Path, 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loose", [0o644, 0o640, 0o604, 0o666])
+@pytest.mark.parametrize("loose", [0o644, 0o640, 0o604])  # 0o666: others may have changed it, see test_local_files
 def test_file_readable_by_others_is_tightened_with_a_warning(loose: int, path: Path, capsys) -> None:
     TokenStore(path).save(TOKEN, META)
     path.chmod(loose)
@@ -651,3 +651,153 @@ def test_metadata_cache_is_written_private_and_atomic(path: Path, monkeypatch, c
     assert cache.path.read_bytes() == before
     assert folder_listing(path.parent) == listing  # no .tmp left behind
     assert "could not be cached" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Several servers and clients side by side: a mistyped server costs nothing stored
+# ---------------------------------------------------------------------------------------------
+
+
+def meta_for(server: str, client_id: str = "client-store") -> dict[str, object]:
+    return {**META, "server_url": server, "token_url": f"{server}/oauth/token", "api_url": f"{server}/api/memos/",
+            "client_id": client_id}
+
+
+def key_for(server: str, client_id: str = "client-store") -> fetch_memos.GrantKey:
+    meta = meta_for(server, client_id)
+    return fetch_memos.grant_key(meta["token_url"], client_id, meta["api_url"])
+
+
+def grant(name: str) -> dict[str, object]:
+    return {**TOKEN, "access_token": f"access-{name}-0123456789", "refresh_token": f"refresh-{name}-0123456789"}
+
+
+RIGHT, TYPO = "https://as.example", "https://as.exmaple"
+
+
+def test_grants_of_several_servers_and_clients_live_side_by_side(path: Path) -> None:
+    where = {"right": (RIGHT, "client-store"), "typo": (TYPO, "client-store"), "other-client": (RIGHT, "client-2")}
+    keys = {name: key_for(*server_and_client) for name, server_and_client in where.items()}
+    for name, key in keys.items():
+        TokenStore(path, key).save(grant(name), meta_for(*where[name]))
+    for name, key in keys.items():
+        assert TokenStore(path, key).load()["access_token"] == f"access-{name}-0123456789"
+    assert TokenStore(path).load()["access_token"] == "access-other-client-0123456789"  # no key: the last saved
+    assert TokenStore(path, key_for("https://third.example")).load() is None
+    store = TokenStore(path, key_for(RIGHT))
+    store.load()
+    assert sorted(store.other_servers()) == [RIGHT, TYPO]
+    assert mode(path) == 0o600
+
+
+def test_the_last_saved_grant_is_the_file_top_level_in_todays_format(path: Path) -> None:
+    """So the grant in use reads as today's one-token file (an older version still finds it)."""
+    TokenStore(path, key_for(RIGHT)).save(grant("right"), meta_for(RIGHT))
+    TokenStore(path, key_for(TYPO)).save(grant("typo"), meta_for(TYPO))
+    top = fetch_memos.parse_token_bytes(path.read_bytes())
+    assert top["access_token"] == "access-typo-0123456789"
+    assert [g["access_token"] for g in top[META_KEY]["other_grants"]] == ["access-right-0123456789"]
+
+
+def test_refreshing_one_grant_keeps_the_others(path: Path) -> None:
+    TokenStore(path, key_for(RIGHT)).save(grant("right"), meta_for(RIGHT))
+    TokenStore(path, key_for(TYPO)).save(grant("typo"), meta_for(TYPO))
+    TokenStore(path, key_for(RIGHT)).save(grant("right-refreshed"), meta_for(RIGHT))
+    assert TokenStore(path, key_for(RIGHT)).load()["access_token"] == "access-right-refreshed-0123456789"
+    assert TokenStore(path, key_for(TYPO)).load()["access_token"] == "access-typo-0123456789"
+    assert len(fetch_memos.parse_token_bytes(path.read_bytes())[META_KEY]["other_grants"]) == 1
+
+
+def test_a_save_keeps_grants_another_run_saved_meanwhile(path: Path) -> None:
+    """The file is read again under the lock: a run that loaded before another saved does not drop its grant."""
+    right = TokenStore(path, key_for(RIGHT))
+    assert right.load() is None
+    TokenStore(path, key_for(TYPO)).save(grant("typo"), meta_for(TYPO))
+    right.save(grant("right"), meta_for(RIGHT))
+    assert TokenStore(path, key_for(TYPO)).load()["access_token"] == "access-typo-0123456789"
+
+
+def test_todays_one_token_file_is_a_store_of_one_grant(path: Path) -> None:
+    write(path, pickle.dumps({**TOKEN, META_KEY: {**META, "saved_at": 1.0}}))
+    key = fetch_memos.grant_key(META["token_url"], META["client_id"], META["api_url"])
+    assert TokenStore(path, key).load()["access_token"] == ACCESS
+    assert TokenStore(path, key_for(TYPO)).load() is None
+    TokenStore(path, key_for(TYPO)).save(grant("typo"), meta_for(TYPO))
+    assert TokenStore(path, key).load()["access_token"] == ACCESS  # kept beside the new one
+
+
+def test_original_scripts_file_is_adopted_by_whichever_key_asks_then_replaced(path: Path) -> None:
+    write(path, legacy_bytes())
+    store = TokenStore(path, key_for(RIGHT))
+    assert store.load()["access_token"] == "legacy-access-1234"
+    store.save(store.load(), meta_for(RIGHT))
+    assert b"oauthlib" not in path.read_bytes()
+    assert TokenStore(path, key_for(RIGHT)).load()["access_token"] == "legacy-access-1234"
+    assert TokenStore(path, key_for(TYPO)).load() is None  # adopted once, then it is the right server's
+    assert "other_grants" not in fetch_memos.parse_token_bytes(path.read_bytes())[META_KEY]
+
+
+def test_remove_forgets_only_this_grant_and_the_last_one_takes_file_and_lock(path: Path) -> None:
+    TokenStore(path, key_for(RIGHT)).save(grant("right"), meta_for(RIGHT))
+    TokenStore(path, key_for(TYPO)).save(grant("typo"), meta_for(TYPO))
+    TokenStore(path, key_for(TYPO)).remove()
+    assert TokenStore(path, key_for(TYPO)).load() is None
+    assert TokenStore(path, key_for(RIGHT)).load()["access_token"] == "access-right-0123456789"
+    assert folder_listing(path.parent) == ["token.pickle", "token.pickle.lock"]
+    TokenStore(path, key_for(RIGHT)).remove()
+    assert folder_listing(path.parent) == []
+
+
+def test_many_grants_stay_within_the_file_cap_and_load(path: Path) -> None:
+    """A file the script saved is never refused by a later run: the grants saved longest ago go first."""
+    big = "x" * 6000
+    for n in range(fetch_memos.MAX_GRANTS + 4):
+        server = f"https://as{n}.example"
+        TokenStore(path, key_for(server)).save({**grant(f"g{n}"), "id_token": big}, meta_for(server))
+    assert len(path.read_bytes()) <= fetch_memos.MAX_TOKEN_FILE_BYTES
+    last = fetch_memos.MAX_GRANTS + 3
+    assert TokenStore(path, key_for(f"https://as{last}.example")).load()["access_token"] == f"access-g{last}-0123456789"
+    assert TokenStore(path, key_for(f"https://as{last - 1}.example")).load() is not None
+    assert TokenStore(path, key_for("https://as0.example")).load() is None
+
+
+def test_an_odd_saved_at_in_another_grant_never_stops_a_save(path: Path) -> None:
+    other = {**grant("typo"), META_KEY: {**meta_for(TYPO), "saved_at": "yesterday"}}
+    write(path, pickle.dumps({**grant("right"), META_KEY: {**meta_for(RIGHT), "other_grants": [other]}}))
+    TokenStore(path, key_for(RIGHT)).save(grant("right-2"), meta_for(RIGHT))
+    assert TokenStore(path, key_for(TYPO)).load()["access_token"] == "access-typo-0123456789"
+
+
+@pytest.mark.parametrize("others", ["not a list", ["not a grant"], [{"access_token": ""}],
+                                    [{"access_token": "a", META_KEY: {"other_grants": []}}]])
+def test_damaged_other_grants_make_the_file_bad(others: object, path: Path, capsys) -> None:
+    data = pickle.dumps({**TOKEN, META_KEY: {**META, "other_grants": others}})
+    write(path, data)
+    assert TokenStore(path).load() is None
+    assert_set_aside(path, data, capsys.readouterr().err)
+
+
+def test_a_run_waiting_for_the_lock_that_a_logout_removes_locks_the_new_file(path: Path) -> None:
+    """remove() deletes the lock file while holding it; a waiter must not go on holding a lock on a deleted file
+    while a third run locks the new one."""
+    import threading
+
+    first = TokenStore(path, key_for(RIGHT))
+    first.save(grant("right"), meta_for(RIGHT))
+    inside = threading.Event()
+    done: list[bool] = []
+
+    def waiter() -> None:
+        with TokenStore(path).locked(wait=10):
+            inside.set()
+            done.append(not another_process_can_lock(first.lock_path))
+            time.sleep(0.2)
+
+    with first.locked():
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.2)
+        first.remove()
+    assert inside.wait(10)
+    thread.join(10)
+    assert done == [True]  # the file at lock_path now is the one the waiter holds
