@@ -206,6 +206,24 @@ def _positive_seconds(name: str, value: str, load: _Load) -> float:
     return seconds
 
 
+def _ca_bundle(name: str, value: str, load: _Load) -> str:
+    """"" when unset (requests' own REQUESTS_CA_BUNDLE, else certifi, then decide); else a readable file's path."""
+    if not value:
+        return ""
+    path = Path(value).expanduser().absolute()
+    pem = "it should be a PEM file of the CA certificates to trust"
+    if not path.exists():
+        raise ConfigError(f"{name}={value!r} does not exist; {pem}.")
+    if not path.is_file():  # checked before opening: a FIFO would block the open
+        raise ConfigError(f"{name}={value!r} is not a file; {pem}.")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{name}={value!r}: cannot read it ({exc.strerror or exc}); {pem}.") from None
+    return str(path)
+
+
 # Every setting, keyed by its environment (and .env) variable; the order is --help's, the README's and .env.example's.
 SETTINGS: dict[str, Setting] = {row.variable: row for row in (
     Setting("CLIENT_ID", "client_id", "--client-id", "", "the OAuth application's client id (required)",
@@ -265,6 +283,11 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "(default {default} beside the script; a relative path is relative to the current folder)",
             _token_file, shown_default=f"`{DEFAULT_TOKEN_FILE_NAME}` beside the script",
             doc="a relative path is relative to the current folder"),
+    Setting("OAUTH_CA_BUNDLE", "ca_bundle", "--ca-bundle", "", "a PEM file of CA certificates to trust for every "
+            "HTTPS request, e.g. a private or corporate CA (default: REQUESTS_CA_BUNDLE if set, else the certifi "
+            "bundle)", _ca_bundle, shown_default="`REQUESTS_CA_BUNDLE` if set, else certifi's bundle",
+            doc="a PEM file of the CA certificates to trust for every HTTPS request (a private or corporate CA); "
+            "it replaces the default bundle, so it must hold every CA the server's certificate chains to"),
     Setting("OAUTH_TIMEOUT", "timeout", "--timeout", "10", "seconds each HTTP request may take (default {default})",
             _positive_seconds),
     Setting("OAUTH_LOGIN_TIMEOUT", "login_timeout", "--login-timeout", "300", "seconds to wait for the browser's "
