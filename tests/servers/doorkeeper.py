@@ -163,7 +163,7 @@ class DoorkeeperServer:
     ``grant_scopes`` (GRANT_SCOPES), ``strict_refresh_scope`` (STRICT_REFRESH_SCOPE),
     ``refuse_access_token_revocation`` (REFUSE_ACCESS_TOKEN_REVOCATION), ``send_iss`` (SEND_ISS),
     ``iss_value`` (ISS_VALUE), ``advertise_iss`` (ADVERTISE_ISS), ``oidc`` (OIDC), ``require_resource``
-    (REQUIRE_RESOURCE), ``public_client_id`` (PUBLIC_CLIENT_ID).
+    (REQUIRE_RESOURCE), ``public_client_id`` (PUBLIC_CLIENT_ID), ``tls`` (TLS_CERT, TLS_KEY).
     """
 
     def __init__(
@@ -188,6 +188,7 @@ class DoorkeeperServer:
         oidc: bool = False,
         require_resource: str | None = None,
         public_client_id: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.access_token_ttl = int(access_token_ttl)
@@ -210,6 +211,7 @@ class DoorkeeperServer:
         self.advertise_iss = bool(advertise_iss) or self.send_iss  # the metadata claims what it sends
         self.require_resource = require_resource or None
         self.public_client_id = public_client_id or None
+        self.tls = tls  # (certificate chain PEM, key PEM): WEBrick serves https itself (TLS_CERT, TLS_KEY)
         self.boot_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin = requests.Session()
@@ -221,7 +223,7 @@ class DoorkeeperServer:
         """Origin of the server, e.g. ``http://127.0.0.1:3801``."""
         if self.port is None:
             raise ServerError("server has no port yet: call start()")
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def issuer(self) -> str:
@@ -273,6 +275,8 @@ class DoorkeeperServer:
                 "OIDC": "1" if self.oidc else "",
                 "REQUIRE_RESOURCE": self.require_resource or "",
                 "PUBLIC_CLIENT_ID": self.public_client_id or "",
+                "TLS_CERT": str(self.tls[0]) if self.tls else "",
+                "TLS_KEY": str(self.tls[1]) if self.tls else "",
             }
         )
         # Bundler variables from a surrounding `bundle exec` would make ruby look for a Gemfile.
