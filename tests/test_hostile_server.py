@@ -39,7 +39,7 @@ from servers.hostile import (
     trickle,
 )
 from servers.proxy import Tinyproxy, tinyproxy_available
-from servers.tls import KINDS, TestPKI
+from servers.tls import KINDS, TestPKI, trust_in_this_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -246,3 +246,12 @@ def test_tinyproxy_logs_what_went_through(tmp_path: Path, server: HostileServer,
         while len(proxy.requests()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proxy.requests() == [f"GET {server.url(METADATA_PATH)}", f"CONNECT 127.0.0.1:{secure.port}"]
+
+
+def test_trust_in_this_process_adds_our_ca_beside_certifi(pki: TestPKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    with HostileServer(tls=pki.server_context()) as secure:
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(secure.url(METADATA_PATH), timeout=5)
+        trust_in_this_process(pki.ca_file)
+        assert requests.get(secure.url(METADATA_PATH), timeout=5).json()["issuer"] == secure.issuer

@@ -4,6 +4,7 @@
     pki.ca_file                        # the PEM to give the script as OAUTH_CA_BUNDLE
     pki.server_context("good")         # an ssl.SSLContext for HostileServer(tls=...)
     pki.cert_files("good")             # (certificate chain PEM, key PEM) paths, for a server in another process
+    trust_in_this_process(pki.ca_file) # the tests' own requests (a person's browser, admin calls) trust it too
 
 The kinds, one per thing a client must refuse (and "good"): "good" (our CA, 127.0.0.1 and localhost),
 "expired" (our CA, the right names, expired yesterday), "wrong_name" (our CA, names only wrong.example),
@@ -14,7 +15,9 @@ signed by its own key).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +94,22 @@ class TestPKI:
     def client_context(self) -> ssl.SSLContext:
         """What a client that trusts our CA uses (for the tests' own requests, e.g. a server's readiness check)."""
         return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+_TRUSTED: list[Path] = []
+
+
+def trust_in_this_process(ca_file: Path) -> None:
+    """Let this process's requests (not the script's: its environment is built apart) trust a CA of the tests,
+    beside certifi's: REQUESTS_CA_BUNDLE names a bundle of both. Additive, so servers of several tests coexist."""
+    import certifi
+
+    if ca_file in _TRUSTED:
+        return
+    _TRUSTED.append(ca_file)
+    handle, bundle = tempfile.mkstemp(prefix="fetch-memos-tests-ca-", suffix=".pem")
+    with os.fdopen(handle, "wb") as out:
+        out.write(Path(certifi.where()).read_bytes())
+        for trusted in _TRUSTED:
+            out.write(b"\n" + trusted.read_bytes())
+    os.environ["REQUESTS_CA_BUNDLE"] = bundle
