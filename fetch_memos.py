@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 if TYPE_CHECKING:  # the HTTP stack is imported lazily so that --help and --status stay instant
     import requests
@@ -57,6 +57,19 @@ if TYPE_CHECKING:  # the HTTP stack is imported lazily so that --help and --stat
 __version__ = "1.0.0"
 
 log = logging.getLogger("fetch_memos")
+
+# The public surface: what tests/ and bench/ use. Everything else may change without notice.
+__all__ = [
+    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE",
+    "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS",
+    "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
+    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
+    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "authorize",
+    "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring", "is_loopback_host",
+    "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes",
+    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
+    "resolve_endpoints", "should_open_browser", "token_meta", "token_mismatch",
+]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
 DEFAULT_SERVER_URL = "http://localhost:3801"
@@ -477,13 +490,21 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Errors and messages: each failure a class with its exit code; secrets redacted; wire errors in words.
+# 2. Errors and messages: the catalogue (every failure's words and exit code), OAuth error codes by endpoint,
+#    the one sanitizer for server text, the one redaction of secrets, wire errors in words.
 # ---------------------------------------------------------------------------------------------
 
 class FetchMemosError(Exception):
-    """An expected failure: main() prints its message as one line and exits with its code."""
+    """An expected failure: main() prints its message as one line and exits with its code.
+
+    `what` is the MESSAGES key it was made from ("" for the few raised with words of their own).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what
 
 
 class ServerError(FetchMemosError):
@@ -504,28 +525,19 @@ class AuthorizationError(FetchMemosError):
     exit_code = 3
 
 
+# The classes below exist because some code catches them by class; every other failure is one of the three above,
+# told apart by its `what`.
+
 class DeadGrant(AuthorizationError):
-    """The stored grant no longer works (revoked, expired, or the server forgot it)."""
+    """The stored grant no longer works (revoked, expired, or the server forgot it): caught to authorize anew."""
 
 
 class TransientServerError(ServerError):
-    """The server could not be reached or failed with a 5xx: worth another try where a retry is safe."""
-
-
-class AuthorizationDenied(AuthorizationError):
-    """The person refused access (access_denied: RFC 6749 section 4.1.2.1, RFC 8628 section 3.5)."""
-
-
-class DeviceCodeExpired(AuthorizationError):
-    """The device flow's code ran out before it was approved: expired_token, its expires_in, or OAUTH_LOGIN_TIMEOUT."""
-
-
-class NoDeviceEndpoint(ConfigError):
-    """The device flow was chosen, but no device authorization endpoint is known."""
+    """The server could not be reached or failed with a 5xx: caught by the device poller, which tries again."""
 
 
 class TokenNotSaved(FetchMemosError):
-    """Saving failed; the caller decides whether the run can still succeed."""
+    """Saving failed; caught where the run can still succeed without the file."""
 
     exit_code = 1
 
@@ -534,7 +546,7 @@ class TokenFileBusy(FetchMemosError):
     """Another run held the token file's lock for longer than we wait: nothing failed, so try again later.
 
     Exit 1 like a server failure (the run did not get its memos, and another try will do), but its own
-    class: the server is not at fault.
+    class: the server is not at fault. Raised by the token store (section 3).
     """
 
     exit_code = 1
@@ -544,6 +556,259 @@ class BadTokenFile(Exception):
     """The file is not a token this script can use; the store sets it aside (never reaches main())."""
 
 
+# What each exit code means: --help and the README's table are rendered from this, and every MESSAGES entry
+# names one of these codes (a unit test holds them to it).
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON), or another run held "
+       "the token file's lock for over 60 s (try again)",
+    2: "usage or configuration error (missing variable, bad URL, http to a remote host, client credentials "
+       "rejected)",
+    3: "authorization failed or needs a person (bad/expired code, denied, state mismatch, device code expired, end "
+       "of input, dead grant or no token without a terminal)",
+    130: "interrupted",
+}
+
+_ERROR_CLASSES: dict[int, type[FetchMemosError]] = {1: ServerError, 2: ConfigError, 3: AuthorizationError}
+
+DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+class Message(NamedTuple):
+    """One thing that can go wrong: its exit code and its words (str.format fields, filled in by fail())."""
+
+    exit_code: int
+    text: str
+    raises: type[FetchMemosError] | None = None  # only for the classes some code catches; else by exit code
+
+
+_EXPIRED = "the code expired; run again."
+
+# Every failure the script reports after its settings are read, keyed by what happened. Adding one: one entry here,
+# then `raise fail("key", field=...)` where it happens (or an OAUTH_ERRORS row when a server's error code means it).
+MESSAGES: dict[str, Message] = {
+    # -- the token endpoint, the device authorization endpoint and the revocation endpoint ------------------
+    "client_rejected": Message(2, "the server at {url} rejected the client credentials ({error}); check CLIENT_ID "
+                                  "and CLIENT_SECRET in .env."),
+    "client_secret_missing": Message(
+        2, "the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
+           "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register the "
+           "application as public."),
+    "device_grant_not_allowed": Message(
+        2, "the server at {url} does not let this application use the device flow ({error}{detail}); register it "
+           f"with the device code grant type ({DEVICE_GRANT_TYPE})."),
+    "scope_refused": Message(2, "the server at {url} refused the requested scope ({error}{detail}); check "
+                                "OAUTH_SCOPE."),
+    "endpoint_down": Message(1, "the {endpoint} {url} answered {answered}; try again later."),
+    "endpoint_failed": Message(1, "the {endpoint} {url} failed ({error}); try again later."),
+    "token_not_json": Message(1, "the token endpoint {url} answered {status} with {kind}, not a token; check "
+                                 "OAUTH_TOKEN_URL (or OAUTH_SERVER_URL)."),
+    "token_missing": Message(1, "the token endpoint {url} answered without a token{description}."),
+    "token_malformed": Message(1, "the token endpoint {url} sent a malformed token ({problem})."),
+    "token_request_failed": Message(3, "the token request to {url} failed: {error}{detail}."),
+    "code_rejected": Message(3, "the server did not accept the code: it is wrong, expired or already used. "
+                                "Run again to get a new one."),
+    "refresh_lost": Message(1, "{problem} while refreshing the token. The stored token was kept; run again (if the "
+                               "server had already used it up, you will be asked to authorize again)."),
+    "refresh_refused": Message(3, "the server refused to refresh the stored grant ({error}).", DeadGrant),
+    "grant_dead": Message(3, "the stored authorization is no longer valid (revoked, expired, or unknown to the "
+                             "server).", DeadGrant),
+    "no_refresh_token": Message(3, "the stored token has expired and came without a refresh token.", DeadGrant),
+    # -- the authorization response, pasted or caught (RFC 6749 section 4.1.2.1, RFC 9207) ------------------
+    "denied_in_browser": Message(3, "authorization was denied in the browser; run again and press Authorize to allow "
+                                    "access."),
+    "denied_at_server": Message(3, "authorization was denied at the server{detail}; run again and press Authorize to "
+                                   "allow access."),
+    "authorization_refused": Message(3, "the server refused the authorization: {error}{detail}."),
+    "iss_missing": Message(
+        3, "the authorization response carries no iss, though the metadata of {issuer} says every response names its "
+           "issuer (RFC 9207); it may belong to another server's authorization (a mix-up attack), so it was refused "
+           "before any token request. Run again, and check OAUTH_ISSUER."),
+    "iss_wrong": Message(
+        3, "the authorization response names the issuer {named!r}, not the expected {issuer} (RFC 9207); it may "
+           "belong to another server's authorization (a mix-up attack), so it was refused before any token "
+           "request.{advice}"),
+    "not_a_code": Message(3, "that does not look like an authorization code; paste the code the server showed, or the "
+                             "whole address of that page."),
+    "bare_code_unverifiable": Message(3, "a bare code cannot be checked against the issuer {issuer} (RFC 9207); paste "
+                                         "the whole address the browser ended up on instead."),
+    "paste_unreadable": Message(3, "that is neither a code nor an address that can be read; paste the code the server "
+                                   "showed, or the whole address of that page."),
+    "state_mismatch": Message(3, "the pasted URL belongs to a different authorization request (its state does not "
+                                 "match); run again and use the URL this run printed."),
+    "no_code_in_paste": Message(3, "the server gave no code: the pasted address has none in it. {hint}"),
+    "end_of_input": Message(3, "no code was entered (end of input); run again to authorize."),
+    "nothing_pasted": Message(3, "no code was entered; run again to authorize."),
+    "port_in_use": Message(2, "port {port} on {host} is already in use, so the browser's redirect cannot be caught "
+                              "there; free it or choose another port with --loopback=PORT (and register that redirect "
+                              "URI)."),
+    "cannot_listen": Message(2, "cannot listen on {host}:{port}: {problem}."),
+    "login_timeout": Message(3, "no authorization arrived within {timeout:.0f} s; run again (or raise "
+                                "OAUTH_LOGIN_TIMEOUT)."),
+    # -- the device grant (RFC 8628) ------------------------------------------------------------------------
+    "no_device_endpoint": Message(
+        2, "the device flow needs the server's device authorization endpoint, and the server publishes none (no "
+           "device_authorization_endpoint in its metadata) nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL (or "
+           "--device-authorization-url). Doorkeeper offers one only with the doorkeeper-device_authorization_grant "
+           "gem; django-oauth-toolkit serves <site>/o/device-authorization/ but does not advertise it."),
+    "device_endpoint_missing": Message(2, "there is no device authorization endpoint at {url} (404); check "
+                                          "OAUTH_DEVICE_AUTHORIZATION_URL."),
+    "device_endpoint_not_json": Message(1, "the device authorization endpoint {url} answered {status} without a usable "
+                                           "JSON body; check OAUTH_DEVICE_AUTHORIZATION_URL."),
+    "device_authorization_refused": Message(3, "the server refused the device authorization request: "
+                                               "{error}{detail}."),
+    "device_answer_lacks": Message(1, "the device authorization endpoint {url} answered without {lacks}."),
+    "device_no_verification_uri": Message(1, "the device authorization endpoint {url} named no verification_uri (the "
+                                             "page where the code is entered); the server's device flow is not fully "
+                                             "configured."),
+    "device_denied": Message(3, "authorization was denied at the server; run again and approve access to allow it."),
+    "device_code_expired": Message(3, _EXPIRED),
+    "device_wait_ended": Message(3, _EXPIRED + " fetch_memos waited OAUTH_LOGIN_TIMEOUT={timeout:g} s for the "
+                                    "approval (raise it to wait longer)."),
+    "device_code_rejected": Message(3, "the server no longer accepts this device code ({error}{detail}); run again."),
+    "poll_server_down": Message(1, "the token endpoint {url} answered {answered}.", TransientServerError),
+    "poll_unreachable": Message(1, "{problem}", TransientServerError),
+    "poll_gave_up": Message(1, "{problem}; gave up waiting for the approval after {failures} failed polls in a row.",
+                            TransientServerError),
+    "poll_not_json": Message(1, "the token endpoint {url} answered {status} without a JSON body; check "
+                                "OAUTH_TOKEN_URL."),
+    "poll_no_token": Message(1, "the token endpoint {url} answered {status} without a token."),
+    # -- the API and the commands -----------------------------------------------------------------------------
+    "api_kept_failing": Message(1, "{url} kept failing after {tries} tries; try again later."),
+    "api_rejected_token": Message(1, "the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL "
+                                     "and the server's token settings."),
+    "api_forbidden": Message(1, "the API at {url} refused access (403 Forbidden): the account or the token's scope "
+                                "lacks permission (check OAUTH_SCOPE, then --logout and run again)."),
+    "api_failed": Message(1, "the API at {url} answered {answered}."),
+    "api_empty": Message(1, "the API at {url} answered {status} with an empty body instead of JSON."),
+    "api_not_json": Message(1, "the API at {url} answered {status} with {content_type}, not JSON."),
+    "needs_person": Message(3, "{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
+                               "once."),
+    "logout_other_server": Message(2, "the stored token cannot be revoked with the current settings: {reason}. Point "
+                                      "the settings back at that server, or delete the file by hand."),
+    "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}; the token file was kept."),
+    "client_kept": Message(2, "{problem} The token file was kept."),
+}
+
+
+def fail(what: str, **fields: object) -> FetchMemosError:
+    """The error for MESSAGES[what], its fields filled in: the one way the code above makes a failure."""
+    entry = MESSAGES[what]
+    kind = entry.raises or _ERROR_CLASSES[entry.exit_code]
+    return kind(entry.text.format(**fields), what=what)
+
+
+def _printable(value: object, limit: int = 200) -> str:
+    """Text from a server made safe for one line on a terminal (no escape sequences), and bounded."""
+    text = "".join(ch for ch in str(value) if ch.isprintable())
+    return text[:limit]
+
+
+def answered(response: requests.Response) -> str:
+    """ "401 Unauthorized": how every message names the HTTP status a server answered with."""
+    return f"{response.status_code} {response.reason or ''}".rstrip()
+
+
+class OAuthError(NamedTuple):
+    """An OAuth error answer (RFC 6749 sections 4.1.2.1 and 5.2), sanitized: safe to print."""
+
+    error: str
+    description: str = ""
+    uri: str = ""
+
+    @property
+    def detail(self) -> str:
+        """" (description)" for the messages that add it, else ""."""
+        return f" ({self.description})" if self.description else ""
+
+
+def oauth_error(body: object) -> OAuthError | None:
+    """The one reader of an OAuth error: a JSON text, a parsed body or query parameters; None when none is there.
+
+    A server may send anything: a body that is not JSON, not an object, or fields that are not strings. Only a
+    non-empty `error` makes an error; every field is stripped to printable text and bounded.
+    """
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return None
+    if not isinstance(body, Mapping):
+        return None
+
+    def field(name: str) -> object:
+        value = body.get(name)
+        return value[0] if isinstance(value, list) and value else value  # parse_qs gives lists
+
+    error = field("error")
+    if not isinstance(error, str) or not _printable(error, 60):
+        return None
+    return OAuthError(_printable(error, 60), _printable(field("error_description") or ""),
+                      _printable(field("error_uri") or ""))
+
+
+def oauth_failure(endpoint: str, error: OAuthError, url: str, *, has_secret: bool = True,
+                  **fields: object) -> FetchMemosError:
+    """What an OAuth error from `endpoint` means for the person: the OAUTH_ERRORS row for its code, or the
+    endpoint's row for any other code."""
+    what = OAUTH_ERRORS.get((endpoint, error.error)) or OAUTH_ERRORS[(endpoint, "*")]
+    if not has_secret:
+        what = OAUTH_ERRORS_WITHOUT_SECRET.get((endpoint, error.error), what)
+    return fail(what, url=url, error=error.error, detail=error.detail,
+                description=f": {error.description.rstrip('.')}" if error.description else "",
+                endpoint=ENDPOINT_TITLES.get(endpoint, endpoint), **fields)
+
+
+# What an OAuth error code means at each endpoint, keyed by (endpoint, error code); "*" is any other code.
+# Error codes: RFC 6749 section 4.1.2.1 (authorization) and 5.2 (token), RFC 8628 section 3.5 (device poll),
+# RFC 7009 section 2.2.1 (revocation). Endpoints: "authorization" (a pasted response), "redirect" (the loopback's),
+# "token" (code exchange), "refresh", "device_authorization", "device_poll", "revocation".
+OAUTH_ERRORS: dict[tuple[str, str], str] = {
+    ("authorization", "access_denied"): "denied_at_server",
+    ("authorization", "*"): "authorization_refused",
+    ("redirect", "access_denied"): "denied_in_browser",  # the person just pressed Deny: a description adds nothing
+    ("redirect", "*"): "authorization_refused",
+    **{(endpoint, error): what for endpoint in ("token", "refresh") for error, what in (
+        ("invalid_client", "client_rejected"),
+        ("unauthorized_client", "client_rejected"),
+        ("missing_token", "token_missing"),  # oauthlib's own codes for a 200 without a token
+        ("missing_token_type", "token_missing"),
+        ("server_error", "endpoint_failed"),
+        ("temporarily_unavailable", "endpoint_failed"),
+        ("*", "token_request_failed"),
+    )},
+    ("token", "invalid_grant"): "code_rejected",
+    ("refresh", "invalid_grant"): "grant_dead",
+    ("refresh", "invalid_scope"): "refresh_refused",
+    ("device_authorization", "invalid_client"): "client_rejected",
+    ("device_authorization", "unauthorized_client"): "device_grant_not_allowed",
+    ("device_authorization", "invalid_scope"): "scope_refused",
+    ("device_authorization", "*"): "device_authorization_refused",
+    ("device_poll", "invalid_client"): "client_rejected",
+    ("device_poll", "unauthorized_client"): "device_grant_not_allowed",
+    ("device_poll", "unsupported_grant_type"): "device_grant_not_allowed",
+    ("device_poll", "invalid_grant"): "device_code_rejected",
+    ("device_poll", "access_denied"): "device_denied",
+    ("device_poll", "expired_token"): "device_code_expired",
+    ("device_poll", "*"): "token_request_failed",
+    ("revocation", "invalid_client"): "client_rejected",
+    ("revocation", "*"): "revocation_failed",
+}
+
+# Where a client without CLIENT_SECRET is told "a secret is expected" rather than "check the credentials".
+# The device endpoints say the latter either way. "401" is a bare 401 at revocation (no error body).
+OAUTH_ERRORS_WITHOUT_SECRET: dict[tuple[str, str], str] = {
+    ("token", "invalid_client"): "client_secret_missing",
+    ("refresh", "invalid_client"): "client_secret_missing",
+    ("revocation", "invalid_client"): "client_secret_missing",
+    ("revocation", "401"): "client_secret_missing",
+}
+
+ENDPOINT_TITLES = {"token": "token endpoint", "refresh": "token endpoint",
+                   "device_authorization": "device authorization endpoint", "device_poll": "token endpoint",
+                   "revocation": "revocation endpoint"}
+
+
 # Secrets seen during the run; every log record and error message passes through redact().
 _SECRETS: set[str] = set()
 
@@ -551,6 +816,8 @@ _SECRETS: set[str] = set()
 def remember_secret(*values: object) -> None:
     """Register values that must never be printed (tokens, client secret, code, PKCE verifier)."""
     for value in values:
+        # Shorter strings are no credential any server issues, and replacing them would mangle ordinary words
+        # ("[redacted]" in every "the") in every message.
         if isinstance(value, str) and len(value) >= 4:
             _SECRETS.add(value)
 
@@ -1069,7 +1336,8 @@ def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Session: OAuth2Session with auto refresh wired to the token store; decides when to refresh.
+# 5. Session: OAuth2Session with auto refresh wired to the token store, one client authentication (ClientAuth)
+#    and one place for request extras; decides when to refresh.
 # ---------------------------------------------------------------------------------------------
 
 RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
@@ -1146,15 +1414,13 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
     content_type = response.headers.get("Content-Type", "")
     is_json = "json" in content_type.lower()
     if response.status_code == 401 and not settings.client_secret and not is_json:
-        raise ConfigError(missing_secret_message(response.url, "401 Unauthorized"))
+        raise fail("client_secret_missing", url=response.url, error="401 Unauthorized")
     if response.status_code >= 500:
-        raise ServerError(f"the token endpoint {response.url} answered {response.status_code} "
-                          f"{response.reason or ''}".rstrip() + "; try again later.")
+        raise fail("endpoint_down", endpoint="token endpoint", url=response.url, answered=answered(response))
     if not is_json:
         kind = "an HTML page" if "html" in content_type.lower() else (
             "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
-        raise ServerError(f"the token endpoint {response.url} answered {response.status_code} with {kind}, not a "
-                          "token; check OAUTH_TOKEN_URL (or OAUTH_SERVER_URL).")
+        raise fail("token_not_json", url=response.url, status=response.status_code, kind=kind)
     return response
 
 
@@ -1164,10 +1430,64 @@ def _without_scope(url: str, headers: dict, body: str) -> tuple[str, dict, str]:
     RFC 6749 section 6: an omitted scope means the scope originally granted. Repeating the configured
     scope fails at a server that granted less (invalid_scope), on every later refresh.
     """
-    from urllib.parse import parse_qsl, urlencode
-
     fields = [(key, value) for key, value in parse_qsl(body, keep_blank_values=True) if key != "scope"]
     return url, headers, urlencode(fields)
+
+
+def request_extras(settings: Settings) -> dict[str, str]:
+    """The parameters every authorization and token request carries beyond the grant's own: the one place to add one.
+
+    RFC 8707 section 2: `resource` on the authorization request, the code and refresh token requests, and the
+    device flow's requests (which play their parts). Revocation carries none.
+    """
+    return {"resource": settings.resource} if settings.resource else {}
+
+
+@functools.cache
+def _client_auth_class() -> type:
+    """ClientAuth, built on first use so that --help and --status never import requests (as _oauth2_session_class).
+
+    A requests.auth.AuthBase rather than a function: requests-oauthlib's fetch_token and refresh_token take it as
+    `auth` and then add no client credentials of their own, so every request that authenticates the client (code
+    exchange, refresh, device authorization, device poll, revocation) goes through this one object.
+    """
+    import requests
+
+    class ClientAuth(requests.auth.AuthBase):
+        """Client authentication (RFC 6749 section 2.3.1), one encoder per CLIENT_AUTH_METHODS entry, as Authlib's
+        ClientAuth; plus the request extras (request_extras) for the requests that carry them."""
+
+        def __init__(self, settings: Settings, *, extras: Mapping[str, str] | None = None) -> None:
+            # one encoder per CLIENT_AUTH_METHODS entry: adding a method is one method here and one name there
+            self.encode: Callable[[requests.PreparedRequest], dict[str, str]] = {
+                "basic": self.basic, "post": self.post, "none": self.none}[settings.client_auth]
+            self.client_id = settings.client_id
+            self.client_secret = settings.client_secret
+            self.extras = dict(extras or {})
+
+        def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+            fields = {**self.encode(request), **self.extras}
+            if fields:
+                body = request.body.decode() if isinstance(request.body, bytes) else (request.body or "")
+                pairs = parse_qsl(body, keep_blank_values=True)
+                known = {key for key, _value in pairs}
+                pairs = [(key, fields.get(key, value)) for key, value in pairs]
+                pairs += [(key, value) for key, value in fields.items() if key not in known]
+                request.body = urlencode(pairs)
+                request.prepare_content_length(request.body)
+            return request
+
+        def basic(self, request: requests.PreparedRequest) -> dict[str, str]:  # client_secret_basic
+            requests.auth.HTTPBasicAuth(self.client_id, self.client_secret)(request)
+            return {}
+
+        def post(self, _request: requests.PreparedRequest) -> dict[str, str]:  # client_secret_post
+            return {"client_id": self.client_id, "client_secret": self.client_secret}
+
+        def none(self, _request: requests.PreparedRequest) -> dict[str, str]:
+            return {"client_id": self.client_id}  # a public client identifies itself (section 3.2.1)
+
+    return ClientAuth
 
 
 def _insufficient_scope(response: requests.Response) -> bool:
@@ -1204,6 +1524,8 @@ class MemoSession:
         self.oauth.register_compliance_hook("access_token_response", check)
         self.oauth.register_compliance_hook("refresh_token_response", check)
         self.oauth.register_compliance_hook("refresh_token_request", _without_scope)
+        self.client_auth = _client_auth_class()(settings)  # revocation: no request extras
+        self.token_auth = _client_auth_class()(settings, extras=request_extras(settings))
         self.asked_scope: tuple[str, ...] = settings.scope
         # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
         # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
@@ -1223,7 +1545,7 @@ class MemoSession:
     def use(self, token: Mapping[str, Any]) -> None:
         """Hold this token; requests-oauthlib sees it as expired refresh_margin() seconds early."""
         self.token = dict(token)
-        asked = asked_scope(self.token)
+        asked = scope_asked_for(self.token)
         if asked is not None:  # a stored token says what its grant asked for; a refreshed one keeps that
             self.asked_scope = asked
         remember_secret(self.token.get("access_token"), self.token.get("refresh_token"))
@@ -1233,7 +1555,9 @@ class MemoSession:
         self.oauth.token = session_copy
 
     def _token_updated(self, token: dict) -> None:
-        """requests-oauthlib's token_updater: refresh() has already saved it and taken it into use."""
+        """requests-oauthlib's token_updater, empty on purpose: refresh() has already saved the token and taken it into
+        use. Needed all the same: without a token_updater requests-oauthlib raises TokenUpdated after an auto refresh
+        instead of sending the request."""
 
     def _save(self, token: Mapping[str, Any]) -> None:
         try:
@@ -1246,9 +1570,7 @@ class MemoSession:
 
     def authorization_url(self, authorize_url: str) -> tuple[str, str]:
         state = secrets.token_urlsafe(24)
-        extra: dict[str, str] = {}
-        if self.settings.resource:
-            extra["resource"] = self.settings.resource  # RFC 8707 section 2.1
+        extra = request_extras(self.settings)
         if "offline_access" in self.settings.scope:
             # OpenID Connect Core section 11: offline_access is ignored unless consent is asked for.
             extra["prompt"] = "consent"
@@ -1268,19 +1590,12 @@ class MemoSession:
     def exchange_code(self, code: str) -> dict[str, Any]:
         """Trade the code for a token (PKCE verifier and the configured client auth); never retried."""
         url = self.settings.token_url
-        if self.settings.client_auth == "basic":
-            auth: dict[str, Any] = {"auth": self._client_auth()}
-        else:  # client_id (and for "post" the secret) in the body, no Authorization header
-            auth = {"include_client_id": True}
-            if self.settings.client_auth == "post":
-                auth["client_secret"] = self.settings.client_secret
-        extra = {"resource": self.settings.resource} if self.settings.resource else {}
         try:
             with _oauthlib_transport(self.settings):
-                token = _granted(lambda: self.oauth.fetch_token(url, code=code, timeout=self.settings.timeout,
-                                                                **auth, **extra))
+                token = run_token_request(lambda: self.oauth.fetch_token(
+                    url, code=code, timeout=self.settings.timeout, auth=self.token_auth))
         except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-            raise self._token_request_failed(exc, "token_url", during="exchange") from None
+            raise self._token_request_failed(exc, "token") from None
         return self.take_new_token(token)
 
     def take_new_token(self, token: Mapping[str, Any]) -> dict[str, Any]:
@@ -1314,19 +1629,15 @@ class MemoSession:
                     self.token = stored  # the newest refresh token is the one that works
             refresh_token = self.token.get("refresh_token")
             if not refresh_token:
-                raise DeadGrant("the stored token has expired and came without a refresh token.")
+                raise fail("no_refresh_token")
             url = self.settings.token_url
-            extra: dict[str, Any] = {"auth": self._client_auth()} if self.settings.client_auth == "basic" else {
-                "auth": None, **self._client_auth_fields()}
-            if self.settings.resource:
-                extra["resource"] = self.settings.resource  # RFC 8707 section 2.2
             try:
                 with _oauthlib_transport(self.settings):
-                    token = _granted(lambda: self.oauth.plain_refresh(refresh_token, timeout=self.settings.timeout,
-                                                                      **extra))
+                    token = run_token_request(lambda: self.oauth.plain_refresh(
+                        refresh_token, timeout=self.settings.timeout, auth=self.token_auth))
                 token.setdefault("refresh_token", refresh_token)  # RFC 6749 section 6: kept unless replaced
             except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-                raise self._token_request_failed(exc, "token_url", during="refresh") from None
+                raise self._token_request_failed(exc, "refresh") from None
             log.debug("refreshed the token at %s", url)
             self.use(token)
             self._save(token)
@@ -1363,8 +1674,7 @@ class MemoSession:
                 except FetchMemosError:
                     raise
                 except requests.exceptions.RetryError:
-                    raise ServerError(f"{url} kept failing after {RETRY_ATTEMPTS + 1} tries; "
-                                      "try again later.") from None
+                    raise fail("api_kept_failing", url=url, tries=RETRY_ATTEMPTS + 1) from None
                 except requests.exceptions.RequestException as exc:
                     raise request_failed(exc, url, self.settings.timeout) from None
         finally:
@@ -1386,30 +1696,14 @@ class MemoSession:
             response = self.get(url)
         return response
 
-    def _client_auth(self) -> Any:
-        """HTTP Basic credentials for OAUTH_CLIENT_AUTH=basic (client_secret_basic), else None."""
-        import requests
-
-        if self.settings.client_auth != "basic":
-            return None
-        return requests.auth.HTTPBasicAuth(self.settings.client_id, self.settings.client_secret)
-
-    def _client_auth_fields(self) -> dict[str, str]:
-        """The form fields that authenticate the client for OAUTH_CLIENT_AUTH=post or none (RFC 6749 2.3.1)."""
-        if self.settings.client_auth == "basic":
-            return {}
-        if self.settings.client_auth == "post":
-            return {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
-        return {"client_id": self.settings.client_id}  # a public client identifies itself (section 3.2.1)
-
-    def post_form(self, url: str, data: Mapping[str, str]) -> requests.Response:
-        """A POST with the configured client authentication and no bearer token (revocation, device flow)."""
+    def post_form(self, url: str, data: Mapping[str, str], *, extras: bool = True) -> requests.Response:
+        """A POST with the client authenticated and no bearer token (device flow; revocation with extras=False)."""
         import requests
 
         try:
             with _oauthlib_transport(self.settings):
-                return self.oauth.post(url, data={**data, **self._client_auth_fields()}, timeout=self.settings.timeout,
-                                       withhold_token=True, auth=self._client_auth())
+                return self.oauth.post(url, data=data, timeout=self.settings.timeout, withhold_token=True,
+                                       auth=self.token_auth if extras else self.client_auth)
         except requests.exceptions.RequestException as exc:
             raise request_failed(exc, url, self.settings.timeout) from None
 
@@ -1418,10 +1712,10 @@ class MemoSession:
         if self.settings.source(endpoint) == "metadata":
             MetadataCache(self.settings.token_file).forget()
 
-    def _token_request_failed(self, exc: Exception, endpoint: str, during: str) -> Exception:
-        error = _token_request_error(exc, getattr(self.settings, endpoint), self.settings, during)
+    def _token_request_failed(self, exc: Exception, endpoint: str) -> Exception:
+        error = token_request_error(exc, endpoint, self.settings)
         if isinstance(error, ServerError):
-            self.endpoint_failed(endpoint)
+            self.endpoint_failed("token_url")
         return error
 
     def close(self) -> None:
@@ -1432,14 +1726,14 @@ class MemoSession:
 # 6. Grant rules: what a token endpoint's answer means, and what a stored token is good for.
 # ---------------------------------------------------------------------------------------------
 
-def asked_scope(token: Mapping[str, Any]) -> tuple[str, ...] | None:
+def scope_asked_for(token: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The scope asked for when this grant was obtained, or None when an older version stored none."""
     meta = token.get(META_KEY)
     scope = meta.get("scope") if isinstance(meta, dict) else None
     return tuple(scope) if isinstance(scope, list) else None
 
 
-def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -> dict[str, Any]:
+def token_meta(settings: Settings, asked: tuple[str, ...] | None = None) -> dict[str, Any]:
     """What we record beside a token: the token is only ever sent back where it came from.
 
     `scope` is the scope asked for when the grant was obtained (not what was granted, which is the
@@ -1447,7 +1741,7 @@ def token_meta(settings: Settings, asked_scope: tuple[str, ...] | None = None) -
     """
     return {"version": 1, "server_url": settings.server_url, "token_url": settings.token_url,
             "api_url": settings.api_url, "client_id": settings.client_id,
-            "scope": list(settings.scope if asked_scope is None else asked_scope)}
+            "scope": list(settings.scope if asked is None else asked)}
 
 
 def granted_scope(token: Mapping[str, Any], asked: tuple[str, ...]) -> tuple[str, ...]:
@@ -1465,7 +1759,7 @@ def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
 
     A refresh cannot widen a grant (RFC 6749 section 6), so such a scope needs a new authorization.
     """
-    asked = asked_scope(token)
+    asked = scope_asked_for(token)
     if asked is None:
         return None
     missing = [scope for scope in settings.scope if scope not in asked]
@@ -1475,7 +1769,8 @@ def scope_added(token: Mapping[str, Any], settings: Settings) -> str | None:
             f"was obtained (it asked for {' '.join(asked) or 'no scope'})")
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def _comparable_origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port): what two API URLs must share for a token to be sent to both."""
     try:
         parts = urlsplit(url)
         return parts.scheme, (parts.hostname or ""), parts.port
@@ -1484,19 +1779,25 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
-    """Why a stored token must not be used with these settings, or None when it may."""
+    """Why a stored token must not be used with these settings, or None when it may.
+
+    The token URL is compared exactly: the token (and the refresh token with it) goes back only to the endpoint
+    that issued it. The API only by origin: a bearer token is good for the whole resource server, so moving to
+    another path on the same server (MEMOS_API_URL=.../v2/memos) must not cost a new authorization.
+    """
     meta = token.get(META_KEY)
     if not meta:  # written by the original script, which only knew one server: adopt it
         return None
-    if meta.get("token_url") != settings.token_url or _origin(meta.get("api_url", "")) != _origin(settings.api_url):
+    api_moved = _comparable_origin(meta.get("api_url", "")) != _comparable_origin(settings.api_url)
+    if meta.get("token_url") != settings.token_url or api_moved:
         return f"it was issued by {meta.get('server_url')}, but the configuration now points at {settings.server_url}"
     if meta.get("client_id") != settings.client_id:
         return "it was issued to a different CLIENT_ID"
     return None
 
 
-def _granted(token_request: Any) -> dict[str, Any]:
-    """The token a request returned, also when the server granted other scopes than asked.
+def run_token_request(token_request: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """Send a token request (a callable) and return its token, also when the server granted other scopes than asked.
 
     oauthlib raises a Warning carrying the token in that case (unless a process-wide variable
     relaxes it); RFC 6749 section 3.3 lets the server decide, so we take what it granted.
@@ -1511,12 +1812,6 @@ def _granted(token_request: Any) -> dict[str, Any]:
         return dict(token)
 
 
-def missing_secret_message(url: str, error: str) -> str:
-    return (f"the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
-            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register "
-            "the application as public.")
-
-
 def _nothing_was_sent(exc: Exception) -> bool:
     """True when the request cannot have reached the server, so nothing can have been used up there."""
     import requests
@@ -1526,41 +1821,23 @@ def _nothing_was_sent(exc: Exception) -> bool:
         isinstance(c, (NewConnectionError, socket.gaierror, ConnectionRefusedError)) for c in _causes(exc))
 
 
-def _token_request_error(exc: Exception, url: str, settings: Settings, during: str) -> Exception:
-    """One place that says what a failed token request means for the person."""
+def token_request_error(exc: Exception, endpoint: str, settings: Settings) -> Exception:
+    """What a failed token request (endpoint "token", "refresh" or "device_poll") means for the person."""
     import requests
     from oauthlib.oauth2.rfc6749 import errors as oauth_errors
 
+    url = settings.token_url
     if isinstance(exc, FetchMemosError):
         return exc
     if isinstance(exc, requests.exceptions.RequestException):
-        if during == "refresh" and not _nothing_was_sent(exc):
-            return request_failed(exc, url, settings.timeout, " while refreshing the token. The stored token was "
-                                  "kept; run again (if the server had already used it up, you will be asked to "
-                                  "authorize again)")
+        if endpoint == "refresh" and not _nothing_was_sent(exc):
+            return fail("refresh_lost", problem=_describe_request_error(exc, url, settings.timeout))
         return request_failed(exc, url, settings.timeout)
-    if isinstance(exc, oauth_errors.InvalidClientError) and not settings.client_secret:
-        return ConfigError(missing_secret_message(url, exc.error))
-    if isinstance(exc, (oauth_errors.InvalidClientError, oauth_errors.UnauthorizedClientError)):
-        return ConfigError(f"the server at {url} rejected the client credentials ({exc.error}); check CLIENT_ID "
-                           "and CLIENT_SECRET in .env.")
-    if isinstance(exc, oauth_errors.InvalidScopeError) and during == "refresh":
-        return DeadGrant(f"the server refused to refresh the stored grant ({exc.error}).")
-    if isinstance(exc, oauth_errors.InvalidGrantError):
-        if during == "refresh":
-            return DeadGrant("the stored authorization is no longer valid (revoked, expired, or unknown to the "
-                             "server).")
-        return AuthorizationError("the server did not accept the code: it is wrong, expired or already used. "
-                                  "Run again to get a new one.")
     if isinstance(exc, oauth_errors.OAuth2Error):
-        description = f": {exc.description.rstrip('.')}" if exc.description else ""
-        if exc.error in ("missing_token", "missing_token_type"):
-            return ServerError(f"the token endpoint {url} answered without a token{description}.")
-        if exc.error in ("server_error", "temporarily_unavailable"):
-            return ServerError(f"the token endpoint {url} failed ({exc.error}); try again later.")
-        return AuthorizationError(f"the token request to {url} failed: {exc.error}{description}.")
+        error = oauth_error({"error": exc.error, "error_description": exc.description}) or OAuthError("invalid_request")
+        return oauth_failure(endpoint, error, url, has_secret=bool(settings.client_secret))
     if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
-        return ServerError(f"the token endpoint {url} sent a malformed token ({exc}).")
+        return fail("token_malformed", url=url, problem=exc)
     return exc
 
 
@@ -1576,26 +1853,12 @@ def _same_text(a: str, b: str) -> bool:
     return secrets.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
-def access_denied(where: str, then: str = "press Authorize to allow access") -> AuthorizationDenied:
-    """The person refused: the one message for the pasted, loopback and device ways."""
-    return AuthorizationDenied(f"authorization was denied {where}; run again and {then}.")
-
-
-def authorization_refused(error: str, description: str, *, in_browser: bool = False) -> AuthorizationError:
-    """An error the authorization endpoint sent back (RFC 6749 section 4.1.2.1), pasted or caught alike."""
-    detail = f" ({description})" if description else ""
-    if error == "access_denied":
-        # In the browser the person has just pressed Deny there: the server's description adds nothing.
-        return access_denied("in the browser" if in_browser else f"at the server{detail}")
-    return AuthorizationError(f"the server refused the authorization: {error}{detail}.")
-
-
 NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not support {OOB_REDIRECT_URI} "
                 "(copy and paste): register http://127.0.0.1/callback as a redirect URI of the application and run "
                 "with --loopback (or set OAUTH_REDIRECT_URI=http://127.0.0.1:PORT/callback).")
 
 
-def check_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_required: bool) -> None:
+def check_response_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_required: bool) -> None:
     """RFC 9207: the one check of `iss`, for pasted and loopback responses alike, before any token request.
 
     A response naming another issuer came from another server's flow (the mix-up attack, RFC 9700
@@ -1607,19 +1870,13 @@ def check_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_req
     values = params.get("iss")
     if not values:
         if issuer_required:
-            raise AuthorizationError(
-                f"the authorization response carries no iss, though the metadata of {issuer} says every response "
-                "names its issuer (RFC 9207); it may belong to another server's authorization (a mix-up attack), "
-                "so it was refused before any token request. Run again, and check OAUTH_ISSUER.")
+            raise fail("iss_missing", issuer=issuer)
         return
     if len(values) > 1 or values[0] != issuer:
         named = values[0] if len(values) == 1 else " and ".join(values)
         advice = (f" If {named} really is your server's issuer, set OAUTH_ISSUER={named} (or --issuer)."
                   if len(values) == 1 and named and named.isprintable() else "")
-        raise AuthorizationError(
-            f"the authorization response names the issuer {named!r}, not the expected {issuer} (RFC 9207); it may "
-            "belong to another server's authorization (a mix-up attack), so it was refused before any token "
-            f"request.{advice}")
+        raise fail("iss_wrong", named=named, issuer=issuer, advice=advice)
 
 
 def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, issuer_required: bool = False) -> str:
@@ -1627,46 +1884,40 @@ def parse_pasted(text: str, expected_state: str, *, issuer: str | None = None, i
 
     Quotes and spaces that come along with a copy are dropped. A URL's `error=` is reported, its
     `state`, when present, must be ours (Doorkeeper's out-of-band page carries none), and its `iss`
-    must name `issuer` (check_issuer).
+    must name `issuer` (check_response_issuer).
     """
     cleaned = "".join(text.split()).strip("'\"<>`")
     if not cleaned:
         raise ValueError("empty")
     if text.strip().startswith("{"):  # Doorkeeper's out-of-band Deny answers with a JSON error, not a page
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            answer = None
-        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-            raise authorization_refused(answer["error"], str(answer.get("error_description") or ""))
+        refused = oauth_error(text)
+        if refused is not None:
+            raise oauth_failure("authorization", refused, "")
     looks_like_url = "://" in cleaned or cleaned.startswith("/") or "?" in cleaned or "code=" in cleaned
     if not looks_like_url:
         if not all(0x21 <= ord(ch) <= 0x7E for ch in cleaned):
-            raise AuthorizationError("that does not look like an authorization code; paste the code the "
-                                     "server showed, or the whole address of that page.")
+            raise fail("not_a_code")
         if issuer is not None and issuer_required:
             # RFC 9207 protects the redirect response, which carries iss; a bare code carries nothing to
             # check, so it is only taken from a server that does not promise iss.
-            raise AuthorizationError(f"a bare code cannot be checked against the issuer {issuer} (RFC 9207); paste "
-                                     "the whole address the browser ended up on instead.")
+            raise fail("bare_code_unverifiable", issuer=issuer)
         return cleaned
     try:
         query = urlsplit(cleaned).query or cleaned.partition("?")[2] or cleaned
     except ValueError:
-        raise AuthorizationError("that is neither a code nor an address that can be read; paste the code the "
-                                 "server showed, or the whole address of that page.") from None
+        raise fail("paste_unreadable") from None
     params = parse_qs(query, keep_blank_values=True)
     state = params.get("state")
     if state is not None and not _same_text(state[0], expected_state):
-        raise AuthorizationError("the pasted URL belongs to a different authorization request (its state "
-                                 "does not match); run again and use the URL this run printed.")
+        raise fail("state_mismatch")
     if params.get("code") or params.get("error"):  # an authorization response; error ones carry iss too (RFC 9207 2)
-        check_issuer(params, issuer, issuer_required)
-    if params.get("error") and params["error"][0]:
-        raise authorization_refused(params["error"][0], (params.get("error_description") or [""])[0])
+        check_response_issuer(params, issuer, issuer_required)
+    refused = oauth_error(params)
+    if refused is not None:
+        raise oauth_failure("authorization", refused, "")
     code = (params.get("code") or [""])[0]
     if not code:
-        raise AuthorizationError(f"the server gave no code: the pasted address has none in it. {NO_CODE_HINT}")
+        raise fail("no_code_in_paste", hint=NO_CODE_HINT)
     return code
 
 
@@ -1678,12 +1929,12 @@ def read_pasted_code(expected_state: str, *, issuer: str | None = None, issuer_r
         line = sys.stdin.readline()
         if not line:
             say()  # end the "> " prompt line
-            raise AuthorizationError("no code was entered (end of input); run again to authorize.")
+            raise fail("end_of_input")
         try:
             return parse_pasted(line, expected_state, issuer=issuer, issuer_required=issuer_required)
         except ValueError:
             say("Nothing was pasted.")
-    raise AuthorizationError("no code was entered; run again to authorize.")
+    raise fail("nothing_pasted")
 
 
 def should_open_browser(settings: Settings, environ: Mapping[str, str]) -> bool:
@@ -1714,7 +1965,7 @@ def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) ->
     """Open url where should_open_browser() allows it; True when a browser took it."""
     if not should_open_browser(settings, environ):
         return False
-    import webbrowser
+    import webbrowser  # ~15 ms (subprocess, shlex): only a run that opens a browser pays it
 
     with contextlib.suppress(Exception), _stdout_to_stderr():
         return bool(webbrowser.open(url))
@@ -1722,7 +1973,7 @@ def open_in_browser(url: str, settings: Settings, environ: Mapping[str, str]) ->
 
 
 def _page(title: str, text: str) -> str:
-    import html
+    import html  # ~3 ms (html.entities): only the loopback listener's pages need it
 
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif;margin:3em'><h1>{html.escape(title)}</h1>"
@@ -1733,6 +1984,7 @@ class LoopbackListener:
     """Catches the browser's redirect on 127.0.0.1 (RFC 8252 section 7.3), one request at a time."""
 
     def __init__(self, redirect_uri: str) -> None:
+        # ~80 ms (email, http.client, mimetypes...): measured with -X importtime; only --loopback pays it
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         parts = urlsplit(redirect_uri)
@@ -1775,15 +2027,13 @@ class LoopbackListener:
             self.server = Server((bind_host, parts.port or 0), Handler)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {parts.port} on {bind_host} is already in use, so the browser's redirect "
-                                  "cannot be caught there; free it or choose another port with --loopback=PORT "
-                                  "(and register that redirect URI).") from None
-            raise ConfigError(f"cannot listen on {bind_host}:{parts.port}: {exc.strerror or exc}.") from None
+                raise fail("port_in_use", port=parts.port, host=bind_host) from None
+            raise fail("cannot_listen", host=bind_host, port=parts.port, problem=exc.strerror or exc) from None
         port = self.server.server_address[1]
         shown_host = f"[{host}]" if ":" in host else host
         self.redirect_uri = f"http://{shown_host}:{port}{self.path}"
         self.expected_state = ""
-        self.expected_issuer: str | None = None  # None checks no iss (check_issuer)
+        self.expected_issuer: str | None = None  # None checks no iss (check_response_issuer)
         self.issuer_required = False
         self.result: str | FetchMemosError | None = None
         self.pasted = False
@@ -1801,16 +2051,15 @@ class LoopbackListener:
             return 400, _page("Not accepted", "This request does not belong to the authorization in progress "
                                               "(its state is missing or wrong), so it was ignored.")
         try:
-            check_issuer(params, self.expected_issuer, self.issuer_required)
+            check_response_issuer(params, self.expected_issuer, self.issuer_required)
         except AuthorizationError as exc:
             self.result = exc
             return 400, _page("Not accepted", "This response does not name the expected authorization server "
                                               "(RFC 9207 iss), so it was refused. Return to the terminal.")
-        if params.get("error"):
-            error = params["error"][0]
-            description = (params.get("error_description") or [""])[0]
-            self.result = authorization_refused(error, description, in_browser=True)
-            return 200, _page("Authorization failed", f"The server said: {error}. You can close this tab and "
+        refused = oauth_error(params)
+        if refused is not None:
+            self.result = oauth_failure("redirect", refused, "")
+            return 200, _page("Authorization failed", f"The server said: {refused.error}. You can close this tab and "
                                                       "return to the terminal.")
         code = (params.get("code") or [""])[0]
         if not code:
@@ -1820,7 +2069,7 @@ class LoopbackListener:
 
     def wait(self, timeout: float, read_terminal: bool) -> str:
         """Wait for the redirect; meanwhile a URL pasted at the terminal (from another machine's browser) works too."""
-        import queue
+        import queue  # these two, 2-5 ms together, only while a loopback listener waits
         import selectors
 
         selector = selectors.DefaultSelector()
@@ -1852,8 +2101,7 @@ class LoopbackListener:
             while self.result is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AuthorizationError(f"no authorization arrived within {timeout:.0f} s; run again "
-                                             "(or raise OAUTH_LOGIN_TIMEOUT).")
+                    raise fail("login_timeout", timeout=timeout)
                 for key, _events in selector.select(min(remaining, 0.2)):
                     if key.data == "server":
                         self.server.handle_request()  # hands the connection to a thread
@@ -1867,6 +2115,8 @@ class LoopbackListener:
         finally:
             selector.close()
             if self.result is not None and not self.pasted:
+                # The handler thread is still writing the "Authorized" page; ending the run now would cut it off
+                # in the browser. Five seconds is ample for a local page and bounds a browser that stopped reading.
                 self.replied.wait(5)
             if read_terminal and not self.pasted:
                 say()  # end the open "> " prompt line before anything else is printed
@@ -1891,8 +2141,6 @@ def show_authorization_url(url: str, *, opened: bool) -> None:
 # 8. The device grant (RFC 8628): a code the person enters on any device, while we poll; authorize() picks a grant.
 # ---------------------------------------------------------------------------------------------
 
-
-DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 DEVICE_INTERVAL = 5.0  # RFC 8628 section 3.2: the polling interval when the server names none
 DEVICE_MIN_INTERVAL = 1.0  # a server's interval of 0 must not turn polling into a busy loop
 SLOW_DOWN_STEP = 5.0  # section 3.5: slow_down adds 5 s "for this and all subsequent requests"
@@ -1900,7 +2148,7 @@ DEVICE_POLL_RETRIES = 3  # consecutive connection errors or 5xx answers tolerate
 
 
 class Clock(NamedTuple):
-    """The time the device flow waits by; the unit tests substitute a fake one for DEVICE_CLOCK."""
+    """The time the device flow waits by: the one thing tests replace (DEVICE_CLOCK, or a DevicePoller's clock)."""
 
     now: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
@@ -1923,17 +2171,7 @@ class DeviceAuthorization(NamedTuple):
         return f"DeviceAuthorization(user_code={self.user_code!r}, verification_uri={self.verification_uri!r}, ...)"
 
 
-class PollError(NamedTuple):
-    """An error the token endpoint answered a poll with (RFC 8628 section 3.5)."""
-
-    error: str
-    description: str = ""
-
-
-def _printable(value: object, limit: int = 200) -> str:
-    """Text from the server made safe for one line on a terminal (no escape sequences)."""
-    text = "".join(ch for ch in str(value) if ch.isprintable())
-    return text[:limit]
+PollError = OAuthError  # an error the token endpoint answered a poll with (RFC 8628 section 3.5)
 
 
 def _json_object(response: requests.Response) -> dict[str, Any] | None:
@@ -1950,32 +2188,16 @@ def _seconds_field(value: object) -> float | None:
     return float(value)
 
 
-def _device_endpoint_error(response: requests.Response, answer: dict[str, Any] | None, url: str) -> FetchMemosError:
+def _device_endpoint_error(response: requests.Response, answer: dict[str, Any] | None, url: str,
+                           settings: Settings) -> FetchMemosError:
     """What a refused device authorization request means for the person (RFC 8628 section 3.2, RFC 6749 5.2)."""
     status = response.status_code
     if status >= 500:
-        return ServerError(f"the device authorization endpoint {url} answered {status} "
-                           f"{response.reason or ''}".rstrip() + "; try again later.")
-    if answer is None or not isinstance(answer.get("error"), str):
-        if status == 404:
-            return ConfigError(f"there is no device authorization endpoint at {url} (404); check "
-                               "OAUTH_DEVICE_AUTHORIZATION_URL.")
-        return ServerError(f"the device authorization endpoint {url} answered {status} without a usable JSON "
-                           "body; check OAUTH_DEVICE_AUTHORIZATION_URL.")
-    error = _printable(answer["error"], 60)
-    description = _printable(answer.get("error_description") or "")
-    detail = f" ({description})" if description else ""
-    if error == "invalid_client":
-        return ConfigError(f"the server at {url} rejected the client credentials (invalid_client); check CLIENT_ID "
-                           "and CLIENT_SECRET in .env.")
-    if error == "unauthorized_client":
-        return ConfigError(f"the server at {url} does not let this application use the device flow "
-                           f"(unauthorized_client{detail}); register it with the device code grant type "
-                           f"({DEVICE_GRANT_TYPE}).")
-    if error == "invalid_scope":
-        return ConfigError(f"the server at {url} refused the requested scope (invalid_scope{detail}); check "
-                           "OAUTH_SCOPE.")
-    return AuthorizationError(f"the server refused the device authorization request: {error}{detail}.")
+        return fail("endpoint_down", endpoint="device authorization endpoint", url=url, answered=answered(response))
+    refused = oauth_error(answer)
+    if refused is None:
+        return fail("device_endpoint_missing" if status == 404 else "device_endpoint_not_json", url=url, status=status)
+    return oauth_failure("device_authorization", refused, url, has_secret=bool(settings.client_secret))
 
 
 def _verification_url(value: object) -> str:
@@ -1994,33 +2216,23 @@ def request_device_authorization(session: MemoSession, settings: Settings) -> De
     """Ask for a device code and a user code (RFC 8628 section 3.1), with client authentication as configured."""
     url = settings.device_authorization_url
     if not url:
-        raise NoDeviceEndpoint(
-            "the device flow needs the server's device authorization endpoint, and the server publishes none "
-            "(no device_authorization_endpoint in its metadata) nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL "
-            "(or --device-authorization-url). Doorkeeper offers one only with the "
-            "doorkeeper-device_authorization_grant gem; django-oauth-toolkit serves <site>/o/device-authorization/ "
-            "but does not advertise it.")
+        raise fail("no_device_endpoint")
     # Section 3.1 and django-oauth-toolkit want client_id in the body even when HTTP Basic authenticates.
-    data = {"client_id": settings.client_id, "scope": " ".join(settings.scope)}
-    resource = getattr(settings, "resource", "")
-    if resource:
-        data["resource"] = resource  # RFC 8707 section 2: the device request plays the authorization request's part
-    response = session.post_form(url, data)
+    response = session.post_form(url, {"client_id": settings.client_id, "scope": " ".join(settings.scope)})
     answer = _json_object(response)
     if response.status_code != 200 or answer is None or "error" in answer:
-        raise _device_endpoint_error(response, answer, url)
+        raise _device_endpoint_error(response, answer, url, settings)
     device_code = answer.get("device_code")
     if not isinstance(device_code, str) or not device_code:
-        raise ServerError(f"the device authorization endpoint {url} answered without a device_code.")
+        raise fail("device_answer_lacks", url=url, lacks="a device_code")
     remember_secret(device_code)
     user_code = answer.get("user_code")
     if not isinstance(user_code, str) or not user_code.strip() or not user_code.isprintable() or len(user_code) > 64:
-        raise ServerError(f"the device authorization endpoint {url} answered without a usable user_code.")
+        raise fail("device_answer_lacks", url=url, lacks="a usable user_code")
     verification_uri = _verification_url(answer.get("verification_uri"))
     complete = _verification_url(answer.get("verification_uri_complete"))
     if not (verification_uri or complete):
-        raise ServerError(f"the device authorization endpoint {url} named no verification_uri (the page where the "
-                          "code is entered); the server's device flow is not fully configured.")
+        raise fail("device_no_verification_uri", url=url)
     interval = _seconds_field(answer.get("interval"))
     log.debug("device authorization at %s: interval %s s, valid for %s s", url, _printable(answer.get("interval")),
               _printable(answer.get("expires_in")))
@@ -2039,6 +2251,8 @@ def readable_user_code(code: str) -> str:
     glance; one the server formatted itself is shown as sent."""
     if not (code.isascii() and code.isalnum()) or len(code) < 6:
         return code
+    # Groups of four when the length divides by four or not by three (a last short group), else of three:
+    # 8 -> 4-4, 9 -> 3-3-3, 10 -> 4-4-2, 12 -> 4-4-4. Short codes (under 6) are read whole.
     size = 4 if len(code) % 4 == 0 or len(code) % 3 else 3
     return "-".join(code[i:i + size] for i in range(0, len(code), size))
 
@@ -2065,8 +2279,11 @@ def show_device_code(grant: DeviceAuthorization, *, opened: bool) -> None:
     say("Log in if asked, and approve access for fetch_memos.")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """The one way a span of time is said: "1 h 5 min", "4 min 59 s", "2 min", "30 s"."""
     span = max(0, int(seconds + 0.5))
+    if span >= 3600:
+        return f"{span // 3600} h {span % 3600 // 60} min"
     if span >= 60:
         return f"{span // 60} min {span % 60} s" if span % 60 else f"{span // 60} min"
     return f"{span} s"
@@ -2099,8 +2316,8 @@ class WaitingLine:
 
     def _text(self, left: float) -> str:
         if self.until_timeout:  # never claim a shorter life for the code than the server gave it
-            return f"Waiting for the approval for {_duration(left)} (OAUTH_LOGIN_TIMEOUT)."
-        return f"Waiting for the approval; the code is valid for {_duration(left)}."
+            return f"Waiting for the approval for {duration(left)} (OAUTH_LOGIN_TIMEOUT)."
+        return f"Waiting for the approval; the code is valid for {duration(left)}."
 
     def start(self, left: float) -> None:
         if not self.in_place:
@@ -2123,20 +2340,6 @@ class WaitingLine:
             self._shown = ""
 
 
-def _poll_error(answer: PollError) -> FetchMemosError:
-    detail = f" ({answer.description})" if answer.description else ""
-    if answer.error == "invalid_client":
-        return ConfigError(f"the token endpoint rejected the client credentials (invalid_client{detail}); check "
-                           "CLIENT_ID and CLIENT_SECRET in .env.")
-    if answer.error in ("unauthorized_client", "unsupported_grant_type"):
-        return ConfigError(f"the token endpoint refused the device grant ({answer.error}{detail}); register the "
-                           f"application with the device code grant type ({DEVICE_GRANT_TYPE}).")
-    if answer.error == "invalid_grant":
-        return AuthorizationError(f"the server no longer accepts this device code (invalid_grant{detail}); run "
-                                  "again.")
-    return AuthorizationError(f"the token request failed: {answer.error}{detail}.")
-
-
 class DevicePoller:
     """Polling the token endpoint (RFC 8628 sections 3.4-3.5) as a small state machine.
 
@@ -2147,15 +2350,17 @@ class DevicePoller:
     """
 
     def __init__(self, poll: Callable[[], dict[str, Any] | PollError], *, interval: float,
-                 code_lifetime: float | None, login_timeout: float, now: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, on_tick: Callable[[float], None] | None = None,
-                 retries: int = DEVICE_POLL_RETRIES) -> None:
+                 code_lifetime: float | None, login_timeout: float, clock: Clock | None = None,
+                 on_tick: Callable[[float], None] | None = None, retries: int = DEVICE_POLL_RETRIES,
+                 token_url: str = "") -> None:
         self.poll = poll
+        self.token_url = token_url  # named in the messages of the errors polling can end with
         self.interval = interval
         self.code_lifetime = code_lifetime
         self.login_timeout = login_timeout
-        self.now = now
-        self.sleep = sleep
+        clock = clock or DEVICE_CLOCK
+        self.now = clock.now
+        self.sleep = clock.sleep
         self.on_tick = on_tick or (lambda _left: None)
         self.retries = retries
         self.polls = 0
@@ -2171,11 +2376,10 @@ class DevicePoller:
         """Whether OAUTH_LOGIN_TIMEOUT, not the code's lifetime, ends the wait."""
         return self.code_lifetime is None or self.login_timeout < self.code_lifetime
 
-    def _expired(self) -> DeviceCodeExpired:
+    def _expired(self) -> FetchMemosError:
         if self.until_timeout:
-            return DeviceCodeExpired(f"the code expired; run again. fetch_memos waited OAUTH_LOGIN_TIMEOUT="
-                                     f"{self.login_timeout:g} s for the approval (raise it to wait longer).")
-        return DeviceCodeExpired("the code expired; run again.")
+            return fail("device_wait_ended", timeout=self.login_timeout)
+        return fail("device_code_expired")
 
     def _wait(self, seconds: float, deadline: float) -> None:
         """Sleep until the next poll is due, in steps of at most a second so the waiting line can count down."""
@@ -2197,8 +2401,7 @@ class DevicePoller:
             except TransientServerError as exc:
                 failures += 1
                 if failures > self.retries:
-                    raise TransientServerError(f"{str(exc).rstrip('.')}; gave up waiting for the approval after "
-                                               f"{failures} failed polls in a row.") from None
+                    raise fail("poll_gave_up", problem=str(exc).rstrip("."), failures=failures) from None
                 log.debug("poll %d failed (%s); waiting longer before the next", self.polls, exc)
                 wait = self.interval * 2 ** failures
             else:
@@ -2208,12 +2411,8 @@ class DevicePoller:
                     return answer
                 if answer.error == "slow_down":
                     self.interval += SLOW_DOWN_STEP
-                elif answer.error == "access_denied":
-                    raise access_denied("at the server", "approve access to allow it")
-                elif answer.error == "expired_token":
-                    raise DeviceCodeExpired("the code expired; run again.")
                 elif answer.error != "authorization_pending":  # section 3.5: any other error stops polling
-                    raise _poll_error(answer)
+                    raise oauth_failure("device_poll", answer, self.token_url)
                 wait = self.interval
             if self.now() >= deadline:
                 raise self._expired()
@@ -2221,33 +2420,31 @@ class DevicePoller:
 
 def poll_device_token(session: MemoSession, settings: Settings, device_code: str) -> dict[str, Any] | PollError:
     """One token request with the device code (RFC 8628 section 3.4): the token, or the error answered."""
+    from oauthlib.oauth2 import DeviceClient
     from oauthlib.oauth2.rfc6749.parameters import parse_token_response
 
     url = settings.token_url
-    data = {"grant_type": DEVICE_GRANT_TYPE, "device_code": device_code, "client_id": settings.client_id}
-    resource = getattr(settings, "resource", "")
-    if resource:
-        data["resource"] = resource  # RFC 8707 section 2.2
+    # oauthlib (3.2.0 on) writes the body; client_id in it even with HTTP Basic, as in the device request (3.1).
+    body = DeviceClient(settings.client_id).prepare_request_body(device_code, include_client_id=True)
     try:
-        response = session.post_form(url, data)
+        response = session.post_form(url, dict(parse_qsl(body)))
     except ServerError as exc:  # post_form reports connection trouble this way: nothing was answered
-        raise TransientServerError(str(exc)) from None
+        raise fail("poll_unreachable", problem=exc) from None
     if response.status_code >= 500:
-        raise TransientServerError(f"the token endpoint {url} answered {response.status_code} "
-                                   f"{response.reason or ''}".rstrip() + ".")
+        raise fail("poll_server_down", url=url, answered=answered(response))
     answer = _json_object(response)
     if answer is None:
-        raise ServerError(f"the token endpoint {url} answered {response.status_code} without a JSON body; check "
-                          "OAUTH_TOKEN_URL.")
-    if isinstance(answer.get("error"), str) and answer["error"]:
-        return PollError(_printable(answer["error"], 60), _printable(answer.get("error_description") or ""))
+        raise fail("poll_not_json", url=url, status=response.status_code)
+    refused = oauth_error(answer)
+    if refused is not None:
+        return refused
     if response.status_code != 200 or not answer.get("access_token"):
-        raise ServerError(f"the token endpoint {url} answered {response.status_code} without a token.")
+        raise fail("poll_no_token", url=url, status=response.status_code)
     try:
         # oauthlib's own parser, so expires_at and the granted scope come out as after a code exchange.
-        return _granted(lambda: parse_token_response(response.text, scope=list(settings.scope)))
+        return run_token_request(lambda: parse_token_response(response.text, scope=list(settings.scope)))
     except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
-        raise _token_request_error(exc, url, settings, during="device") from None
+        raise token_request_error(exc, "device_poll", settings) from None
 
 
 def authorize_with_device(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -2255,10 +2452,9 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     grant = request_device_authorization(session, settings)
     opened = open_in_browser(grant.verification_uri_complete or grant.verification_uri, settings, environ)
     show_device_code(grant, opened=opened)
-    clock = DEVICE_CLOCK
     poller = DevicePoller(lambda: poll_device_token(session, settings, grant.device_code), interval=grant.interval,
-                          code_lifetime=grant.expires_in, login_timeout=settings.login_timeout, now=clock.now,
-                          sleep=clock.sleep, on_tick=lambda left: line.update(left))
+                          code_lifetime=grant.expires_in, login_timeout=settings.login_timeout,
+                          on_tick=lambda left: line.update(left), token_url=settings.token_url)
     line = WaitingLine(in_place=_is_terminal(sys.stderr), until_timeout=poller.until_timeout)
     line.start(poller.lifetime())
     try:
@@ -2321,32 +2517,35 @@ def person_can_authorize(settings: Settings, stdin: Any) -> bool:
 
 def needs_person(reason: str) -> AuthorizationError:
     """The one message for "authorizing is needed, and no person is at a terminal"."""
-    return AuthorizationError(f"{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
-                              "once.")
+    return fail("needs_person", reason=reason)
 
 
 class Terminal(NamedTuple):
     """Whether a person can be asked to authorize (see person_can_authorize); without one, nothing waits."""
 
-    interactive: bool
+    can_authorize: bool  # a person at this terminal, or the device flow chosen (which needs none)
     environ: Mapping[str, str]
 
 
 def authorize_again(terminal: Terminal, reason: str) -> None:
     """Say why the stored token is not used, or stop when no person is here to authorize anew."""
-    if not terminal.interactive:
+    if not terminal.can_authorize:
         raise needs_person(reason)
     say(f"{reason} Authorizing again.")
 
 
-def stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
-    """The stored token if it may be used with these settings; otherwise say why and return None."""
+def usable_stored_token(settings: Settings, store: TokenStore, terminal: Terminal) -> dict[str, Any] | None:
+    """The stored token if it may be used with these settings; otherwise say why and return None.
+
+    Not only a getter: a token issued by another server is moved aside (never overwritten by the new
+    authorization), and without a person to authorize anew this raises instead.
+    """
     token = store.load()
     if token is None:
         return None
     reason = token_mismatch(token, settings)
     if reason:
-        if not terminal.interactive:
+        if not terminal.can_authorize:
             raise needs_person(f"the stored token cannot be used: {reason}.")
         aside = store.set_aside("other-server")  # about to authorize anew: keep the old token, never overwrite it
         say(f"Not using the stored token: {reason}. It was kept as {aside}.")
@@ -2362,20 +2561,18 @@ def api_json(response: requests.Response, url: str) -> Any:
     """The API's JSON, or a ServerError that says what came instead."""
     status = response.status_code
     if status == 401:
-        raise ServerError(f"the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL and the "
-                          "server's token settings.")
+        raise fail("api_rejected_token", url=url)
     if status == 403:
-        raise ServerError(f"the API at {url} refused access (403 Forbidden): the account or the token's scope lacks "
-                          "permission (check OAUTH_SCOPE, then --logout and run again).")
+        raise fail("api_forbidden", url=url)
     if status >= 400:
-        raise ServerError(f"the API at {url} answered {status} {response.reason or ''}".rstrip() + ".")
+        raise fail("api_failed", url=url, answered=answered(response))
     if not response.content.strip():
-        raise ServerError(f"the API at {url} answered {status} with an empty body instead of JSON.")
+        raise fail("api_empty", url=url, status=status)
     try:
         return response.json()
     except ValueError:
-        content_type = response.headers.get("Content-Type", "unknown type")
-        raise ServerError(f"the API at {url} answered {status} with {content_type}, not JSON.") from None
+        raise fail("api_not_json", url=url, status=status,
+                   content_type=response.headers.get("Content-Type", "unknown type")) from None
 
 
 def call_api(session: MemoSession) -> Any:
@@ -2383,13 +2580,13 @@ def call_api(session: MemoSession) -> Any:
     return api_json(session.get_with_one_refresh(url), url)
 
 
-def fetch_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
+def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
     """Get the memos, authorizing first when there is no usable token and a person is here."""
     session = MemoSession(settings, store)
     try:
-        token = stored_token(settings, store, terminal)
+        token = usable_stored_token(settings, store, terminal)
         if token is None:
-            if not terminal.interactive:
+            if not terminal.can_authorize:
                 raise needs_person("no token is stored yet.")
             authorize(session, settings, terminal.environ)
         else:
@@ -2417,16 +2614,14 @@ def print_json(data: Any) -> None:
 
 
 def command_fetch(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
-    print_json(fetch_memos(settings, store, terminal))
+    print_json(get_memos(settings, store, terminal))
     return 0
 
 
 def _when(timestamp: float) -> str:
     moment = _dt.datetime.fromtimestamp(timestamp).astimezone()
     delta = int(timestamp - time.time())
-    span = abs(delta)
-    human = f"{span // 3600} h {span % 3600 // 60} min" if span >= 3600 else (
-        f"{span // 60} min {span % 60} s" if span >= 60 else f"{span} s")
+    human = duration(abs(delta))
     relative = f"in {human}" if delta >= 0 else f"{human} ago"
     return f"{moment:%Y-%m-%d %H:%M:%S %Z} ({relative})"
 
@@ -2485,16 +2680,6 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     return 0
 
 
-def _oauth_error(response: requests.Response) -> str:
-    """The `error` of an OAuth JSON error body, or "" when there is none."""
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, str) and error.isprintable() and len(error) < 100 else ""
-
-
 def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
     """Revoke the refresh token, then the access token; the error code when the access token could not be.
 
@@ -2505,24 +2690,23 @@ def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
         value = session.token.get(kind)
         if not value:
             continue
-        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind})
+        response = session.post_form(settings.revoke_url, {"token": value, "token_type_hint": kind}, extras=False)
         if response.status_code == 200:
             refresh_revoked = refresh_revoked or kind == "refresh_token"
             continue
-        error = _oauth_error(response)
+        refused = oauth_error(response.content)
+        error = refused.error if refused else ""
         if kind == "access_token" and error == "unsupported_token_type" and (
                 refresh_revoked or not session.token.get("refresh_token")):
             return error  # section 2.2.1: the grant is gone; this token only lives until it expires
-        if error == "invalid_client" or (response.status_code == 401 and not settings.client_secret):
-            if not settings.client_secret:
-                raise ConfigError(missing_secret_message(settings.revoke_url, error or "401") + " The token file "
-                                  "was kept.")
-            raise ConfigError(f"the server at {settings.revoke_url} rejected the client credentials; check "
-                              "CLIENT_ID and CLIENT_SECRET. The token file was kept.")
+        if refused is None:  # "401" is how OAUTH_ERRORS names a bare 401: the client was not authenticated
+            refused = OAuthError("401" if response.status_code == 401 else "")
+        failure = oauth_failure("revocation", refused, settings.revoke_url, has_secret=bool(settings.client_secret),
+                                answered=answered(response), code=f" ({error})" if error else "")
+        if isinstance(failure, ConfigError):
+            raise fail("client_kept", problem=failure)
         session.endpoint_failed("revoke_url")
-        detail = f" ({error})" if error else ""
-        raise ServerError(f"revoking at {settings.revoke_url} failed with {response.status_code} "
-                          f"{response.reason or ''}".rstrip() + f"{detail}; the token file was kept.")
+        raise failure
     return None
 
 
@@ -2543,8 +2727,7 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
     try:
         mismatch = token_mismatch(token, settings)
         if mismatch:
-            raise ConfigError(f"the stored token cannot be revoked with the current settings: {mismatch}. Point the "
-                              "settings back at that server, or delete the file by hand.")
+            raise fail("logout_other_server", reason=mismatch)
         dead = False
         try:
             session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
@@ -2594,21 +2777,8 @@ output:
 
 """
 
-# What each exit code means: --help and the README's table are rendered from this.
-EXIT_CODES: dict[int, str] = {
-    0: "success",
-    1: "the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON), or another run held "
-       "the token file's lock for over 60 s (try again)",
-    2: "usage or configuration error (missing variable, bad URL, http to a remote host, client credentials "
-       "rejected)",
-    3: "authorization failed or needs a person (bad/expired code, denied, state mismatch, device code expired, end "
-       "of input, dead grant or no token without a terminal)",
-    130: "interrupted",
-}
-
-
 def _exit_codes_help() -> str:
-    import textwrap
+    import textwrap  # ~1 ms; only --help wraps text
 
     lines = ["exit codes:"]
     for code, meaning in EXIT_CODES.items():
@@ -2706,7 +2876,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         configure_logging(settings.debug)
         remember_secret(settings.client_secret)
         store = TokenStore(settings.token_file)
-        terminal = Terminal(interactive=person_can_authorize(settings, sys.stdin), environ=environ)
+        terminal = Terminal(can_authorize=person_can_authorize(settings, sys.stdin), environ=environ)
         command = COMMANDS[args.command]
         settings = resolve_endpoints(settings, fetch=command.uses_network)
         return command.run(settings, store, terminal)
@@ -2718,7 +2888,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one redacted line unless --debug asks for the traceback
         if debug:
-            import traceback
+            import traceback  # only a bug under --debug needs it
 
             print(redact(traceback.format_exc()), file=sys.stderr)
         print(f"fetch_memos: unexpected error: {redact(f'{type(exc).__name__}: {exc}')} (run with --debug for "

@@ -23,10 +23,8 @@ import responses
 
 import fetch_memos
 from fetch_memos import (
-    AuthorizationDenied,
-    DeviceCodeExpired,
+    AuthorizationError,
     DevicePoller,
-    NoDeviceEndpoint,
     PollError,
     TransientServerError,
     WaitingLine,
@@ -49,6 +47,7 @@ SECRETS = [CLIENT_SECRET, DEVICE_CODE, ACCESS, REFRESH, OLD_ACCESS, OLD_REFRESH]
 MEMOS = [{"id": 1, "title": "買い物", "body": "牛乳"}]
 PENDING = PollError("authorization_pending")
 TOKEN = {"access_token": ACCESS, "token_type": "Bearer"}
+EXPIRED = r"^the code expired; run again\."  # the device code ran out (RFC 8628 expired_token, or our own wait)
 
 
 class FakeClock:
@@ -179,7 +178,7 @@ def poller(clock: FakeClock, answers: list[Any], **kwargs: Any) -> tuple[DeviceP
         return answer
 
     options = {"interval": 5.0, "code_lifetime": 1800.0, "login_timeout": 300.0, **kwargs}
-    return DevicePoller(poll, now=clock.now, sleep=clock.sleep, **options), times
+    return DevicePoller(poll, clock=fetch_memos.Clock(now=clock.now, sleep=clock.sleep), **options), times
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -212,8 +211,9 @@ def test_slow_down_adds_five_seconds_for_the_rest_of_the_flow() -> None:
 def test_denial_stops_at_once_with_exit_3() -> None:
     clock = FakeClock()
     machine, times = poller(clock, [PENDING, PollError("access_denied"), TOKEN])
-    with pytest.raises(AuthorizationDenied) as caught:
+    with pytest.raises(AuthorizationError) as caught:
         machine.run()
+    assert caught.value.what == "device_denied"
     assert caught.value.exit_code == 3
     assert "authorization was denied" in str(caught.value)
     assert times == [5, 10]
@@ -222,7 +222,7 @@ def test_denial_stops_at_once_with_exit_3() -> None:
 def test_expired_token_from_the_server_stops_with_exit_3() -> None:
     clock = FakeClock()
     machine, times = poller(clock, [PENDING, PollError("expired_token"), TOKEN])
-    with pytest.raises(DeviceCodeExpired) as caught:
+    with pytest.raises(AuthorizationError, match=EXPIRED) as caught:
         machine.run()
     assert caught.value.exit_code == 3
     assert str(caught.value) == "the code expired; run again."
@@ -232,7 +232,7 @@ def test_expired_token_from_the_server_stops_with_exit_3() -> None:
 def test_the_codes_lifetime_ends_the_polling() -> None:
     clock = FakeClock()
     machine, times = poller(clock, [PENDING] * 10, code_lifetime=12.0, login_timeout=300.0)
-    with pytest.raises(DeviceCodeExpired) as caught:
+    with pytest.raises(AuthorizationError, match=EXPIRED) as caught:
         machine.run()
     assert str(caught.value) == "the code expired; run again."
     assert times == [5, 10, 12]  # one last poll at the deadline, none after it
@@ -242,7 +242,7 @@ def test_the_codes_lifetime_ends_the_polling() -> None:
 def test_the_login_timeout_ends_the_polling_when_it_comes_first() -> None:
     clock = FakeClock()
     machine, times = poller(clock, [PENDING] * 10, code_lifetime=1800.0, login_timeout=7.0)
-    with pytest.raises(DeviceCodeExpired) as caught:
+    with pytest.raises(AuthorizationError, match=EXPIRED) as caught:
         machine.run()
     assert times == [5, 7]
     assert "the code expired; run again" in str(caught.value)
@@ -253,7 +253,7 @@ def test_the_login_timeout_ends_the_polling_when_it_comes_first() -> None:
 def test_a_code_without_a_lifetime_waits_for_the_login_timeout() -> None:
     clock = FakeClock()
     machine, times = poller(clock, [PENDING] * 10, code_lifetime=None, login_timeout=11.0)
-    with pytest.raises(DeviceCodeExpired):
+    with pytest.raises(AuthorizationError, match=EXPIRED):
         machine.run()
     assert times == [5, 10, 11]
 
@@ -292,7 +292,7 @@ def test_the_failure_count_starts_again_after_an_answer() -> None:
 def test_transient_failures_still_end_at_the_deadline() -> None:
     clock = FakeClock()
     machine, times = poller(clock, [transient()] * 10, code_lifetime=12.0)
-    with pytest.raises(DeviceCodeExpired):
+    with pytest.raises(AuthorizationError, match=EXPIRED):
         machine.run()
     assert times == [5, 12]
 
@@ -527,7 +527,7 @@ def test_no_endpoint_known_is_exit_2_and_says_how_to_set_one(mock, run, environ)
                   "doorkeeper-device_authorization_grant", "/o/device-authorization/", "does not advertise it"):
         assert words in line
     assert not mock.calls
-    assert NoDeviceEndpoint.exit_code == 2
+    assert fetch_memos.MESSAGES["no_device_endpoint"].exit_code == 2
 
 
 def test_the_endpoint_setting_is_validated_like_the_other_urls(run, environ) -> None:

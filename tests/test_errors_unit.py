@@ -1152,3 +1152,52 @@ def test_status_shows_the_endpoints_from_the_cached_metadata(mock, issuer_enviro
     assert len(mock.calls) == 0
     assert f"Issuer:        {ISSUER} (OAUTH_ISSUER; metadata cached" in out
     assert f"Token:         {AS_TOKEN_URL} (from the metadata; OAUTH_TOKEN_URL)" in out
+
+
+# -- the catalogue of messages (section 2) ---------------------------------------------------------
+
+
+def test_every_message_has_an_exit_code_that_help_explains_and_every_oauth_row_a_message() -> None:
+    assert {entry.exit_code for entry in fetch_memos.MESSAGES.values()} <= set(fetch_memos.EXIT_CODES)
+    rows = {**fetch_memos.OAUTH_ERRORS, **fetch_memos.OAUTH_ERRORS_WITHOUT_SECRET}
+    assert set(rows.values()) <= set(fetch_memos.MESSAGES)
+    endpoints = {endpoint for endpoint, _error in rows}
+    assert all((endpoint, "*") in fetch_memos.OAUTH_ERRORS for endpoint in endpoints)  # any other code is covered
+    texts = [entry.text for entry in fetch_memos.MESSAGES.values()]
+    assert len(texts) == len(set(texts))  # one wording per fact
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('{"error": "invalid_client", "error_description": "no\\u001b[2J such", "error_uri": "https://e/x"}',
+     ("invalid_client", "no[2J such", "https://e/x")),
+    ({"error": "access_denied", "error_description": 42}, ("access_denied", "42", "")),
+    ({"error": ["access_denied"], "error_description": ["The user denied"]}, ("access_denied", "The user denied", "")),
+    ({"error": "x" * 500}, ("x" * 60, "", "")),
+    ({"error": 7}, None),
+    ({"error": "\x1b\x07"}, None),
+    ({"error": ""}, None),
+    ('["error"]', None),
+    ("<html>no</html>", None),
+    (b'{"error": "invalid_grant"}', ("invalid_grant", "", "")),
+    (None, None),
+])
+def test_one_reader_for_every_oauth_error(body, expected) -> None:
+    error = fetch_memos.oauth_error(body)
+    assert (tuple(error) if error else None) == expected
+
+
+def test_an_oauth_error_becomes_its_rows_message_with_its_exit_code() -> None:
+    refused = fetch_memos.OAuthError("invalid_client", "bad")
+    failure = fetch_memos.oauth_failure("device_poll", refused, TOKEN_URL)
+    assert (failure.exit_code, failure.what) == (2, "client_rejected")
+    assert str(failure) == (f"the server at {TOKEN_URL} rejected the client credentials (invalid_client); check "
+                            "CLIENT_ID and CLIENT_SECRET in .env.")
+    assert fetch_memos.oauth_failure("refresh", refused, TOKEN_URL, has_secret=False).what == "client_secret_missing"
+    unknown = fetch_memos.oauth_failure("refresh", fetch_memos.OAuthError("made_up", "why"), TOKEN_URL)
+    assert (unknown.exit_code, str(unknown)) == (3, f"the token request to {TOKEN_URL} failed: made_up (why).")
+    assert isinstance(fetch_memos.oauth_failure("refresh", fetch_memos.OAuthError("invalid_grant"), TOKEN_URL),
+                      fetch_memos.DeadGrant)
+
+
+def test_the_public_surface_exists() -> None:
+    assert [name for name in fetch_memos.__all__ if not hasattr(fetch_memos, name)] == []

@@ -540,7 +540,7 @@ def test_every_accepted_token_can_be_shown_and_checked(fuzz_settings, token: dic
         accepted = fetch_memos.parse_token_bytes(pickle.dumps(token))
     except BadTokenFile:
         return
-    terminal = fetch_memos.Terminal(interactive=False, environ={})
+    terminal = fetch_memos.Terminal(can_authorize=False, environ={})
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert fetch_memos.command_status(fuzz_settings, _StubStore(accepted), terminal) == 0
     assert "fuzz-access-token" not in out.getvalue()
