@@ -60,15 +60,17 @@ log = logging.getLogger("fetch_memos")
 
 # The public surface: what tests/ and bench/ use. Everything else may change without notice.
 __all__ = [
-    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE",
-    "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS",
+    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_ANSWER_BYTES", "MAX_API_BYTES", "MAX_TOKEN_FILE_BYTES",
+    "MESSAGES", "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS",
+    "RETRY_ATTEMPTS", "SETTINGS",
     "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
     "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
     "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "authorize",
     "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring", "is_loopback_host",
     "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes",
     "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
-    "resolve_endpoints", "should_open_browser", "token_meta", "token_mismatch",
+    "resolve_endpoints", "same_origin", "sane_expires_in", "should_open_browser", "tls_failure", "token_meta",
+    "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
@@ -1547,6 +1549,10 @@ def _transport_class() -> type:
             for _hop in range(MAX_REDIRECTS + 1):
                 kwargs["timeout"] = max(deadline - time.monotonic(), 0.001)
                 response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+                if response.raw.retries and response.raw.retries.history:
+                    # urllib3 retried (a GET: connection error or 502/503/504): the answer is a new request's,
+                    # whose body gets a whole OAUTH_TIMEOUT of its own
+                    deadline = time.monotonic() + settings.timeout
                 if not response.is_redirect:
                     return read_bounded(response, deadline=deadline, limit=limit, endpoint=endpoint,
                                         timeout=settings.timeout)
