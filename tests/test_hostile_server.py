@@ -10,7 +10,6 @@ import json
 import math
 import resource
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,32 +35,19 @@ from servers.hostile import (
     oauth_error,
     raw,
     redirect,
+    running,
     trickle,
 )
 from servers.proxy import Tinyproxy, tinyproxy_available
-from servers.tls import KINDS, TestPKI, trust_in_this_process
+from servers.tls import KINDS, TestPKI, made_pki, trust_in_this_process
+
+server = pytest.fixture(running)
+other = pytest.fixture(running)  # a second origin, where hostile redirects point
+pki = pytest.fixture(scope="module")(made_pki)
 
 pytestmark = pytest.mark.timeout(60)
 
 REFRESH = {"grant_type": "refresh_token", "refresh_token": "rt-value-never-logged", "client_secret": "s3cret-value"}
-
-
-@pytest.fixture
-def server() -> Iterator[HostileServer]:
-    with HostileServer() as started:
-        yield started
-
-
-@pytest.fixture
-def other() -> Iterator[HostileServer]:
-    """A second origin, where a hostile redirect points."""
-    with HostileServer() as started:
-        yield started
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
-    return TestPKI(tmp_path_factory.mktemp("pki"))
 
 
 # --- the happy path: enough of a server to drive the script ----------------------------------------

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +36,19 @@ from servers.hostile import (
     nested,
     raw,
     redirect,
+    running,
     trickle,
 )
 from servers.proxy import Tinyproxy, tinyproxy_available
-from servers.tls import TestPKI
+from servers.tls import TestPKI, made_pki
+
+server = pytest.fixture(running)
+other = pytest.fixture(running)  # another origin, where hostile redirects point: nothing credential-bearing goes
+pki = pytest.fixture(scope="module")(made_pki)
 
 pytestmark = pytest.mark.timeout(120)
 
 PASTE = "hostile-code-pasted"  # the hostile server accepts any code
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
-    return TestPKI(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def server() -> Iterator[HostileServer]:
-    with HostileServer() as started:
-        yield started
-
-
-@pytest.fixture
-def other() -> Iterator[HostileServer]:
-    """Another origin, where hostile redirects point: nothing carrying a credential may reach it."""
-    with HostileServer() as started:
-        yield started
 
 
 class Rig:

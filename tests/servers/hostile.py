@@ -233,6 +233,12 @@ class HostileServer:
             return answer
 
 
+def running() -> Iterator[HostileServer]:
+    """A hostile server for one test: `server = pytest.fixture(running)` in a test module (`other` likewise)."""
+    with HostileServer() as started:
+        yield started
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True

@@ -113,3 +113,9 @@ def trust_in_this_process(ca_file: Path) -> None:
         for trusted in _TRUSTED:
             out.write(b"\n" + trusted.read_bytes())
     os.environ["REQUESTS_CA_BUNDLE"] = bundle
+
+
+
+def made_pki(tmp_path_factory: Any) -> TestPKI:
+    """For a module's fixture: `pki = pytest.fixture(scope="module")(made_pki)`."""
+    return TestPKI(tmp_path_factory.mktemp("pki"))
