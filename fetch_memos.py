@@ -560,15 +560,21 @@ class BadTokenFile(Exception):
 
 # What each exit code means: --help and the README's table are rendered from this, and every MESSAGES entry
 # names one of these codes (a unit test holds them to it).
+
+LOCK_WAIT_SECONDS = 60.0  # how long a run waits for another's refresh before giving up (TokenFileBusy, exit 1)
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
-    1: "the server or the API failed (unreachable, timeout, 5xx, 4xx from the API, not JSON), or another run held "
-       "the token file's lock for over 60 s (try again)",
-    2: "usage or configuration error (missing variable, bad URL, http to a remote host, client credentials "
-       "rejected, a server certificate not trusted or not for that host, https to a port that does not speak TLS)",
-    3: "authorization failed or needs a person (bad/expired code, denied, state mismatch, device code expired, end "
-       "of input, dead grant or no token without a terminal)",
-    130: "interrupted",
+    1: "the server or the API failed: unreachable, timeout, 5xx, a 4xx from the API, an answer that is not the "
+       "expected JSON; or another fetch_memos run held the token file's lock for over "
+       f"{LOCK_WAIT_SECONDS:g} s (nothing failed: try again)",
+    2: "usage or configuration error: a missing or empty variable, a malformed URL, plain http to a remote host, "
+       "client credentials rejected, a server certificate not trusted or not for that host, https to a port that "
+       "does not speak TLS",
+    3: "authorization failed or needs a person: a wrong, expired or reused code, denied consent, a state mismatch, "
+       "end of input at the prompt, a device code that expired, a dead grant or no token when no terminal is "
+       "attached",
+    130: "interrupted (Ctrl-C)",
 }
 
 _ERROR_CLASSES: dict[int, type[FetchMemosError]] = {1: ServerError, 2: ConfigError, 3: AuthorizationError}
@@ -964,7 +970,6 @@ def tls_failure(exc: BaseException, url: str) -> FetchMemosError | None:
 # ---------------------------------------------------------------------------------------------
 
 MAX_TOKEN_FILE_BYTES = 64 * 1024
-LOCK_WAIT_SECONDS = 60.0  # how long a run waits for another's refresh before giving up (TokenFileBusy, exit 1)
 META_KEY = "fetch_memos"  # our keys, beside the token fields the server sent
 
 
