@@ -1649,7 +1649,7 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
         kind = "an HTML page" if "html" in content_type.lower() else (
             "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
         raise fail("token_not_json", url=response.url, status=response.status_code, kind=kind)
-    return with_sane_expires_in(response)
+    return sane_token_answer(response)
 
 
 def sane_expires_in(value: object) -> int | None:
@@ -1666,13 +1666,17 @@ def sane_expires_in(value: object) -> int | None:
     return int(min(value, EXPIRES_IN_MAX))
 
 
-def with_sane_expires_in(response: requests.Response) -> requests.Response:
-    """The token answer with sane_expires_in applied, before oauthlib turns expires_in into expires_at."""
+def sane_token_answer(response: requests.Response) -> requests.Response:
+    """The token answer with sane_expires_in applied, before oauthlib turns expires_in into expires_at; JSON that
+    is not an object (an array, say) is a malformed token here, in words, not oauthlib's TypeError."""
     try:
         answer = json.loads(response.content)
     except ValueError:
         return response
-    if not isinstance(answer, dict) or "expires_in" not in answer:
+    if not isinstance(answer, dict):
+        raise fail("token_malformed", url=response.url, problem=f"the answer is a JSON {type(answer).__name__}, "
+                                                                "not an object")
+    if "expires_in" not in answer:
         return response
     try:
         lifetime = sane_expires_in(answer["expires_in"])
@@ -2708,7 +2712,7 @@ def poll_device_token(session: MemoSession, settings: Settings, device_code: str
         raise fail("poll_no_token", url=url, status=response.status_code)
     try:
         # oauthlib's own parser, so expires_at and the granted scope come out as after a code exchange.
-        answer_text = with_sane_expires_in(response).text
+        answer_text = sane_token_answer(response).text
         return run_token_request(lambda: parse_token_response(answer_text, scope=list(settings.scope)))
     except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
         raise token_request_error(exc, "device_poll", settings) from None

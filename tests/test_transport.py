@@ -338,10 +338,8 @@ def test_deeply_nested_json_is_one_clear_line(server: HostileServer, tmp_path: P
 def test_a_token_answer_that_is_an_array(server: HostileServer, tmp_path: Path) -> None:
     server.answer(TOKEN_PATH, raw('["not", "a", "token"]'))
     result = Rig(server, tmp_path).run()
-    assert result.exit_code == 1, result.output
-    assert "unexpected error" not in result.output
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"fetch_memos: the token endpoint {server.url(TOKEN_PATH)}")
+    assert_fails(result, 1, f"the token endpoint {server.url(TOKEN_PATH)} sent a malformed token (the answer is a "
+                            "JSON list, not an object).")
 
 
 # --- expires_in -------------------------------------------------------------------------------------------------
