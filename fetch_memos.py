@@ -60,15 +60,16 @@ log = logging.getLogger("fetch_memos")
 
 # The public surface: what tests/ and bench/ use. Everything else may change without notice.
 __all__ = [
-    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_GRANTS", "MAX_TOKEN_FILE_BYTES", "MESSAGES",
-    "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS",
-    "SETTINGS", "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller",
-    "FetchMemosError", "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError",
-    "ServerError", "Settings", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError",
-    "WaitingLine", "apply_metadata", "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos",
-    "grant_key", "is_expiring", "is_loopback_host", "load_settings", "main", "metadata_urls", "oauth_error",
-    "oauth_failure", "parse_pasted", "parse_token_bytes", "read_pasted_code", "readable_user_code", "redact",
-    "remember_secret", "request_device_authorization", "resolve_endpoints", "should_open_browser", "token_meta",
+    "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_ANSWER_BYTES", "MAX_API_BYTES", "MAX_GRANTS",
+    "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET",
+    "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS", "AuthorizationError", "BadTokenFile", "Clock", "ConfigError",
+    "DeadGrant", "DevicePoller", "FetchMemosError", "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache",
+    "OAuthError", "PollError", "ServerError", "Settings", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore",
+    "TransientServerError", "WaitingLine", "apply_metadata", "authorize", "build_parser", "call_api",
+    "command_status", "fail", "get_memos", "grant_key", "is_expiring", "is_loopback_host", "load_settings", "main",
+    "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes", "read_pasted_code",
+    "readable_user_code", "redact", "remember_secret", "request_device_authorization", "resolve_endpoints",
+    "same_origin", "sane_expires_in", "should_open_browser", "tls_failure", "token_meta",
     "token_mismatch",
 ]
 
@@ -220,6 +221,24 @@ def _positive_seconds(name: str, value: str, load: _Load) -> float:
     return seconds
 
 
+def _ca_bundle(name: str, value: str, load: _Load) -> str:
+    """"" when unset (requests' own REQUESTS_CA_BUNDLE, else certifi, then decide); else a readable file's path."""
+    if not value:
+        return ""
+    path = Path(value).expanduser().absolute()
+    pem = "it should be a PEM file of the CA certificates to trust"
+    if not path.exists():
+        raise ConfigError(f"{name}={value!r} does not exist; {pem}.")
+    if not path.is_file():  # checked before opening: a FIFO would block the open
+        raise ConfigError(f"{name}={value!r} is not a file; {pem}.")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{name}={value!r}: cannot read it ({exc.strerror or exc}); {pem}.") from None
+    return str(path)
+
+
 # Every setting, keyed by its environment (and .env) variable; the order is --help's, the README's and .env.example's.
 SETTINGS: dict[str, Setting] = {row.variable: row for row in (
     Setting("CLIENT_ID", "client_id", "--client-id", "", "the OAuth application's client id (required)",
@@ -279,6 +298,11 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "(default {default} beside the script; a relative path is relative to the current folder)",
             _token_file, shown_default=f"`{DEFAULT_TOKEN_FILE_NAME}` beside the script",
             doc="a relative path is relative to the current folder"),
+    Setting("OAUTH_CA_BUNDLE", "ca_bundle", "--ca-bundle", "", "a PEM file of CA certificates to trust for every "
+            "HTTPS request, e.g. a private or corporate CA (default: REQUESTS_CA_BUNDLE if set, else the certifi "
+            "bundle)", _ca_bundle, shown_default="`REQUESTS_CA_BUNDLE` if set, else certifi's bundle",
+            doc="a PEM file of the CA certificates to trust for every HTTPS request (a private or corporate CA); "
+            "it replaces the default bundle, so it must hold every CA the server's certificate chains to"),
     Setting("OAUTH_TIMEOUT", "timeout", "--timeout", "10", "seconds each HTTP request may take (default {default})",
             _positive_seconds),
     Setting("OAUTH_LOGIN_TIMEOUT", "login_timeout", "--login-timeout", "300", "seconds to wait for the browser's "
@@ -555,7 +579,8 @@ EXIT_CODES: dict[int, str] = {
        "expected JSON; or another fetch_memos run held the token file's lock for over "
        f"{LOCK_WAIT_SECONDS:g} s (nothing failed: try again)",
     2: "usage or configuration error: a missing or empty variable, a malformed URL, plain http to a remote host, "
-       "client credentials rejected",
+       "client credentials rejected, a server certificate not trusted or not for that host, https to a port that "
+       "does not speak TLS",
     3: "authorization failed or needs a person: a wrong, expired or reused code, denied consent, a state mismatch, "
        "end of input at the prompt, a device code that expired, a dead grant or no token when no terminal is "
        "attached",
@@ -679,6 +704,32 @@ MESSAGES: dict[str, Message] = {
                                "once."),
     "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}; the token file was kept."),
     "client_kept": Message(2, "{problem} The token file was kept."),
+    # -- the transport: TLS, redirects, bounds (section 5) ---------------------------------------------------
+    # TLS: what a person can fix in the settings is exit 2; an expired certificate is the server's to fix (exit 1).
+    "tls_untrusted": Message(2, "the TLS certificate of {host} is not trusted ({why}): if {host} uses a private or "
+                                "corporate CA, set OAUTH_CA_BUNDLE to a PEM file of it; otherwise someone may be "
+                                "intercepting the connection. Nothing was sent."),
+    "tls_wrong_host": Message(2, "the TLS certificate of {host} is for another name ({why}); check the URL's host "
+                                 "({url}). Nothing was sent."),
+    "tls_expired": Message(1, "the TLS certificate of {host} has expired; the server's operator must renew it. "
+                              "Nothing was sent.", FetchMemosError),
+    "tls_not_tls": Message(2, "{host} does not speak TLS on port {port} ({why}): is {url} meant to be http://, or "
+                              "is the port wrong?"),
+    "tls_failed": Message(1, "the TLS connection to {host} failed ({why}).", FetchMemosError),
+    # A credential-bearing request (token, revocation, device authorization) never follows a redirect, and a GET
+    # follows one only within its origin: a 3xx elsewhere could carry the request (and its secrets) anywhere.
+    "redirect_refused": Message(1, "the {endpoint} {url} answered {answered} pointing to {location}; fetch_memos does "
+                                   "not follow it ({why}). Check the URL: set it to where the server really "
+                                   "answers.", FetchMemosError),
+    "revocation_redirected": Message(1, "the revocation endpoint {url} answered {answered} pointing to {location}; "
+                                        "fetch_memos does not follow it, so nothing was revoked: you are not logged "
+                                        "out, and the token file was kept.", FetchMemosError),
+    "too_many_redirects": Message(1, "{url} redirected more than {limit} times; check the URL."),
+    "answer_too_large": Message(1, "the {endpoint} {url} sent more than {limit}; stopped reading (a {endpoint} "
+                                   "answer is never that large)."),
+    "answer_too_deep": Message(1, "the {endpoint} {url} sent JSON nested too deeply to read."),
+    "answer_too_slow": Message(1, "the {endpoint} {url} did not finish answering within OAUTH_TIMEOUT={timeout:g} s; "
+                                  "stopped waiting."),
 }
 
 
@@ -845,7 +896,8 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        reason = getattr(current, "reason", None)  # urllib3's wrappers; ssl.SSLError.reason is a str
+        todo += [current.__cause__, current.__context__, reason if isinstance(reason, BaseException) else None]
         todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
 
 
@@ -880,9 +932,45 @@ def _describe_request_error(exc: Exception, url: str, timeout: float) -> str:
     return f"the request to {url} failed ({type(exc).__name__})"
 
 
-def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> ServerError:
+def request_failed(exc: Exception, url: str, timeout: float, context: str = "") -> FetchMemosError:
     """The one way a requests exception becomes our error: what went wrong on the wire, then the context."""
-    return ServerError(_describe_request_error(exc, url, timeout) + context + ".")
+    return tls_failure(exc, url) or ServerError(_describe_request_error(exc, url, timeout) + context + ".")
+
+
+# OpenSSL's verify codes (X509_V_ERR_*) and what they mean for the person; anything else is "untrusted".
+_TLS_EXPIRED = {10}  # CERT_HAS_EXPIRED
+_TLS_WRONG_HOST = {62, 64}  # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+_TLS_WHY = {18: "self-signed certificate", 19: "self-signed certificate in its chain",
+            20: "issued by an unknown CA", 21: "issued by an unknown CA", 9: "not yet valid"}
+
+
+def tls_failure(exc: BaseException, url: str) -> FetchMemosError | None:
+    """A TLS failure in one line naming the host and what is wrong; None when exc is no TLS failure.
+
+    The verify code, not the text, decides: OpenSSL's wording changes between versions. "Not TLS at all" (https
+    to an http port) shows as a record-layer error (WRONG_VERSION_NUMBER, or "record layer failure" in 3.2+).
+    """
+    import ssl
+
+    causes = list(_causes(exc))
+    failed = next((c for c in causes if isinstance(c, ssl.SSLCertVerificationError)), None)
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    if failed is not None:
+        code = failed.verify_code
+        why = _printable(failed.verify_message or "verification failed", 120).rstrip(".")
+        if code in _TLS_EXPIRED:
+            return fail("tls_expired", host=host, url=url)
+        if code in _TLS_WRONG_HOST:
+            return fail("tls_wrong_host", host=host, url=url, why=why)
+        return fail("tls_untrusted", host=host, url=url, why=_TLS_WHY.get(code, why))
+    other = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
+    if other is None:
+        return None
+    reason = str(getattr(other, "reason", "") or other)
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
+        return fail("tls_not_tls", host=host, url=url, port=parts.port or 443, why=_printable(reason.lower(), 60))
+    return fail("tls_failed", host=host, url=url, why=_printable(reason or type(other).__name__, 120))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1516,18 +1604,19 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
 
     tried: list[str] = []
     server_failed = False
+    session = transport_session(settings)  # bounded, and no redirect to another origin or to plain http
     for url in metadata_urls(settings.issuer):
         tried.append(url)
         try:
-            response = requests.get(url, timeout=settings.timeout, headers={
-                "Accept": "application/json", "User-Agent": f"fetch_memos/{__version__}"})
+            response = session.get(url, headers={"Accept": "application/json"}, limit=MAX_METADATA_BYTES,
+                                   endpoint="server metadata")
         except requests.exceptions.RequestException as exc:
             raise request_failed(exc, url, settings.timeout,
                                  " (fetching the server metadata of OAUTH_ISSUER)") from None
         log.debug("GET %s -> %s", url, response.status_code)
         if response.status_code >= 500:
             server_failed = True
-        if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
+        if response.status_code != 200:
             continue
         try:
             document = response.json()
@@ -1590,6 +1679,12 @@ def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
 
 RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
 RETRY_BACKOFF = 0.5  # seconds, doubling
+# What one answer may hold, enforced while reading, so that whatever a server sends the run stays under 100 MB.
+MAX_ANSWER_BYTES = 64 * 1024  # a token, device or revocation answer: a few KiB even with JWTs in it
+MAX_API_BYTES = 4 * 1024 * 1024  # the API's JSON (README: Limits); parsed and printed, still far below 100 MB
+MAX_REDIRECTS = 5  # same-origin redirects a GET follows (the API, the metadata)
+READ_CHUNK = 64 * 1024
+EXPIRES_IN_MAX = 365 * 24 * 3600  # a longer lifetime is taken as one year (see sane_expires_in)
 
 
 def refresh_margin(token: Mapping[str, Any]) -> float:
@@ -1612,13 +1707,164 @@ def is_expiring(token: Mapping[str, Any], now: float | None = None) -> bool:
     return expires_at - refresh_margin(token) <= (time.time() if now is None else now)
 
 
+def same_origin(a: str, b: str) -> bool:
+    """RFC 6454 origins: scheme, host and port (the scheme's default when none is written)."""
+    first, second = urlsplit(a), urlsplit(b)
+    default = {"http": 80, "https": 443}
+    return (first.scheme, first.hostname, first.port or default.get(first.scheme)) == (
+        second.scheme, second.hostname, second.port or default.get(second.scheme))
+
+
+def endpoint_title(settings: Settings, url: str) -> str:
+    """How messages name the endpoint a URL is, for the transport's errors."""
+    for field, title in (("token_url", "token endpoint"), ("revoke_url", "revocation endpoint"),
+                         ("device_authorization_url", "device authorization endpoint"), ("api_url", "API")):
+        if getattr(settings, field, None) == url:
+            return title
+    return "server"
+
+
+def _cut(sock: socket.socket, cut: threading.Event) -> None:
+    """The deadline's watchdog: shut the socket, so a read blocked on a trickling server returns at once.
+
+    The plain socket's shutdown even for TLS: SSLSocket.shutdown would drop its SSL object under the reader.
+    """
+    cut.set()
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def read_bounded(response: requests.Response, *, deadline: float, limit: int, endpoint: str,
+                 timeout: float) -> requests.Response:
+    """Read a streamed answer whole, but never more than `limit` bytes nor past `deadline` (OAUTH_TIMEOUT is for
+    the whole request: a byte every few seconds would pass any per-read timeout)."""
+    import requests
+
+    url = response.url
+    fp = getattr(getattr(response.raw, "_fp", None), "fp", None)  # http.client's socket file, while unread
+    sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    cut = threading.Event()
+    watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), _cut, (sock, cut)) if sock else None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
+        for chunk in response.iter_content(READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise fail("answer_too_large", endpoint=endpoint, url=url, limit=_size(limit))
+            chunks.append(chunk)
+        if cut.is_set() or time.monotonic() > deadline:
+            raise fail("answer_too_slow", endpoint=endpoint, url=url, timeout=timeout)
+    except requests.exceptions.RequestException:
+        response.close()
+        if cut.is_set() or time.monotonic() > deadline:
+            raise fail("answer_too_slow", endpoint=endpoint, url=url, timeout=timeout) from None
+        raise
+    except FetchMemosError:
+        response.close()
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+    body = b"".join(chunks)
+    response._content = body
+    response._content_consumed = True
+    # json.loads recurses once per level and raises RecursionError past about a thousand: say so here, once, for
+    # every parser after (oauthlib's included). Counting brackets first spares ordinary answers a second parse.
+    if body.count(b"[") + body.count(b"{") > 500:
+        try:
+            json.loads(body)
+        except RecursionError:
+            raise fail("answer_too_deep", endpoint=endpoint, url=url) from None
+        except ValueError:
+            pass  # not JSON: the caller says what it expected
+    return response
+
+
+def _size(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
+
+
+@functools.cache
+def _transport_class() -> type:
+    """The rules every request of a run follows, as a mixin for requests.Session (built on first use, as below)."""
+    import requests
+
+    class Transport:
+        """Whole-request deadline, bounded answers, no redirect that could carry a credential elsewhere, the CA
+        bundle, and no proxy for loopback. Every request of the run goes through request() here."""
+
+        settings: Settings
+
+        def merge_environment_settings(self, url: str, proxies: Any, stream: Any, verify: Any,
+                                       cert: Any) -> dict[str, Any]:
+            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)  # type: ignore[misc]
+            if is_loopback_host(urlsplit(url).hostname):
+                merged["proxies"] = {}  # RFC 8252 section 8.3: loopback traffic never leaves the machine
+            if self.settings.ca_bundle:
+                merged["verify"] = self.settings.ca_bundle  # explicit beats REQUESTS_CA_BUNDLE
+            return merged
+
+        def request(self, method: str, url: str, *args: Any, limit: int = MAX_ANSWER_BYTES, endpoint: str = "",
+                    **kwargs: Any) -> requests.Response:
+            from urllib.parse import urljoin
+
+            settings = self.settings
+            endpoint = endpoint or endpoint_title(settings, url)
+            deadline = time.monotonic() + settings.timeout
+            kwargs.update(allow_redirects=False, stream=True)
+            first = url
+            for _hop in range(MAX_REDIRECTS + 1):
+                kwargs["timeout"] = max(deadline - time.monotonic(), 0.001)
+                response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+                if response.raw.retries and response.raw.retries.history:
+                    # urllib3 retried (a GET: connection error or 502/503/504): the answer is a new request's,
+                    # whose body gets a whole OAUTH_TIMEOUT of its own
+                    deadline = time.monotonic() + settings.timeout
+                if not response.is_redirect:
+                    return read_bounded(response, deadline=deadline, limit=limit, endpoint=endpoint,
+                                        timeout=settings.timeout)
+                location = urljoin(response.url, response.headers["Location"])
+                response.close()
+                if method == "GET" and same_origin(location, url):
+                    url = location
+                    continue
+                answer = f"{response.status_code} {_printable(response.reason or '', 60)}".rstrip()
+                shown = _printable(location, 200)
+                if url == settings.revoke_url:
+                    raise fail("revocation_redirected", url=url, answered=answer, location=shown)
+                why = ("a request carrying credentials is never sent on" if method != "GET" else
+                       "it leads to plain http" if urlsplit(url).scheme == "https" and location.startswith("http:")
+                       else
+                       "it leads to another origin")
+                raise fail("redirect_refused", endpoint=endpoint, url=url, answered=answer, location=shown, why=why)
+            raise fail("too_many_redirects", url=first, limit=MAX_REDIRECTS)
+
+    class PlainTransport(Transport, requests.Session):
+        """The transport without a token: the metadata requests (section 4)."""
+
+    Transport.Plain = PlainTransport
+    return Transport
+
+
+def transport_session(settings: Settings) -> requests.Session:
+    """A session following the transport's rules, holding no token (metadata discovery)."""
+    session = _transport_class().Plain()
+    session.settings = settings
+    session.headers["User-Agent"] = f"fetch_memos/{__version__}"
+    return session
+
+
 @functools.cache
 def _oauth2_session_class() -> type:
     """The OAuth2Session subclass, built on first use so that --help and --status never import the HTTP stack."""
     from requests_oauthlib import OAuth2Session
 
-    class RefreshingSession(OAuth2Session):
-        """Routes requests-oauthlib's auto refresh through MemoSession.refresh()."""
+    class RefreshingSession(_transport_class(), OAuth2Session):
+        """Routes requests-oauthlib's auto refresh through MemoSession.refresh(); the transport's rules on top."""
 
         memo: MemoSession
 
@@ -1669,6 +1915,47 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
         kind = "an HTML page" if "html" in content_type.lower() else (
             "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
         raise fail("token_not_json", url=response.url, status=response.status_code, kind=kind)
+    return sane_token_answer(response)
+
+
+def sane_expires_in(value: object) -> int | None:
+    """The one rule for a server's expires_in (RFC 6749 section 5.1: seconds, a positive number): a finite number
+    above 0 is kept, at most one year (EXPIRES_IN_MAX); a number that is not (negative, 0, Infinity, NaN) means the
+    lifetime is unknown, and the API's 401 will tell. So every token saved loads again. Text that is no number
+    raises ValueError: the answer is a malformed token, refused, and nothing is saved."""
+    import math
+
+    if isinstance(value, str):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return int(min(value, EXPIRES_IN_MAX))
+
+
+def sane_token_answer(response: requests.Response) -> requests.Response:
+    """The token answer with sane_expires_in applied, before oauthlib turns expires_in into expires_at; JSON that
+    is not an object (an array, say) is a malformed token here, in words, not oauthlib's TypeError."""
+    try:
+        answer = json.loads(response.content)
+    except ValueError:
+        return response
+    if not isinstance(answer, dict):
+        raise fail("token_malformed", url=response.url, problem=f"the answer is a JSON {type(answer).__name__}, "
+                                                                "not an object")
+    if "expires_in" not in answer:
+        return response
+    try:
+        lifetime = sane_expires_in(answer["expires_in"])
+    except ValueError:
+        return response  # oauthlib refuses it (token_malformed)
+    if lifetime == answer["expires_in"] and type(lifetime) is type(answer["expires_in"]):
+        return response
+    log.debug("expires_in %s taken as %s", _printable(answer["expires_in"], 40), lifetime)
+    if lifetime is None:
+        del answer["expires_in"]
+    else:
+        answer["expires_in"] = lifetime
+    response._content = json.dumps(answer).encode()
     return response
 
 
@@ -1768,6 +2055,7 @@ class MemoSession:
             pkce="S256",
         )
         self.oauth.memo = self
+        self.oauth.settings = settings
         check = functools.partial(_check_token_response, settings=settings)
         self.oauth.register_compliance_hook("access_token_response", check)
         self.oauth.register_compliance_hook("refresh_token_response", check)
@@ -1910,9 +2198,9 @@ class MemoSession:
                 adapter.max_retries = configured.new(total=left, connect=left, read=left, status=left)
                 try:
                     with _oauthlib_transport(self.settings):
-                        response = self.oauth.get(url, timeout=self.settings.timeout, stream=True)
+                        # read whole (and bounded) inside: a break in the body is retried too
+                        response = self.oauth.get(url, timeout=self.settings.timeout, limit=MAX_API_BYTES)
                     spent += len(response.raw.retries.history) if response.raw.retries else 0
-                    response.content  # noqa: B018 - read the body now, so a break in it is retried too
                     break
                 except requests.exceptions.ChunkedEncodingError as exc:
                     if spent >= RETRY_ATTEMPTS:
@@ -2690,7 +2978,8 @@ def poll_device_token(session: MemoSession, settings: Settings, device_code: str
         raise fail("poll_no_token", url=url, status=response.status_code)
     try:
         # oauthlib's own parser, so expires_at and the granted scope come out as after a code exchange.
-        return run_token_request(lambda: parse_token_response(response.text, scope=list(settings.scope)))
+        answer_text = sane_token_answer(response).text
+        return run_token_request(lambda: parse_token_response(answer_text, scope=list(settings.scope)))
     except Exception as exc:  # noqa: BLE001 - mapped to our errors, or re-raised
         raise token_request_error(exc, "device_poll", settings) from None
 

@@ -43,6 +43,7 @@ import requests
 
 from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_oidc, require_ruby_stack
 from servers.dot import DotServer, require_dot_stack
+from servers.tls import TestPKI, trust_in_this_process
 
 LOOPBACK = "http://127.0.0.1/callback"  # registered without a port: any loopback port is accepted (RFC 8252 7.3)
 RESOURCE = "https://memos.example.test/api/"  # the RFC 8707 resource of the profiles with the feature "resource"
@@ -64,6 +65,8 @@ FEATURES = {
                                 "revoking the refresh token ends the grant",
     "iss": "every authorization response carries iss (RFC 9207)",
     "metadata": "publishes its metadata (RFC 8414 or OIDC discovery); the client is given OAUTH_ISSUER only",
+    "tls": "speaks https only, with a certificate of the tests' own CA (tests/servers/tls.py); the client is given "
+           "REQUESTS_CA_BUNDLE",
     "public_client": "the client is a public one: no CLIENT_SECRET, client_id in the body (RFC 8252 8.4)",
     "resource": "requires the RFC 8707 resource at authorization and at the token endpoint; the client sets "
                 "OAUTH_RESOURCE",
@@ -232,6 +235,10 @@ class Target:
             env["OAUTH_REDIRECT_URI"] = LOOPBACK
         if self.has("resource"):
             env["OAUTH_RESOURCE"] = RESOURCE
+        if self.has("tls"):
+            # requests' own variable, so the issuer-only scenario still sees the issuer as the only server setting
+            # (tests/test_transport.py proves OAUTH_CA_BUNDLE, and that it beats this one)
+            env["REQUESTS_CA_BUNDLE"] = str(self.server.ca_file)
         return env
 
     def endpoint_env(self) -> dict[str, str | None]:
@@ -348,6 +355,17 @@ def doorkeeper(**switches: Any) -> Callable[..., DoorkeeperServer]:
                                                         **{**switches, **variant}).start()
 
 
+def doorkeeper_tls(**switches: Any) -> Callable[..., DoorkeeperServer]:
+    """Doorkeeper serving https itself (WEBrick with TLS) with a certificate of a CA made for it."""
+    def start(folder: Path, **variant: Any) -> DoorkeeperServer:
+        pki = TestPKI(folder / "pki")
+        trust_in_this_process(pki.ca_file)  # the person's browser and the admin calls
+        server = DoorkeeperServer(folder, redirect_uris=[LOOPBACK], tls=pki.cert_files(), **{**switches, **variant})
+        server.ca_file = pki.ca_file
+        return server.start()
+    return start
+
+
 def dot(**switches: Any) -> Callable[..., DotServer]:
     return lambda folder, **variant: DotServer(folder, redirect_uris=[LOOPBACK], **{**switches, **variant}).start()
 
@@ -362,6 +380,9 @@ PROFILES: list[Profile] = [
             DOORKEEPER | {"rotation_grace", "revoke_kills_both", "metadata", "wrong_iss", "omitted_iss"},
             doorkeeper(oidc=True), DoorkeeperTarget, require_oidc,
             variants={"wrong_iss": {"iss_value": MIXUP_ISS}, "omitted_iss": {"advertise_iss": True}}),
+    # The same over https, with the tests' own CA (issue 15): login, refresh and logout over TLS.
+    Profile("doorkeeper-tls", "doorkeeper", DOORKEEPER | {"rotation_grace", "revoke_kills_both", "metadata", "tls"},
+            doorkeeper_tls(oidc=True), DoorkeeperTarget, require_oidc),
     # What the strict server of issue 8 did, on Doorkeeper: scopes narrowed, strict refresh scope, JWT-like
     # access tokens that cannot be revoked, iss, a resource indicator required.
     Profile("doorkeeper-strict", "doorkeeper",

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-required=(ruby-rails ruby-doorkeeper ruby-sqlite3 ruby-webrick ruby-bcrypt)
+required=(ruby-rails ruby-doorkeeper ruby-sqlite3 ruby-webrick ruby-bcrypt tinyproxy)  # tinyproxy: the proxy tests
 python3 -c 'import ensurepip' 2>/dev/null || required+=(python3-venv)
 optional=()  # the browser tests need it; they are skipped without it (and fail under CI=true)
 [[ "${FETCH_MEMOS_NO_BROWSER:-0}" == 1 ]] || optional+=(chromium)

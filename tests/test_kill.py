@@ -5,8 +5,8 @@ the old token or the new one; the next run then prints the JSON (exit 0), or, wh
 rotated refresh token in the immediate-revocation mode, exits 3 with one clear line and the file still
 loads. A lock held by a killed run never blocks the next run.
 
-Kills: 25 moments spread evenly over the lines of fetch_memos.py that a refreshing run reaches, from
-reading the token file to printing the JSON (kill-01-of-25 ...); a kill before every line that
+Kills: 30 moments spread evenly over the lines of fetch_memos.py that a refreshing run reaches, from
+reading the token file to printing the JSON (kill-01-of-30 ...); a kill before every line that
 TokenStore.save() reaches once it holds the lock (24 kills with today's code, in one test); 1 kill right
 after the server logged the refresh; 3 kills inside TokenStore.save(), made slow with a wrapped os.fsync
 so that the moment is hit by a kill from outside (temp file written but not renamed; renamed but not yet
@@ -32,7 +32,7 @@ from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
-MOMENTS = 25
+MOMENTS = 30
 REPO = Path(fetch_memos.__file__).resolve().parent
 
 # The real main(), with os.fsync call number argv[2] made slow and announced (a marker file), so that a
@@ -127,7 +127,7 @@ def check_after_kill(setup: Client, old: dict[str, Any], mark: int) -> tuple[str
     return state, result.exit_code
 
 
-# --- 25 moments over a refreshing run's life -----------------------------------------------------------
+# --- 30 moments over a refreshing run's life -----------------------------------------------------------
 
 # The real main(), traced: it counts the lines of fetch_memos.py it reaches (nothing else is traced; a line
 # counts once, when first reached, so that loops such as the pickle opcode check do not crowd out the rest)
@@ -213,7 +213,7 @@ def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: li
                                           people: People) -> None:
     """A kill before each line that TokenStore.save() reaches once it holds the lock: old or new, never half.
 
-    (The 25 moments above are ~10 lines apart; here no line of the write is skipped.)
+    (The 30 moments above are ~10 lines apart; here no line of the write is skipped.)
     """
     start = next(i for i, step in enumerate(trail) if step.startswith("save:"))
     start = next(i for i in range(start, len(trail)) if trail[i].startswith("locked:"))  # save() takes the lock
@@ -241,9 +241,9 @@ def test_killed_at_every_line_of_the_save(immediate: DoorkeeperServer, trail: li
 
 
 def test_moments_covered_before_during_and_after_the_refresh() -> None:
-    """The 25 moments hit the run at every stage (else they would prove little)."""
+    """The 30 moments hit the run at every stage (else they would prove little)."""
     if len(OUTCOMES) < MOMENTS:
-        pytest.skip("needs all kill-NN-of-25 tests to have run first")
+        pytest.skip("needs all kill-NN-of-30 tests to have run first")
     outcomes = [(state, next_exit) for _, state, next_exit in OUTCOMES.values()]
     assert ("old", 0) in outcomes  # killed before the refresh reached the server
     assert ("old", 3) in outcomes  # killed after the server rotated the token, before it was saved

@@ -37,7 +37,7 @@ import pytest
 import fetch_memos
 from fetch_memos import META_KEY, ConfigError, MetadataCache, TokenStore
 
-from runner import EOF_AT_PROMPT, run_script, script_env
+from runner import EOF_AT_PROMPT, own_secrets, run_script, script_env  # noqa: F401  (own_secrets: autouse)
 
 ROOT = os.geteuid() == 0
 OTHER_UID = 65533  # the hostile user: needs no passwd entry to own a file
@@ -48,12 +48,6 @@ SECRET = "client-secret-local-Z9x8C7v6"
 TOKEN = {"access_token": ACCESS, "refresh_token": REFRESH, "token_type": "Bearer", "expires_at": time.time() + 3600}
 META = {"version": 1, "server_url": "http://127.0.0.1:1", "token_url": "http://127.0.0.1:1/oauth/token",
         "api_url": "http://127.0.0.1:1/api/memos/", "client_id": "client-local", "scope": ["read"]}
-
-
-@pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """load() registers tokens globally; keep them out of other tests' redaction."""
-    monkeypatch.setattr(fetch_memos, "_SECRETS", set())
 
 
 def mode(path: Path) -> int:

@@ -156,7 +156,7 @@ class DoorkeeperServer(ServerProcess):
     ``grant_scopes`` (GRANT_SCOPES), ``strict_refresh_scope`` (STRICT_REFRESH_SCOPE),
     ``refuse_access_token_revocation`` (REFUSE_ACCESS_TOKEN_REVOCATION), ``send_iss`` (SEND_ISS),
     ``iss_value`` (ISS_VALUE), ``advertise_iss`` (ADVERTISE_ISS), ``oidc`` (OIDC), ``require_resource``
-    (REQUIRE_RESOURCE), ``public_client_id`` (PUBLIC_CLIENT_ID).
+    (REQUIRE_RESOURCE), ``public_client_id`` (PUBLIC_CLIENT_ID), ``tls`` (TLS_CERT, TLS_KEY).
     """
 
     def __init__(
@@ -181,6 +181,7 @@ class DoorkeeperServer(ServerProcess):
         oidc: bool = False,
         require_resource: str | None = None,
         public_client_id: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.access_token_ttl = int(access_token_ttl)
@@ -203,6 +204,7 @@ class DoorkeeperServer(ServerProcess):
         self.advertise_iss = bool(advertise_iss) or self.send_iss  # the metadata claims what it sends
         self.require_resource = require_resource or None
         self.public_client_id = public_client_id or None
+        self.tls = tls  # (certificate chain PEM, key PEM): WEBrick serves https itself (TLS_CERT, TLS_KEY)
         self.boot_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin = requests.Session()
@@ -214,7 +216,7 @@ class DoorkeeperServer(ServerProcess):
         """Origin of the server, e.g. ``http://127.0.0.1:3801``."""
         if self.port is None:
             raise ServerError("server has no port yet: call start()")
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def issuer(self) -> str:
@@ -256,6 +258,8 @@ class DoorkeeperServer(ServerProcess):
                 "DEMO_EMAIL": self.email,
                 "DEMO_PASSWORD": self.password,
                 "PARENT_PID": str(os.getpid()),
+                "TLS_CERT": str(self.tls[0]) if self.tls else "",
+                "TLS_KEY": str(self.tls[1]) if self.tls else "",
             }
         )
         # The switches are always set, so one in the surrounding environment cannot leak in.

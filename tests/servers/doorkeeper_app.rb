@@ -28,6 +28,10 @@
 #   PARENT_PID              optional: exit when this process is gone
 #   RAILS_LOG_LEVEL         level of $STATE_DIR/rails.log (default "warn")
 #   NO_DEVISE               1: use the built-in sign-in even if Devise loads
+#   TLS_CERT, TLS_KEY       PEM certificate chain and key: WEBrick itself
+#                           speaks https (no proxy in front), so every URL
+#                           Rails and Doorkeeper make (redirects, the oob
+#                           page, the issuer and OIDC metadata) is https
 #
 # Switches that make it behave like stricter servers (all off by default):
 #   GRANT_SCOPES            e.g. "read": grant only those of the asked scopes
@@ -78,7 +82,7 @@
 # UserSessionsController below) serves the same routes, form fields, flash
 # messages and bcrypt password column as the part of Devise used here.
 #
-# Output: nothing on stdout but one line "READY http://127.0.0.1:PORT" once
+# Output: nothing on stdout but one line "READY http(s)://127.0.0.1:PORT" once
 # the listening socket is bound. $STATE_DIR/access.log gets one JSON object
 # per request (see AccessLogMiddleware); tokens, codes and secrets are never
 # written there (sensitive query values are replaced with "[FILTERED]").
@@ -108,7 +112,10 @@ def env_flag(name)
   %w[1 true yes on].include?(ENV.fetch(name, "").strip.downcase)
 end
 
-ISSUER = "http://127.0.0.1:#{PORT}"
+TLS_CERT = ENV.fetch("TLS_CERT", "")
+TLS_KEY = ENV.fetch("TLS_KEY", "")
+SCHEME = TLS_CERT.empty? ? "http" : "https"
+ISSUER = "#{SCHEME}://127.0.0.1:#{PORT}"
 GRANT_SCOPES = ENV.fetch("GRANT_SCOPES", "").split(/[\s,]+/).reject(&:empty?).then { |list| list.empty? ? nil : list }
 STRICT_REFRESH_SCOPE = env_flag("STRICT_REFRESH_SCOPE")
 REFUSE_ACCESS_TOKEN_REVOCATION = env_flag("REFUSE_ACCESS_TOKEN_REVOCATION")
@@ -170,6 +177,8 @@ if OIDC
   end
 end
 require "webrick"
+# Before the prepend below: webrick/https aliases meta_vars, which would otherwise call the prepended one forever.
+require "webrick/https" unless TLS_CERT.empty?
 
 # WEBrick's Rack env has no REMOTE_PORT; the access log needs it to count TCP
 # connections (one client port per connection).
@@ -511,8 +520,8 @@ def configure_openid_connect
       redirect_to "/users/sign_in"
     end
     subject { |user, _application| user.id.to_s }
-    # Production mode would otherwise advertise every endpoint as https.
-    protocol { :http }
+    # Production mode would otherwise advertise every endpoint as https, even over http.
+    protocol { SCHEME.to_sym }
   end
 end
 
@@ -930,6 +939,19 @@ handler =
     Rack::Handler::WEBrick
   end
 
+tls_options = {}
+unless TLS_CERT.empty?
+  require "openssl"
+  chain = File.read(TLS_CERT).scan(/-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----/m)
+  tls_options = {
+    SSLEnable: true,
+    SSLCertificate: OpenSSL::X509::Certificate.new(chain.first),
+    SSLExtraChainCert: chain.drop(1).map { |pem| OpenSSL::X509::Certificate.new(pem) },
+    SSLPrivateKey: OpenSSL::PKey.read(File.read(TLS_KEY)),
+    SSLCertName: nil,
+  }
+end
+
 server_log = File.open(File.join(STATE_DIR, "webrick.log"), "a")
 server_log.sync = true
 handler.run(
@@ -938,7 +960,8 @@ handler.run(
   Port: PORT,
   Logger: WEBrick::Log.new(server_log, WEBrick::Log::WARN),
   AccessLog: [],
-  StartCallback: -> { puts "READY http://127.0.0.1:#{PORT}" },
+  StartCallback: -> { puts "READY #{ISSUER}" },
+  **tls_options,
 ) do |server|
   %w[INT TERM].each { |signal| trap(signal) { server.shutdown } }
 end
