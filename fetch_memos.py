@@ -680,15 +680,46 @@ def fail(what: str, **fields: object) -> FetchMemosError:
     return kind(entry.text.format(**fields), what=what)
 
 
-def _printable(value: object, limit: int = 200) -> str:
-    """Text from a server made safe for one line on a terminal (no escape sequences), and bounded."""
-    text = "".join(ch for ch in str(value) if ch.isprintable())
-    return text[:limit]
+def _escaped(ch: str, json_escape: bool = False) -> str:
+    code = ord(ch)
+    if json_escape:
+        if code > 0xFFFF:  # JSON has no \U: a surrogate pair (RFC 8259 section 7)
+            code -= 0x10000
+            return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+        return f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _printable(value: object, limit: int | None = 200, *, keep: str = "") -> str:
+    """The one sanitizer for text a server sent, before it reaches a terminal: bounded, and every character that
+    is not printable (C0/C1 controls, DEL, bidi and other format characters, line separators) shown as an escape
+    (\\x1b, \\u202e), so a server can neither drive the terminal (ESC]0;title BEL, ESC[2J, CSI as U+009B, OSC 8
+    links) nor make a line read differently than it is (U+202E, \\r). `keep` names characters let through (our
+    own newlines, where whole messages pass through it on their way out)."""
+    text = str(value)
+    if limit is not None:
+        text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in keep else _escaped(ch) for ch in text)
+
+
+def terminal_text(text: str) -> str:
+    """A message as it is printed: secrets redacted, anything a server smuggled in escaped (lines kept)."""
+    return _printable(redact(text), None, keep="\n")
+
+
+def terminal_json(text: str) -> str:
+    """JSON for a person's terminal: the characters _printable escapes become \\uXXXX, so the text stays valid
+    JSON with the same data (they can only occur inside strings; json.dumps already escapes C0 controls)."""
+    if text.replace("\n", "").isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\n" else _escaped(ch, json_escape=True) for ch in text)
 
 
 def answered(response: requests.Response) -> str:
     """ "401 Unauthorized": how every message names the HTTP status a server answered with."""
-    return f"{response.status_code} {response.reason or ''}".rstrip()
+    return f"{response.status_code} {_printable(response.reason or '', 100)}".rstrip()
 
 
 class OAuthError(NamedTuple):
@@ -708,7 +739,7 @@ def oauth_error(body: object) -> OAuthError | None:
     """The one reader of an OAuth error: a JSON text, a parsed body or query parameters; None when none is there.
 
     A server may send anything: a body that is not JSON, not an object, or fields that are not strings. Only a
-    non-empty `error` makes an error; every field is stripped to printable text and bounded.
+    `error` with something printable in it makes an error; every field passes the sanitizer and is bounded.
     """
     if isinstance(body, (str, bytes)):
         try:
@@ -723,7 +754,7 @@ def oauth_error(body: object) -> OAuthError | None:
         return value[0] if isinstance(value, list) and value else value  # parse_qs gives lists
 
     error = field("error")
-    if not isinstance(error, str) or not _printable(error, 60):
+    if not isinstance(error, str) or not any(ch.isprintable() for ch in error):
         return None
     return OAuthError(_printable(error, 60), _printable(field("error_description") or ""),
                       _printable(field("error_uri") or ""))
@@ -813,12 +844,12 @@ def redact(text: str) -> str:
 
 def warn(message: str) -> None:
     """A warning does not stop the run; it still goes to stderr, never stdout."""
-    print(f"fetch_memos: warning: {redact(message)}", file=sys.stderr, flush=True)
+    print(f"fetch_memos: warning: {terminal_text(message)}", file=sys.stderr, flush=True)
 
 
 def say(message: str = "") -> None:
     """Prompts and progress go to stderr, so that stdout carries only the API's JSON."""
-    print(redact(message), file=sys.stderr, flush=True)
+    print(terminal_text(message), file=sys.stderr, flush=True)
 
 
 def prompt() -> None:
@@ -2553,7 +2584,7 @@ def api_json(response: requests.Response, url: str) -> Any:
         return response.json()
     except ValueError:
         raise fail("api_not_json", url=url, status=status,
-                   content_type=response.headers.get("Content-Type", "unknown type")) from None
+                   content_type=_printable(response.headers.get("Content-Type", "unknown type"), 100)) from None
 
 
 def call_api(session: MemoSession) -> Any:
@@ -2584,8 +2615,11 @@ def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
 
 
 def print_json(data: Any) -> None:
-    """UTF-8, not escaped, whatever the locale: stdout is for `| jq`."""
+    """UTF-8, not escaped, whatever the locale: stdout is for `| jq`, which gets the data exactly; a terminal gets
+    the controls and bidi characters escaped (terminal_json)."""
     text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    if _is_terminal(sys.stdout):
+        text = terminal_json(text)
     try:
         sys.stdout.flush()
         sys.stdout.buffer.write(text.encode("utf-8"))
@@ -2631,8 +2665,8 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     """What is stored, without any secret and without touching the network."""
     token = store.load()
     if token is None:
-        print("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
-                         *endpoint_lines(settings)]))
+        print(terminal_text("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
+                                       *endpoint_lines(settings)])))
         return 0
     meta = token.get(META_KEY) or {}
     scope = token.get("scope")
@@ -2657,7 +2691,7 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     added = scope_added(token, settings)
     if added:
         lines.append(f"Note:          the next run authorizes again: {added}.")
-    print("\n".join(lines))
+    print(terminal_text("\n".join(lines)))  # the scope and the endpoints came from a server
     return 0
 
 
@@ -2812,7 +2846,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        record.msg = terminal_text(record.getMessage())
         record.args = None
         return True
 
@@ -2862,7 +2896,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         settings = resolve_endpoints(settings, fetch=command.uses_network)
         return command.run(settings, store, terminal)
     except FetchMemosError as exc:
-        print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)
+        print(f"fetch_memos: {terminal_text(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\nfetch_memos: interrupted.", file=sys.stderr, flush=True)
@@ -2872,7 +2906,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             import traceback  # only a bug under --debug needs it
 
             print(redact(traceback.format_exc()), file=sys.stderr)
-        print(f"fetch_memos: unexpected error: {redact(f'{type(exc).__name__}: {exc}')} (run with --debug for "
+        print(f"fetch_memos: unexpected error: {terminal_text(f'{type(exc).__name__}: {exc}')} (run with --debug for "
               "details).", file=sys.stderr, flush=True)
         return 1
 

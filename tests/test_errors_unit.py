@@ -1169,7 +1169,7 @@ def test_every_message_has_an_exit_code_that_help_explains_and_every_oauth_row_a
 
 @pytest.mark.parametrize(("body", "expected"), [
     ('{"error": "invalid_client", "error_description": "no\\u001b[2J such", "error_uri": "https://e/x"}',
-     ("invalid_client", "no[2J such", "https://e/x")),
+     ("invalid_client", "no\\x1b[2J such", "https://e/x")),
     ({"error": "access_denied", "error_description": 42}, ("access_denied", "42", "")),
     ({"error": ["access_denied"], "error_description": ["The user denied"]}, ("access_denied", "The user denied", "")),
     ({"error": "x" * 500}, ("x" * 60, "", "")),
