@@ -111,9 +111,17 @@ class _Load:
     URL, which asks the issuer) calls get(); so the rows' order decides only which error a run reports first.
     """
 
-    def __init__(self, merged: Mapping[str, str]) -> None:
+    def __init__(self, merged: Mapping[str, str], *, env_file: Path | None = None, needs_client: bool = True) -> None:
         self.merged = merged
         self.fields: dict[str, Any] = {}
+        self.env_file = env_file  # the .env that was read, to name in advice; None when there is none
+        self.needs_client = needs_client  # False for --status, which only reads the store
+        self.from_flags: set[str] = set()  # variables a flag set: a message names the flag the person typed
+
+    def named(self, variable: str, value: str) -> str:
+        """How a message names a value: as typed, `--timeout='0'` from a flag, `OAUTH_TIMEOUT='0'` otherwise."""
+        flag = SETTINGS[variable].flag
+        return f"{flag}={value!r}" if flag and variable in self.from_flags else f"{variable}={value!r}"
 
     def given(self, variable: str) -> str:
         """The value set by a flag, the environment or .env; "" when unset or empty."""
@@ -139,8 +147,12 @@ def _switch(name: str, value: str, load: _Load) -> bool:
 
 
 def _client_id(name: str, value: str, load: _Load) -> str:
-    if not value:
+    if not value and load.needs_client:
         where = "is empty" if name in load.merged else "is not set"
+        if load.env_file is not None:  # it exists: copying .env.example over it would be the wrong advice
+            raise ConfigError(f"{name} {where}. Fill in {name} (and CLIENT_SECRET) in {load.env_file} with the "
+                              "client credentials of your OAuth application (.env.example lists every setting), "
+                              "or set the environment variable.")
         raise ConfigError(
             f"{name} {where}. Copy .env.example to .env beside fetch_memos.py and fill in the client "
             "credentials of your OAuth application (or set the environment variable)."
@@ -213,9 +225,9 @@ def _positive_seconds(name: str, value: str, load: _Load) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a number of seconds.") from None
+        raise ConfigError(f"{load.named(name, value)} is not a number of seconds.") from None
     if not 0 < seconds <= 3600:
-        raise ConfigError(f"{name}={value!r} must be more than 0 and at most 3600 seconds.")
+        raise ConfigError(f"{load.named(name, value)} must be more than 0 and at most 3600 seconds.")
     return seconds
 
 
@@ -431,19 +443,38 @@ def origin_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def _check_env_file_flag(env_file: Path) -> None:
+    """--env-file that is not a regular file: a device such as /dev/null means "no settings from a file" (it is
+    never read: /dev/zero would never end); a FIFO would block the run, a folder has nothing to read."""
+    import stat
+
+    try:
+        mode = env_file.stat().st_mode
+    except OSError:
+        raise ConfigError(f"--env-file {env_file} does not exist.") from None
+    if stat.S_ISCHR(mode):
+        return
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+    raise ConfigError(f"--env-file {env_file} is {kind}; name a .env file (or /dev/null for none).")
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Merge defaults < .env < environment < flags, then let each row parse and validate its value, once."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
     if args.env_file and not env_file.is_file():
-        raise ConfigError(f"--env-file {env_file} does not exist.")
+        _check_env_file_flag(env_file)
     from_file = read_env_file(env_file) if env_file.is_file() else {}
     merged = dict(from_file)
     merged.update({key: environ[key] for key in SETTINGS if key in environ})
+    flagged = set()
     for key, row in SETTINGS.items():
         value = getattr(args, row.dest) if row.flag else None
         if value is not None and value is not False:
             merged[key] = "1" if value is True else str(value)
-    load = _Load(merged)
+            flagged.add(key)
+    load = _Load(merged, env_file=env_file if env_file.is_file() else None,
+                 needs_client=getattr(args, "command", "fetch") != "status")
+    load.from_flags = flagged
     for key in SETTINGS:
         load.get(key)
     fields = load.fields
@@ -544,10 +575,10 @@ EXIT_CODES: dict[int, str] = {
        "expected JSON; or another fetch_memos run held the token file's lock for over "
        f"{LOCK_WAIT_SECONDS:g} s (nothing failed: try again)",
     2: "usage or configuration error: a missing or empty variable, a malformed URL, plain http to a remote host, "
-       "client credentials rejected",
+       "client credentials rejected, an endpoint that answers 404 (a wrong URL), missing Python packages",
     3: "authorization failed or needs a person: a wrong, expired or reused code, denied consent, a state mismatch, "
        "end of input at the prompt, a device code that expired, a dead grant or no token when no terminal is "
-       "attached",
+       "attached; --status with no token stored (like `gh auth status`)",
     130: "interrupted (Ctrl-C)",
 }
 
@@ -668,7 +699,13 @@ MESSAGES: dict[str, Message] = {
                                "once."),
     "logout_other_server": Message(2, "the stored token cannot be revoked with the current settings: {reason}. Point "
                                       "the settings back at that server, or delete the file by hand."),
-    "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}; the token file was kept."),
+    "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}."),
+    "endpoint_not_found": Message(2, "the {endpoint} {url} answered 404 Not Found: there is no such endpoint; check "
+                                     "{setting}."),
+    "packages_missing": Message(2, "the Python package {package} is not installed: run `uv run fetch_memos.py` "
+                                   "(uv installs what the script needs), or `pip install -r requirements.txt` first."),
+    "logout_failed": Message(1, "{problem} Not logged out: the grant may still be valid at the server, so the token "
+                                "file was kept ({path}); run --logout again when the server answers."),
     "client_kept": Message(2, "{problem} The token file was kept."),
 }
 
@@ -715,6 +752,23 @@ def terminal_json(text: str) -> str:
     if text.replace("\n", "").isprintable():
         return text
     return "".join(ch if ch.isprintable() or ch == "\n" else _escaped(ch, json_escape=True) for ch in text)
+
+
+def endpoint_setting(settings: Settings, field: str) -> str:
+    """The setting a person fixes when an endpoint is wrong: its own variable when set, else where it came from."""
+    row = next(row for row in ENDPOINTS if row.field == field)
+    source = settings.source(field)
+    if source == "explicit":
+        return row.variable
+    if source == "metadata":
+        return f"OAUTH_ISSUER (its metadata named this endpoint; or set {row.variable})"
+    base = "OAUTH_ISSUER" if settings.issuer_explicit else "OAUTH_SERVER_URL"
+    return f"{base}={settings.server_url} (the {row.variable} default is built from it; no extra path)"
+
+
+def not_found(settings: Settings, field: str, endpoint: str, url: str) -> ConfigError:
+    """A 404 from an endpoint the settings named is a configuration mistake (exit 2), not a failed login."""
+    return fail("endpoint_not_found", endpoint=endpoint, url=url, setting=endpoint_setting(settings, field))
 
 
 def answered(response: requests.Response) -> str:
@@ -1429,6 +1483,8 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
         raise fail("client_secret_missing", url=response.url, error="401 Unauthorized")
     if response.status_code >= 500:
         raise fail("endpoint_down", endpoint="token endpoint", url=response.url, answered=answered(response))
+    if response.status_code == 404:
+        raise not_found(settings, "token_url", "token endpoint", response.url)
     if not is_json:
         kind = "an HTML page" if "html" in content_type.lower() else (
             "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
@@ -1726,7 +1782,7 @@ class MemoSession:
 
     def _token_request_failed(self, exc: Exception, endpoint: str) -> Exception:
         error = token_request_error(exc, endpoint, self.settings)
-        if isinstance(error, ServerError):
+        if isinstance(error, ServerError) or getattr(error, "what", "") == "endpoint_not_found":
             self.endpoint_failed("token_url")
         return error
 
@@ -2618,13 +2674,20 @@ def print_json(data: Any) -> None:
     """UTF-8, not escaped, whatever the locale: stdout is for `| jq`, which gets the data exactly; a terminal gets
     the controls and bidi characters escaped (terminal_json)."""
     text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
-    if _is_terminal(sys.stdout):
-        text = terminal_json(text)
+    write_stdout(terminal_json(text) if _is_terminal(sys.stdout) else text)
+
+
+def write_stdout(text: str) -> None:
+    """The one writer of stdout, in UTF-8 whatever the locale. A reader that stopped reading (`| head -1`) is no
+    error: the rest goes to /dev/null, so neither this nor Python's flush at exit says anything."""
     try:
         sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8"))
-        sys.stdout.buffer.flush()
-    except BrokenPipeError:  # `| head` closed the pipe: not an error; keep Python quiet at exit
+        if hasattr(sys.stdout, "buffer"):
+            sys.stdout.buffer.write(text.encode("utf-8"))
+            sys.stdout.buffer.flush()
+        else:  # a stream with no bytes under it (a test's StringIO)
+            sys.stdout.write(text)
+    except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -2664,11 +2727,13 @@ def endpoint_lines(settings: Settings) -> list[str]:
 def command_status(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
     """What is stored, without any secret and without touching the network."""
     token = store.load()
-    if token is None:
-        print(terminal_text("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
-                                       *endpoint_lines(settings)])))
-        return 0
+    if token is None:  # exit 3, as `gh auth status` says "not logged in" with a failure
+        write_stdout(terminal_text("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
+                                              *endpoint_lines(settings)])) + "\n")
+        return 3
     meta = token.get(META_KEY) or {}
+    if not settings.client_id:  # --status runs without CLIENT_ID: judge the token by its own
+        settings = settings._replace(client_id=meta.get("client_id", ""))
     scope = token.get("scope")
     scope_text = " ".join(scope) if isinstance(scope, list) else str(scope or " ".join(settings.scope))
     lines = [
@@ -2691,7 +2756,7 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     added = scope_added(token, settings)
     if added:
         lines.append(f"Note:          the next run authorizes again: {added}.")
-    print(terminal_text("\n".join(lines)))  # the scope and the endpoints came from a server
+    write_stdout(terminal_text("\n".join(lines)) + "\n")  # the scope and the endpoints came from a server
     return 0
 
 
@@ -2709,6 +2774,9 @@ def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
         if response.status_code == 200:
             refresh_revoked = refresh_revoked or kind == "refresh_token"
             continue
+        if response.status_code == 404:
+            raise fail("client_kept", problem=not_found(settings, "revoke_url", "revocation endpoint",
+                                                        settings.revoke_url))
         refused = oauth_error(response.content)
         error = refused.error if refused else ""
         if kind == "access_token" and error == "unsupported_token_type" and (
@@ -2745,10 +2813,13 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
             raise fail("logout_other_server", reason=mismatch)
         dead = False
         try:
-            session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
-        except DeadGrant:
-            dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
-        still_valid = revoke_tokens(session, settings)
+            try:
+                session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
+            except DeadGrant:
+                dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
+            still_valid = revoke_tokens(session, settings)
+        except ServerError as exc:  # down, unreachable, failing: say plainly that nothing ended
+            raise fail("logout_failed", problem=str(exc), path=store.path) from None
         store.remove()
         if still_valid is not None:
             expires_at = session.token.get("expires_at")
@@ -2881,6 +2952,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# The packages of requirements.txt, by the name they are imported as (all imported lazily, inside functions).
+REQUIRED_MODULES = ("requests", "requests_oauthlib", "oauthlib", "dotenv", "urllib3")
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one command; the only place that prints errors and decides the exit code."""
     environ = os.environ if environ is None else environ
@@ -2902,6 +2977,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print("\nfetch_memos: interrupted.", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one redacted line unless --debug asks for the traceback
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        if missing and missing.partition(".")[0] in REQUIRED_MODULES:  # imported lazily, so missing only now
+            print(f"fetch_memos: {fail('packages_missing', package=missing.partition('.')[0])}", file=sys.stderr,
+                  flush=True)
+            return 2
         if debug:
             import traceback  # only a bug under --debug needs it
 

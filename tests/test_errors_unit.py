@@ -162,7 +162,7 @@ EXCHANGE_FAILURES = [
     (502, HTML, "text/html", ServerError, ["502", TOKEN_URL]),
     (503, json.dumps({"error": "temporarily_unavailable"}), "application/json", ServerError, ["503"]),
     (200, HTML, "text/html; charset=utf-8", ServerError, ["200", "an HTML page", "OAUTH_TOKEN_URL"]),
-    (404, HTML, "text/html", ServerError, ["404", "an HTML page", TOKEN_URL]),
+    (404, HTML, "text/html", ConfigError, ["404", TOKEN_URL, "OAUTH_SERVER_URL"]),  # a wrong URL: configuration
     (200, "hello", "text/plain", ServerError, ["text/plain", "not a token"]),
     (200, "", "text/plain", ServerError, [TOKEN_URL]),
     (200, "this is not json", "application/json", ServerError, [TOKEN_URL, "without a token"]),
@@ -342,7 +342,7 @@ def test_refresh_network_failures_keep_the_stored_token(mock, settings, store, f
 
 
 @pytest.mark.parametrize(("status", "body", "content_type"), [
-    (500, HTML, "text/html"), (200, HTML, "text/html"), (404, HTML, "text/html"), (200, "{}", "application/json"),
+    (500, HTML, "text/html"), (200, HTML, "text/html"), (200, "{}", "application/json"),  # 404: test_field_unit
 ])
 def test_refresh_bad_answers_keep_the_stored_token(mock, settings, store, status, body, content_type) -> None:
     session = MemoSession(settings, store, saved(settings, store))
@@ -1130,7 +1130,7 @@ def test_a_failing_endpoint_from_the_metadata_forgets_the_cache(mock, issuer_env
     assert cache.path.exists()
     mock.post(AS_TOKEN_URL, status=404, body=HTML, content_type="text/html")
     code, _out, _err = run_with(issuer_environ, env_file, capsys)
-    assert code == 1
+    assert code == 2  # a 404 names the setting to fix (exit 2)
     assert not cache.path.exists()  # the next run asks the server where its endpoints are now
 
 
@@ -1148,7 +1148,7 @@ def test_status_shows_the_endpoints_from_the_cached_metadata(mock, issuer_enviro
     fetch_memos.resolve_endpoints(settings_for(issuer_environ, env_file))
     mock.calls.reset()
     code, out, _err = run_with(issuer_environ, env_file, capsys, "--status")
-    assert code == 0
+    assert code == 3  # no token stored
     assert len(mock.calls) == 0
     assert f"Issuer:        {ISSUER} (OAUTH_ISSUER; metadata cached" in out
     assert f"Token:         {AS_TOKEN_URL} (from the metadata; OAUTH_TOKEN_URL)" in out

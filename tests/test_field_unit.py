@@ -243,3 +243,148 @@ def test_json_escape_beyond_the_basic_plane(monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "\\udb40\\udc41" in out
     assert json.loads(out) == data
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: --status, a closed stdout, --logout that could not revoke, a 404, missing packages
+# ---------------------------------------------------------------------------------------------
+
+SCRIPT = Path(fetch_memos.__file__)
+REVOKE_URL = SERVER + "/oauth/revoke"
+
+
+def test_status_needs_no_client_id_and_exits_0_with_a_token(run, environ, settings, store) -> None:
+    save_token(settings, store)
+    del environ["CLIENT_ID"]
+    code, out, err = run("--status")
+    assert (code, err) == (0, "")
+    assert f"Client id:     {CLIENT_ID}" in out
+    assert "not usable" not in out  # judged by the client it was issued to
+
+
+def test_status_exits_3_with_no_token_stored(run, environ) -> None:
+    del environ["CLIENT_ID"]
+    code, out, err = run("--status")
+    assert (code, err) == (3, "")
+    assert "No token stored" in out
+
+
+def test_fetch_still_needs_client_id(run, environ) -> None:
+    del environ["CLIENT_ID"]
+    code, _out, err = run()
+    assert code == 2
+    assert "CLIENT_ID is not set" in err
+
+
+def _closed_stdout_run(tmp_path: Path, *flags: str) -> tuple[int, str]:
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "CLIENT_ID": CLIENT_ID, "OAUTH_TOKEN_FILE": str(tmp_path / "none.pickle")}
+    (tmp_path / "empty.env").write_text("")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--env-file", str(tmp_path / "empty.env"), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    proc.stdout.close()  # the reader is gone before anything is written: `| head -0`
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=60), err
+
+
+def test_a_closed_stdout_ends_status_quietly(tmp_path: Path) -> None:
+    code, err = _closed_stdout_run(tmp_path, "--status")
+    assert err == ""
+    assert code == 3  # its own exit code, as if the reader had read it all
+
+
+def test_logout_with_the_server_down_says_it_did_not_log_out(mock, run, settings, store) -> None:
+    import requests
+
+    save_token(settings, store)
+    mock.get(API_URL, json=[])
+    mock.post(REVOKE_URL, body=requests.exceptions.ConnectionError(ConnectionRefusedError(111, "refused")))
+    code, _out, err = run("--logout")
+    assert code == 1
+    assert "Not logged out" in err
+    assert "the token file was kept" in err
+    assert len(err.strip().splitlines()) == 1
+    assert store.path.exists()
+
+
+def test_a_404_at_the_token_endpoint_names_the_setting(mock, run, settings, store) -> None:
+    save_token(settings, store, expires_in=-60)
+    before = store.path.read_bytes()
+    mock.post(TOKEN_URL, status=404, body="<html>Not Found</html>", content_type="text/html")
+    code, _out, err = run()
+    assert code == 2
+    assert "404 Not Found" in err and "OAUTH_SERVER_URL" in err
+    assert store.path.read_bytes() == before
+
+
+def test_a_404_at_an_explicit_token_url_names_it(mock, run, settings, store) -> None:
+    url = SERVER + "/oauth/oauth/token"
+    save_token(settings._replace(token_url=url), store, expires_in=-60)
+    mock.post(url, status=404, body="nope", content_type="text/plain")
+    code, _out, err = run(environ_extra={"OAUTH_TOKEN_URL": url})
+    assert code == 2
+    assert "check OAUTH_TOKEN_URL." in err
+
+
+def test_a_404_at_the_revocation_endpoint_names_the_setting(mock, run, settings, store) -> None:
+    save_token(settings, store)
+    mock.get(API_URL, json=[])
+    mock.post(REVOKE_URL, status=404, body="<html>Not Found</html>", content_type="text/html")
+    code, _out, err = run("--logout")
+    assert code == 2
+    assert "404 Not Found" in err and "OAUTH_REVOKE_URL" in err and "The token file was kept." in err
+    assert store.path.exists()
+
+
+def test_missing_packages_are_one_line_exit_2(tmp_path: Path) -> None:
+    import subprocess
+
+    env_file = tmp_path / "app.env"
+    env_file.write_text("CLIENT_ID=abc\n")  # a .env with values needs python-dotenv
+    proc = subprocess.run([sys.executable, "-S", "-I", str(SCRIPT), "--env-file", str(env_file), "--status"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "dotenv" in proc.stderr
+    assert "uv run fetch_memos.py" in proc.stderr and "pip install -r requirements.txt" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Doc nits (issue 15, item 10)
+# ---------------------------------------------------------------------------------------------
+
+def test_env_file_dev_null_is_an_empty_file(environ, capsys) -> None:
+    code = fetch_memos.main(["--env-file", "/dev/null", "--status"], environ)
+    assert code == 3
+    assert capsys.readouterr().err == ""
+
+
+def test_env_file_fifo_is_refused_without_blocking(environ, tmp_path: Path, capsys) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.env"
+    os.mkfifo(fifo)
+    code = fetch_memos.main(["--env-file", str(fifo), "--status"], environ)
+    assert code == 2
+    assert "is a FIFO" in capsys.readouterr().err
+
+
+def test_a_timeout_flag_is_named_as_typed(environ, env_file, capsys) -> None:
+    code = fetch_memos.main(["--env-file", str(env_file), "--timeout=0", "--status"], environ)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--timeout='0' must be more than 0" in err
+    code = fetch_memos.main(["--env-file", str(env_file), "--status"], {**environ, "OAUTH_TIMEOUT": "0"})
+    assert "OAUTH_TIMEOUT='0' must be more than 0" in capsys.readouterr().err
+
+
+def test_an_unfilled_env_is_told_to_be_filled_in(environ, tmp_path: Path, capsys) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("CLIENT_ID=\n")
+    del environ["CLIENT_ID"]
+    code = fetch_memos.main(["--env-file", str(env_file)], environ)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"Fill in CLIENT_ID (and CLIENT_SECRET) in {env_file}" in err
+    assert "Copy .env.example" not in err
