@@ -2065,7 +2065,7 @@ class LoopbackListener:
             timeout = 10  # a browser's idle pre-connection must not hold anything up
 
             def do_GET(self) -> None:
-                status, page = listener.handle(self.path)
+                status, page = listener.handle(self.path, self.headers.get("Host"))
                 body = page.encode("utf-8")
                 self.send_response(status)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -2106,13 +2106,34 @@ class LoopbackListener:
         self.result: str | FetchMemosError | None = None
         self.pasted = False
         self.replied = threading.Event()
+        self.decided = threading.Lock()  # one connection a thread: the first authorization response is final
 
-    def handle(self, request_path: str) -> tuple[int, str]:
-        """Decide on one request: accept our code, report an error, or refuse a stranger's request."""
+    @property
+    def host(self) -> str:
+        """The Host a browser sends to our redirect URI: 127.0.0.1:PORT or [::1]:PORT."""
+        return urlsplit(self.redirect_uri).netloc
+
+    def handle(self, request_path: str, host: str | None) -> tuple[int, str]:
+        """Decide on one request: accept our code, report an error, or refuse a stranger's request.
+
+        A Host other than our own address is refused: a web page can make the browser send requests here under
+        another name (DNS rebinding), and a browser sent by the server always names the redirect URI's host.
+        """
+        if (host or "").lower() != self.host.lower():
+            log.debug("refused a request for another host")
+            return 400, _page("Not accepted", "This address only receives the authorization redirect.")
         parts = urlsplit(request_path)
         if parts.path != self.path:
             return 404, _page("Not found", "This address only receives the authorization redirect.")
-        params = parse_qs(parts.query)
+        with self.decided:
+            if self.result is not None:
+                return 409, _page("Already complete", "fetch_memos already received an authorization response; "
+                                                      "this one was ignored. Return to the terminal.")
+            return self._decide(parts.query)
+
+    def _decide(self, query: str) -> tuple[int, str]:
+        """The first authorization response that belongs to this run: it sets the result, once."""
+        params = parse_qs(query)
         state = (params.get("state") or [""])[0]
         if not state or not _same_text(state, self.expected_state):
             log.debug("refused a redirect whose state is missing or wrong")
@@ -2159,10 +2180,11 @@ class LoopbackListener:
         def take(line: str) -> None:
             if not line:  # end of input: keep waiting for the browser
                 return
-            self.pasted = True
-            with contextlib.suppress(ValueError):
-                self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
-                                           issuer_required=self.issuer_required)
+            with contextlib.suppress(ValueError), self.decided:
+                if self.result is None:  # the browser's redirect arrived first: it stands
+                    self.pasted = True
+                    self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
+                                               issuer_required=self.issuer_required)
 
         deadline = time.monotonic() + timeout
         try:

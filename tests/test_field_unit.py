@@ -209,7 +209,7 @@ def test_loopback_error_description(text) -> None:
     try:
         listener.expected_state = "S"
         status, _page = listener.handle(f"/callback?state=S&error=temporarily{quote(text)}&error_description="
-                                        f"{quote(text)}")
+                                        f"{quote(text)}", listener.host)
         assert status == 200
         assert raw_controls(str(listener.result)) == []
     finally:
@@ -388,3 +388,85 @@ def test_an_unfilled_env_is_told_to_be_filled_in(environ, tmp_path: Path, capsys
     assert code == 2
     assert f"Fill in CLIENT_ID (and CLIENT_SECRET) in {env_file}" in err
     assert "Copy .env.example" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The loopback listener, spoken to in raw HTTP (issue 15, item 8)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["127.0.0.1", "[::1]"])
+def serving(request):
+    """A listener answering requests in a thread, as while a run waits for the browser."""
+    import socket
+    import threading
+
+    if request.param == "[::1]" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        listener = fetch_memos.LoopbackListener(f"http://{request.param}:0/callback")
+    except fetch_memos.ConfigError:
+        pytest.skip("cannot listen on " + request.param)
+    listener.expected_state = "S"
+    listener.server.timeout = 0.05  # the serving thread notices `stop` quickly
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            listener.server.handle_request()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def raw_get(listener, path: str, host: str | None) -> int:
+    """One GET with exactly this Host header (None: none at all); the status code answered."""
+    import socket
+
+    address = listener.server.server_address[:2]
+    with socket.create_connection(address, timeout=10) as sock:
+        head = f"GET {path} HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host is not None else "") + "Connection: close\r\n"
+        sock.sendall((head + "\r\n").encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("host", ["evil.example", "localhost:{port}", "127.0.0.1", "{host}:1", None, "",
+                                  "{host}:{port}.evil.example"])
+def test_listener_refuses_another_host(serving, host) -> None:
+    port = serving.server.server_address[1]
+    named = None if host is None else host.format(port=port, host=serving.host.rsplit(":", 1)[0])
+    assert raw_get(serving, "/callback?code=STRANGER&state=S", named) == 400
+    assert serving.result is None
+
+
+def test_listener_accepts_its_own_host(serving) -> None:
+    assert raw_get(serving, "/callback?code=FIRST&state=S", serving.host) == 200
+    assert serving.result == "FIRST"
+
+
+def test_the_first_accepted_response_is_final(serving) -> None:
+    import concurrent.futures
+
+    assert raw_get(serving, "/callback?code=FIRST&state=S", serving.host) == 200
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        statuses = list(pool.map(lambda n: raw_get(serving, f"/callback?code=LATER{n}&state=S", serving.host),
+                                 range(3)))
+    assert statuses == [409, 409, 409]
+    assert raw_get(serving, "/callback?error=access_denied&state=S", serving.host) == 409
+    assert serving.result == "FIRST"
+
+
+def test_concurrent_responses_leave_exactly_one_result(serving) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        statuses = list(pool.map(lambda n: raw_get(serving, f"/callback?code=C{n}&state=S", serving.host),
+                                 range(3)))
+    assert sorted(statuses) == [200, 409, 409]
+    assert serving.result == f"C{statuses.index(200)}"
