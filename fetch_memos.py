@@ -650,6 +650,9 @@ MESSAGES: dict[str, Message] = {
     "state_mismatch": Message(3, "the pasted URL belongs to a different authorization request (its state does not "
                                  "match); run again and use the URL this run printed."),
     "no_code_in_paste": Message(3, "the server gave no code: the pasted address has none in it. {hint}"),
+    "paste_again": Message(3, "The server did not accept that code: it is wrong, expired or already used. Copy it "
+                              "again from the page (this authorization is still valid) and paste it; {left} more "
+                              "{left_word}."),
     "end_of_input": Message(3, "no code was entered (end of input); run again to authorize."),
     "nothing_pasted": Message(3, "no code was entered; run again to authorize."),
     "port_in_use": Message(2, "port {port} on {host} is already in use, so the browser's redirect cannot be caught "
@@ -2558,12 +2561,29 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     return session.take_new_token(token)
 
 
+def paste_and_exchange(session: MemoSession, settings: Settings) -> dict[str, Any]:
+    """The out-of-band code grant: the person pastes the code, and may paste again when the server rejects it.
+
+    A mistyped, doubly pasted or stale code costs only another paste: the same authorization request (state,
+    PKCE verifier) stays valid, so a code the person copies again from the same page still fits it.
+    """
+    url, state = session.authorization_url(settings.authorize_url)
+    show_authorization_url(url, opened=False)
+    attempts_left = PROMPT_ATTEMPTS
+    while True:
+        attempts_left -= 1
+        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+        remember_secret(code)
+        try:
+            return session.exchange_code(code)
+        except AuthorizationError as exc:
+            if exc.what != "code_rejected" or not attempts_left:
+                raise
+            say(str(fail("paste_again", left=attempts_left, left_word="try" if attempts_left == 1 else "tries")))
+
+
 def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> str:
-    """The authorization code grant's code, pasted by the person or caught by the loopback listener."""
-    if settings.is_oob:
-        url, state = session.authorization_url(settings.authorize_url)
-        show_authorization_url(url, opened=False)
-        return read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+    """The code caught by the loopback listener (or pasted there from a browser on another machine)."""
     listener = LoopbackListener(settings.redirect_uri)
     try:
         session.redirect_uri = listener.redirect_uri
@@ -2584,6 +2604,8 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
     """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
     if settings.device_flow:
         token = authorize_with_device(session, settings, environ)
+    elif settings.is_oob:
+        token = paste_and_exchange(session, settings)
     else:
         code = read_code(session, settings, environ)
         remember_secret(code)

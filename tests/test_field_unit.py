@@ -470,3 +470,54 @@ def test_concurrent_responses_leave_exactly_one_result(serving) -> None:
                                  range(3)))
     assert sorted(statuses) == [200, 409, 409]
     assert serving.result == f"C{statuses.index(200)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A rejected code can be pasted again (issue 15, item 10: mistakes cost nothing)
+# ---------------------------------------------------------------------------------------------
+
+def _paste(monkeypatch, *lines: str) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+
+
+def test_a_rejected_code_can_be_pasted_again_for_the_same_request(mock, settings, store, monkeypatch,
+                                                                  capsys) -> None:
+    from urllib.parse import parse_qs
+
+    mock.post(TOKEN_URL, status=400, json={"error": "invalid_grant"})
+    mock.post(TOKEN_URL, json={"access_token": "access-FIELD-NEW2", "token_type": "Bearer", "expires_in": 3600,
+                               "scope": "read"})
+    _paste(monkeypatch, "code-mistyped-1", "code-right-2")
+    session = fetch_memos.MemoSession(settings, store)
+    try:
+        token = fetch_memos.authorize(session, settings, {})
+    finally:
+        session.close()
+    assert token["access_token"] == "access-FIELD-NEW2"
+    bodies = [parse_qs(c.request.body) for c in mock.calls if c.request.url == TOKEN_URL]
+    assert [b["code"] for b in bodies] == [["code-mistyped-1"], ["code-right-2"]]
+    assert bodies[0]["code_verifier"] == bodies[1]["code_verifier"]  # the same authorization request
+    err = capsys.readouterr().err
+    assert "did not accept that code" in err and "2 more tries" in err
+    assert err.count("https://") == 1  # the URL was shown once: no new trip to the browser
+
+
+def test_rejected_codes_end_after_the_prompt_attempts(mock, settings, store, monkeypatch) -> None:
+    mock.post(TOKEN_URL, status=400, json={"error": "invalid_grant"})
+    _paste(monkeypatch, *[f"code-wrong-{n}" for n in range(5)])
+    session = fetch_memos.MemoSession(settings, store)
+    with pytest.raises(fetch_memos.AuthorizationError) as exc:
+        fetch_memos.authorize(session, settings, {})
+    session.close()
+    assert exc.value.what == "code_rejected"
+    assert len([c for c in mock.calls if c.request.url == TOKEN_URL]) == fetch_memos.PROMPT_ATTEMPTS
+
+
+def test_other_token_errors_are_not_pasted_again(mock, settings, store, monkeypatch) -> None:
+    mock.post(TOKEN_URL, status=401, json={"error": "invalid_client"})
+    _paste(monkeypatch, "code-one", "code-two")
+    session = fetch_memos.MemoSession(settings, store)
+    with pytest.raises(fetch_memos.ConfigError):
+        fetch_memos.authorize(session, settings, {})
+    session.close()
+    assert len([c for c in mock.calls if c.request.url == TOKEN_URL]) == 1
