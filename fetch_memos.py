@@ -650,6 +650,9 @@ MESSAGES: dict[str, Message] = {
     "state_mismatch": Message(3, "the pasted URL belongs to a different authorization request (its state does not "
                                  "match); run again and use the URL this run printed."),
     "no_code_in_paste": Message(3, "the server gave no code: the pasted address has none in it. {hint}"),
+    "token_folder_unwritable": Message(2, "cannot write the token file {path} ({problem}); set OAUTH_TOKEN_FILE to "
+                                          "a file in a folder you can write. Nothing was sent to the server yet."),
+    "server_unreachable": Message(1, "{problem} No browser was sent there: check {setting}, or start the server."),
     "paste_again": Message(3, "The server did not accept that code: it is wrong, expired or already used. Copy it "
                               "again from the page (this authorization is still valid) and paste it; {left} more "
                               "{left_word}."),
@@ -2561,12 +2564,54 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     return session.take_new_token(token)
 
 
+def check_token_folder(settings: Settings) -> None:
+    """Before a person logs in: the token can be saved where OAUTH_TOKEN_FILE says (else the login is wasted).
+
+    A real file is created and removed: os.access says yes to root and knows nothing of read-only mounts.
+    """
+    path = settings.token_file
+    probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise fail("token_folder_unwritable", path=path, problem=exc.strerror or exc) from None
+
+
+def check_server(session: MemoSession, settings: Settings) -> None:
+    """Before the browser: the token endpoint answers, and a confidential client's credentials are accepted.
+
+    One token request with a code that cannot be valid (RFC 6749 section 5.2): a server that checks the client
+    first answers invalid_client (401) for bad credentials and invalid_grant for good ones (Doorkeeper needs the
+    registered redirect_uri for that, which this carries). Anything else tells nothing, and the run goes on.
+    Only a run that is about to send a person to log in pays this one request; a warm run never does.
+    """
+    url = settings.token_url
+    try:
+        response = session.post_form(url, {
+            "grant_type": "authorization_code", "code": secrets.token_urlsafe(32),
+            "redirect_uri": session.redirect_uri, "code_verifier": secrets.token_urlsafe(48)})
+    except ServerError as exc:  # refused, DNS, timeout: the wire's words, and which setting points there
+        setting = endpoint_setting(settings, "token_url")
+        if settings.server_url == DEFAULT_SERVER_URL and settings.source("token_url") == "default":
+            setting += ", still the example's default"
+        raise fail("server_unreachable", problem=str(exc), setting=setting) from None
+    if response.status_code == 404:
+        raise not_found(settings, "token_url", "token endpoint", url)
+    refused = oauth_error(response.content)
+    if settings.client_secret and refused is not None and refused.error == "invalid_client":
+        raise oauth_failure("token", refused, url)
+    log.debug("the token endpoint answered a made-up code with %s %s", response.status_code,
+              refused.error if refused else "")
+
+
 def paste_and_exchange(session: MemoSession, settings: Settings) -> dict[str, Any]:
     """The out-of-band code grant: the person pastes the code, and may paste again when the server rejects it.
 
     A mistyped, doubly pasted or stale code costs only another paste: the same authorization request (state,
     PKCE verifier) stays valid, so a code the person copies again from the same page still fits it.
     """
+    check_server(session, settings)
     url, state = session.authorization_url(settings.authorize_url)
     show_authorization_url(url, opened=False)
     attempts_left = PROMPT_ATTEMPTS
@@ -2587,6 +2632,7 @@ def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, st
     listener = LoopbackListener(settings.redirect_uri)
     try:
         session.redirect_uri = listener.redirect_uri
+        check_server(session, settings)
         url, state = session.authorization_url(settings.authorize_url)
         listener.expected_state = state
         listener.expected_issuer = settings.issuer
@@ -2602,7 +2648,8 @@ def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, st
 
 def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
     """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
-    if settings.device_flow:
+    check_token_folder(settings)
+    if settings.device_flow:  # the device authorization request checks the server and the client itself
         token = authorize_with_device(session, settings, environ)
     elif settings.is_oob:
         token = paste_and_exchange(session, settings)

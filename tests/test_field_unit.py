@@ -484,6 +484,7 @@ def test_a_rejected_code_can_be_pasted_again_for_the_same_request(mock, settings
                                                                   capsys) -> None:
     from urllib.parse import parse_qs
 
+    mock.post(TOKEN_URL, status=400, json={"error": "invalid_grant"})  # check_server's made-up code
     mock.post(TOKEN_URL, status=400, json={"error": "invalid_grant"})
     mock.post(TOKEN_URL, json={"access_token": "access-FIELD-NEW2", "token_type": "Bearer", "expires_in": 3600,
                                "scope": "read"})
@@ -494,7 +495,7 @@ def test_a_rejected_code_can_be_pasted_again_for_the_same_request(mock, settings
     finally:
         session.close()
     assert token["access_token"] == "access-FIELD-NEW2"
-    bodies = [parse_qs(c.request.body) for c in mock.calls if c.request.url == TOKEN_URL]
+    bodies = [parse_qs(c.request.body) for c in mock.calls if c.request.url == TOKEN_URL][1:]  # after the probe
     assert [b["code"] for b in bodies] == [["code-mistyped-1"], ["code-right-2"]]
     assert bodies[0]["code_verifier"] == bodies[1]["code_verifier"]  # the same authorization request
     err = capsys.readouterr().err
@@ -510,10 +511,10 @@ def test_rejected_codes_end_after_the_prompt_attempts(mock, settings, store, mon
         fetch_memos.authorize(session, settings, {})
     session.close()
     assert exc.value.what == "code_rejected"
-    assert len([c for c in mock.calls if c.request.url == TOKEN_URL]) == fetch_memos.PROMPT_ATTEMPTS
+    assert len([c for c in mock.calls if c.request.url == TOKEN_URL]) == 1 + fetch_memos.PROMPT_ATTEMPTS  # + probe
 
 
-def test_other_token_errors_are_not_pasted_again(mock, settings, store, monkeypatch) -> None:
+def test_rejected_client_credentials_stop_before_the_browser(mock, settings, store, monkeypatch, capsys) -> None:
     mock.post(TOKEN_URL, status=401, json={"error": "invalid_client"})
     _paste(monkeypatch, "code-one", "code-two")
     session = fetch_memos.MemoSession(settings, store)
@@ -521,3 +522,76 @@ def test_other_token_errors_are_not_pasted_again(mock, settings, store, monkeypa
         fetch_memos.authorize(session, settings, {})
     session.close()
     assert len([c for c in mock.calls if c.request.url == TOKEN_URL]) == 1
+    assert "/oauth/authorize" not in capsys.readouterr().err  # no URL shown: the check came first
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the browser: the token folder, the server, the client's credentials (check_server)
+# ---------------------------------------------------------------------------------------------
+
+def _authorize(settings, store) -> dict[str, Any]:
+    session = fetch_memos.MemoSession(settings, store)
+    try:
+        return fetch_memos.authorize(session, settings, {})
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(("answer", "status"), [
+    ({"error": "invalid_grant"}, 400),  # Doorkeeper and DOT, good credentials
+    ({"error": "invalid_request"}, 400),  # without the registered redirect_uri: tells nothing
+    ({"error": "unauthorized_client"}, 400),
+    ({}, 500),
+])
+def test_probe_answers_that_let_the_login_go_on(mock, settings, store, monkeypatch, answer, status) -> None:
+    from urllib.parse import parse_qs
+
+    mock.post(TOKEN_URL, status=status, json=answer)
+    mock.post(TOKEN_URL, json={"access_token": "access-FIELD-NEW3", "token_type": "Bearer", "expires_in": 60,
+                               "scope": "read"})
+    _paste(monkeypatch, "code-good-1")
+    assert _authorize(settings, store)["access_token"] == "access-FIELD-NEW3"
+    probe = parse_qs(mock.calls[0].request.body)
+    assert probe["grant_type"] == ["authorization_code"]
+    assert probe["redirect_uri"] == [fetch_memos.OOB_REDIRECT_URI]
+    assert probe["code"] != ["code-good-1"] and probe["code_verifier"]
+    assert mock.calls[0].request.headers["Authorization"].startswith("Basic ")
+
+
+def test_a_public_client_is_not_judged_by_the_probe(mock, environ, env_file, monkeypatch) -> None:
+    del environ["CLIENT_SECRET"]
+    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", str(env_file)]),
+                                         environ)
+    mock.post(TOKEN_URL, status=401, json={"error": "invalid_client"})
+    mock.post(TOKEN_URL, json={"access_token": "access-FIELD-NEW4", "token_type": "Bearer", "expires_in": 60,
+                               "scope": "read"})
+    _paste(monkeypatch, "code-good-2")
+    assert _authorize(settings, TokenStore(settings.token_file))["access_token"] == "access-FIELD-NEW4"
+
+
+def test_a_server_that_is_down_is_one_line_before_any_url(mock, environ, env_file, monkeypatch, capsys) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = f"http://127.0.0.1:{port}"
+    mock.add_passthru(server)
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True, readline=lambda: ""))
+    code = fetch_memos.main(["--env-file", str(env_file)], {**environ, "OAUTH_SERVER_URL": server})
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1, err
+    assert "connection refused" in err and f"OAUTH_SERVER_URL={server}" in err and "No browser" in err
+
+
+def test_an_unwritable_token_folder_is_one_line_before_any_url(mock, environ, env_file, tmp_path: Path,
+                                                               monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True, readline=lambda: ""))
+    token_file = tmp_path / "no-such-folder" / "token.pickle"
+    code = fetch_memos.main(["--env-file", str(env_file)], {**environ, "OAUTH_TOKEN_FILE": str(token_file)})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert f"cannot write the token file {token_file}" in err and "OAUTH_TOKEN_FILE" in err
+    assert len(mock.calls) == 0  # nothing was sent anywhere
