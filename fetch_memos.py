@@ -2615,15 +2615,22 @@ def paste_and_exchange(session: MemoSession, settings: Settings) -> dict[str, An
     url, state = session.authorization_url(settings.authorize_url)
     show_authorization_url(url, opened=False)
     attempts_left = PROMPT_ATTEMPTS
+    rejected: AuthorizationError | None = None
     while True:
         attempts_left -= 1
-        code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+        try:
+            code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+        except AuthorizationError as exc:
+            if rejected is not None and exc.what in ("end_of_input", "nothing_pasted"):
+                raise rejected from None  # the person gave up on pasting again: the rejection is what happened
+            raise
         remember_secret(code)
         try:
             return session.exchange_code(code)
         except AuthorizationError as exc:
             if exc.what != "code_rejected" or not attempts_left:
                 raise
+            rejected = exc
             say(str(fail("paste_again", left=attempts_left, left_word="try" if attempts_left == 1 else "tries")))
 
 

@@ -39,6 +39,7 @@ from conftest import Client, conformance_client, secrets_of
 from profiles import MIXUP_ISS, RESOURCE, Target, needs
 from runner import (
     EOF_AT_PROMPT,
+    Replies,
     assert_clean,
     assert_fails,
     assert_json,
@@ -73,6 +74,16 @@ def loopback(target: Target, tmp_path: Path) -> Iterator[Client]:
     made = conformance_client(target, tmp_path / "client", "loopback")
     yield made
     made.person.close()
+
+
+def exchanges(server, mark: int) -> list[dict]:
+    """The token requests after mark, less the first: check_server's made-up code, which every run that sends a
+    person to log in with the code grant makes before the browser (one request; a warm run makes none)."""
+    entries = token_requests(server, mark)
+    probe = entries[0] if entries else {}
+    assert (probe.get("grant_type"), probe.get("status") in (400, 401)) == ("authorization_code", True), entries
+    return entries[1:]
+
 
 
 def redirect_uri_of(url: str) -> str:
@@ -129,7 +140,7 @@ def test_first_run_authorizes_and_prints_the_json(client, mode):
         [page] = client.person.pages
         assert page.status_code == 200 and "You can close this tab" in page.text
     assert "prompt" not in query  # only for offline_access
-    [exchange] = token_requests(server, mark)
+    [exchange] = exchanges(server, mark)
     assert (exchange["grant_type"], exchange["status"], exchange["client_auth"]) == (
         "authorization_code", 200, client_auth_of(server))
     if client.server.has("log_body_keys"):
@@ -197,7 +208,7 @@ def test_without_an_oob_page_the_default_redirect_uri_gets_no_code(target, tmp_p
     assert result.exit_code == 3
     assert result.stdout == ""
     assert "no code was entered (end of input)" in result.stderr
-    assert token_requests(target, mark) == []
+    assert exchanges(target, mark) == []
     assert not client.token_file.exists()
 
 
@@ -294,13 +305,14 @@ def test_a_token_without_the_needed_scope_is_a_clear_error_not_a_loop(client):
 @needs("oob")
 def test_a_wrong_code_is_reported_without_traceback(client):
     mark = client.server.log_mark()
-    result = client.run(person=lambda url: "not-the-code-the-server-showed")
+    # the script asks again after a rejected code (same authorization request); the person gives up (Ctrl-D)
+    result = client.run(person=lambda url: Replies(["not-the-code-the-server-showed", EOF_AT_PROMPT]))
 
     assert result.exit_code == 3, result.output
     assert "did not accept the code" in result.stderr
     assert result.stdout == ""
     assert not client.token_file.exists()
-    assert len(token_requests(client.server, mark)) == 1  # never replayed
+    assert len(exchanges(client.server, mark)) == 1  # never replayed
     assert_clean(result, secrets_of(client), typed=result.typed)
 
 
@@ -387,7 +399,7 @@ def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     assert [a.status_code for a in answers] == [400, 400]
     assert "does not belong" in answers[0].text
     assert_json(result)  # the real redirect still went through
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
+    assert [e["grant_type"] for e in exchanges(server, mark)] == ["authorization_code"]  # forged one never sent
     assert "forged" not in result.output
 
 
@@ -405,7 +417,7 @@ def test_denied_consent_is_reported(loopback):
         assert "carries no iss" in result.stderr and "RFC 9207 iss" in page.text
     else:
         assert "denied" in result.stderr and "Authorization failed" in page.text
-    assert token_requests(server, mark) == []
+    assert exchanges(server, mark) == []
     assert not loopback.token_file.exists()
 
 
@@ -710,7 +722,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     assert "Authorizing again" in result.stderr
     [url] = result.authorize_urls
     assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e["grant_type"] for e in exchanges(server, mark)] == ["authorization_code"]
     new = authorized.token()
     assert new["fetch_memos"]["scope"] == ["read", "write"]
     assert new["scope"] == (["read"] if server.has("narrow_scope") else ["read", "write"])
@@ -774,7 +786,7 @@ def test_an_authorization_response_naming_another_issuer_is_refused(profile, tmp
 
             line = assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
                                 "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
-            assert token_requests(server, mark) == [], mode
+            assert exchanges(server, mark) == [], mode
             assert not client.token_file.exists()
             if mode == "loopback":
                 [page] = client.person.pages
@@ -799,7 +811,7 @@ def test_a_response_without_the_iss_the_metadata_promised_is_refused(profile, tm
     assert_fails(result, 3, "carries no iss", f"the metadata of {server.issuer}", "OAUTH_ISSUER")
     [code_page] = client.person.pages
     assert code_page.status_code == 400
-    assert token_requests(server, mark) == []
+    assert exchanges(server, mark) == []
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client), typed=result.typed)
 
@@ -824,7 +836,7 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     record = json.loads(cache.read_text())
     assert record["issuer"] == server.issuer and server.token_endpoint in record["endpoints"].values()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-    assert [e["grant_type"] for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e["grant_type"] for e in exchanges(server, mark)] == ["authorization_code"]
 
     mark = server.log_mark()
     warm = client.run(tty=False)
@@ -874,7 +886,7 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
     held = refresh_and_hold_two(client)
 
     assert [e["params"].get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
-    assert [(e["grant_type"], e["params"].get("resource"), e["status"]) for e in token_requests(server, mark)] == [
+    assert [(e["grant_type"], e["params"].get("resource"), e["status"]) for e in exchanges(server, mark)] == [
         ("authorization_code", RESOURCE, 200), ("refresh_token", RESOURCE, 200)]
 
     without = conformance_client(server, tmp_path / "without", "loopback")
@@ -885,7 +897,7 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
     finally:
         without.person.close()
     assert_fails(result, 3, "invalid_target")
-    assert token_requests(server, mark) == []
+    assert exchanges(server, mark) == []
     assert_clean(result, secrets_of(client, *held))
 
 
@@ -928,6 +940,6 @@ def test_pasting_the_invalid_redirect_page_names_oob_and_loopback(target, tmp_pa
     line = assert_fails(result, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
                         "http://127.0.0.1/callback")
     assert landed and line
-    assert token_requests(target, mark) == []
+    assert exchanges(target, mark) == []
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client), typed=result.typed)

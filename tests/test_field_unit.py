@@ -595,3 +595,11 @@ def test_an_unwritable_token_folder_is_one_line_before_any_url(mock, environ, en
     assert err.count("\n") == 1, err
     assert f"cannot write the token file {token_file}" in err and "OAUTH_TOKEN_FILE" in err
     assert len(mock.calls) == 0  # nothing was sent anywhere
+
+
+def test_giving_up_after_a_rejected_code_reports_the_rejection(mock, settings, store, monkeypatch) -> None:
+    mock.post(TOKEN_URL, status=400, json={"error": "invalid_grant"})
+    _paste(monkeypatch, "code-wrong")  # then end of input
+    with pytest.raises(fetch_memos.AuthorizationError) as exc:
+        _authorize(settings, store)
+    assert exc.value.what == "code_rejected"
