@@ -666,8 +666,8 @@ MESSAGES: dict[str, Message] = {
                                 "OAUTH_LOGIN_TIMEOUT)."),
     # -- the device grant (RFC 8628) ------------------------------------------------------------------------
     "no_device_endpoint": Message(
-        2, "the device flow needs the server's device authorization endpoint, and the server publishes none (no "
-           "device_authorization_endpoint in its metadata) nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL (or "
+        2, "the device flow needs the server's device authorization endpoint, and the server publishes none "
+           "{where} nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL (or "
            "--device-authorization-url). Doorkeeper offers one only with the doorkeeper-device_authorization_grant "
            "gem; django-oauth-toolkit serves <site>/o/device-authorization/ but does not advertise it."),
     "device_endpoint_missing": Message(2, "there is no device authorization endpoint at {url} (404); check "
@@ -1864,7 +1864,11 @@ def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
         return None
     api_moved = _comparable_origin(meta.get("api_url", "")) != _comparable_origin(settings.api_url)
     if meta.get("token_url") != settings.token_url or api_moved:
-        return f"it was issued by {meta.get('server_url')}, but the configuration now points at {settings.server_url}"
+        issued, now = f"by {meta.get('server_url')}", settings.server_url
+        if meta.get("server_url") == now:  # the same server named twice says nothing: name what moved
+            issued, now = ((f"for the API at {meta.get('api_url')}", settings.api_url) if api_moved
+                           else (f"by the token endpoint {meta.get('token_url')}", settings.token_url))
+        return f"it was issued {issued}, but the configuration now points at {now}"
     if meta.get("client_id") != settings.client_id:
         return "it was issued to a different CLIENT_ID"
     return None
@@ -2312,7 +2316,9 @@ def request_device_authorization(session: MemoSession, settings: Settings) -> De
     """Ask for a device code and a user code (RFC 8628 section 3.1), with client authentication as configured."""
     url = settings.device_authorization_url
     if not url:
-        raise fail("no_device_endpoint")
+        raise fail("no_device_endpoint", where="(no device_authorization_endpoint in its metadata)"
+                   if settings.metadata_fetched_at else "that fetch_memos can see (without OAUTH_ISSUER no metadata "
+                                                        "is fetched)")
     # Section 3.1 and django-oauth-toolkit want client_id in the body even when HTTP Basic authenticates.
     response = session.post_form(url, {"client_id": settings.client_id, "scope": " ".join(settings.scope)})
     answer = _json_object(response)

@@ -603,3 +603,17 @@ def test_giving_up_after_a_rejected_code_reports_the_rejection(mock, settings, s
     with pytest.raises(fetch_memos.AuthorizationError) as exc:
         _authorize(settings, store)
     assert exc.value.what == "code_rejected"
+
+
+def test_a_scheme_change_of_the_api_names_what_moved(settings) -> None:
+    meta = token_meta(settings)
+    moved = settings._replace(api_url=settings.api_url.replace("https://", "http://"))
+    reason = fetch_memos.token_mismatch({"access_token": "a", fetch_memos.META_KEY: meta}, moved)
+    assert reason == f"it was issued for the API at {settings.api_url}, but the configuration now points at " \
+                     f"{moved.api_url}"
+
+
+def test_device_flow_without_metadata_does_not_blame_the_metadata(run, environ) -> None:
+    code, _out, err = run("--device", environ_extra={"OAUTH_DEVICE_AUTHORIZATION_URL": ""})
+    assert code == 2
+    assert "in its metadata" not in err and "without OAUTH_ISSUER no metadata is fetched" in err
