@@ -323,7 +323,8 @@ def test_a_code_used_twice_is_refused(client):
     def same_code_twice(url):
         if not codes:
             codes.append(client.person.authorize(url))
-        return codes[0]
+            return codes[0]
+        return Replies([codes[0], EOF_AT_PROMPT])  # asked to paste again after the rejection, the person gives up
 
     assert client.run(person=same_code_twice).exit_code == 0
     client.token_file.unlink()
@@ -347,6 +348,7 @@ def test_wrong_client_secret_is_a_configuration_error(client):
     assert result.exit_code == 2, result.output
     assert "rejected the client credentials" in result.stderr
     assert "CLIENT_SECRET" in result.stderr
+    assert result.authorize_urls == []  # said before the person was sent to log in (check_server)
     assert_clean(result, ["wrong-secret", client.server.client_secret])
 
 
