@@ -7,35 +7,20 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Client, secrets_of
+from conftest import Client, People, secrets_of
 from runner import Replies, assert_clean, assert_fails, assert_json, token_requests
-from servers.doorkeeper import BrowserPerson, DoorkeeperServer, require_ruby_stack
+from servers.doorkeeper import DoorkeeperServer
 
 pytestmark = [pytest.mark.doorkeeper, pytest.mark.timeout(120)]
 
 
-@pytest.fixture(scope="module")
-def doorkeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperServer]:
-    require_ruby_stack()
-    with DoorkeeperServer(tmp_path_factory.mktemp("dk-field")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def person(doorkeeper: DoorkeeperServer) -> Iterator[BrowserPerson]:
-    person = BrowserPerson.for_server(doorkeeper)
-    yield person
-    person.close()
-
-
 @pytest.fixture
-def client(doorkeeper: DoorkeeperServer, person: BrowserPerson, tmp_path: Path) -> Client:
-    return Client(doorkeeper, tmp_path / "client", person)
+def client(rotation: DoorkeeperServer, people: People, tmp_path: Path) -> Client:
+    return Client(rotation, tmp_path / "client", people(rotation))
 
 
 def closed_port() -> int:
