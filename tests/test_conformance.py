@@ -496,6 +496,7 @@ def test_dead_grant_needs_a_person_and_one_at_the_terminal_authorizes_again(auth
     assert client_calls(server, mark) == [
         ("GET", api, None, server.dead_token_status),
         ("POST", token, "refresh_token", 400),
+        ("POST", token, "authorization_code", 400),  # check_server's made-up code, before the browser
         ("POST", token, "authorization_code", 200),
         ("GET", api, None, 200),
     ]
