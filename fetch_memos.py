@@ -64,11 +64,12 @@ __all__ = [
     "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS",
     "AuthorizationError", "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
     "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
-    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "authorize",
-    "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring", "is_loopback_host",
-    "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes",
-    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
-    "resolve_endpoints", "should_open_browser", "token_meta", "token_mismatch",
+    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "answered",
+    "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos", "is_expiring",
+    "is_loopback_host", "load_settings", "main", "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted",
+    "parse_token_bytes", "print_json", "read_pasted_code", "readable_user_code", "redact", "remember_secret",
+    "request_device_authorization", "resolve_endpoints", "should_open_browser", "terminal_text", "token_meta",
+    "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
@@ -2996,7 +2997,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(command="fetch")
     commands = parser.add_mutually_exclusive_group()
     commands.add_argument("--status", dest="command", action="store_const", const="status",
-                          help="show the stored token (no secrets) and exit")
+                          help="show the stored token (no secrets) and exit: 0 with a token stored, 3 with none "
+                               "(as `gh auth status`); needs no CLIENT_ID")
     commands.add_argument("--logout", dest="command", action="store_const", const="logout",
                           help="revoke the grant at the server (RFC 7009) and delete the token file")
     parser.add_argument("--env-file", metavar="PATH", help="read settings from this file instead of .env beside "
