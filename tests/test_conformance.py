@@ -290,7 +290,8 @@ def test_a_token_without_the_needed_scope_is_a_clear_error_not_a_loop(client):
     last = result.stderr.strip().splitlines()[-1]
     assert "refused access (403 Forbidden)" in last and "OAUTH_SCOPE" in last
     api, token = path_of(server.memos_url), path_of(server.token_endpoint)
-    calls = client_calls(server, mark)
+    probe, *calls = client_calls(server, mark)
+    assert probe == ("POST", token, "authorization_code", 400)  # check_server's made-up code, before the browser
     assert calls[0] == ("POST", token, "authorization_code", 200)
     if server.has("insufficient_scope_challenge"):
         assert calls[1:] == [("GET", api, None, 403)]
@@ -871,7 +872,8 @@ def test_a_public_client_authenticates_with_its_client_id_alone(client):
     assert logout.exit_code == 0, logout.output
     calls = [e for e in server.access_log(since=mark)
              if e["path"] in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
-    assert [e["path"] for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
+    # token: check_server's made-up code, the exchange, the refresh; each authenticates the client the same way
+    assert [e["path"] for e in calls] == [path_of(server.token_endpoint)] * 3 + [path_of(server.revoke_endpoint)] * 2
     for entry in calls:
         assert (entry["client_auth"], entry["auth"], entry["params"].get("client_id")) == (
             "none", None, server.client_id), entry
