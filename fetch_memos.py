@@ -2778,20 +2778,20 @@ def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
 def print_json(data: Any) -> None:
     """UTF-8, not escaped, whatever the locale: stdout is for `| jq`, which gets the data exactly; a terminal gets
     the controls and bidi characters escaped (terminal_json)."""
-    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
-    write_stdout(terminal_json(text) if _is_terminal(sys.stdout) else text)
+    write_stdout(json.dumps(data, ensure_ascii=False, indent=2) + "\n", escape=terminal_json)
 
 
-def write_stdout(text: str) -> None:
-    """The one writer of stdout, in UTF-8 whatever the locale. A reader that stopped reading (`| head -1`) is no
-    error: the rest goes to /dev/null, so neither this nor Python's flush at exit says anything."""
+def write_stdout(text: str, *, escape: Callable[[str], str] | None = None) -> None:
+    """The one writer of stdout, in UTF-8 whatever the locale; `escape` applies on a terminal only. A reader that
+    stopped reading (`| head -1`) is no error: the rest goes to /dev/null, so neither this nor Python's flush at
+    exit says anything."""
     try:
         sys.stdout.flush()
-        if hasattr(sys.stdout, "buffer"):
-            sys.stdout.buffer.write(text.encode("utf-8"))
-            sys.stdout.buffer.flush()
-        else:  # a stream with no bytes under it (a test's StringIO)
-            sys.stdout.write(text)
+        if escape is not None and sys.stdout.isatty():
+            text = escape(text)
+        stream = getattr(sys.stdout, "buffer", None)  # None: a stream with no bytes under it (a test's StringIO)
+        stream.write(text.encode("utf-8")) if stream else sys.stdout.write(text)
+        sys.stdout.flush() if stream is None else stream.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 

@@ -219,7 +219,7 @@ def test_loopback_error_description(text) -> None:
 @hostile
 def test_api_json_on_a_terminal_is_escaped_and_still_json(monkeypatch, capsys, text) -> None:
     data = [{"title": text, "body": "買い物"}]
-    monkeypatch.setattr(fetch_memos, "_is_terminal", lambda stream: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     fetch_memos.print_json(data)
     out = capsys.readouterr().out
     assert raw_controls(out) == []
@@ -238,7 +238,7 @@ def test_api_json_piped_keeps_the_data_exactly(capsys, text) -> None:
 
 def test_json_escape_beyond_the_basic_plane(monkeypatch, capsys) -> None:
     data = ["tag\U000e0041"]  # a format character outside the BMP: a surrogate pair in JSON
-    monkeypatch.setattr(fetch_memos, "_is_terminal", lambda stream: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     fetch_memos.print_json(data)
     out = capsys.readouterr().out
     assert "\\udb40\\udc41" in out
