@@ -65,11 +65,12 @@ __all__ = [
     "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS", "AuthorizationError", "BadTokenFile", "Clock", "ConfigError",
     "DeadGrant", "DevicePoller", "FetchMemosError", "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache",
     "OAuthError", "PollError", "ServerError", "Settings", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore",
-    "TransientServerError", "WaitingLine", "apply_metadata", "authorize", "build_parser", "call_api",
+    "TransientServerError", "WaitingLine", "answered", "apply_metadata", "authorize", "build_parser", "call_api",
     "command_status", "fail", "get_memos", "grant_key", "is_expiring", "is_loopback_host", "load_settings", "main",
-    "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes", "read_pasted_code",
-    "readable_user_code", "redact", "remember_secret", "request_device_authorization", "resolve_endpoints",
-    "same_origin", "sane_expires_in", "should_open_browser", "tls_failure", "token_meta",
+    "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes", "print_json",
+    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
+    "resolve_endpoints", "same_origin", "sane_expires_in", "should_open_browser", "terminal_text", "tls_failure",
+    "token_meta",
     "token_mismatch",
 ]
 
@@ -113,9 +114,17 @@ class _Load:
     URL, which asks the issuer) calls get(); so the rows' order decides only which error a run reports first.
     """
 
-    def __init__(self, merged: Mapping[str, str]) -> None:
+    def __init__(self, merged: Mapping[str, str], *, env_file: Path | None = None, needs_client: bool = True) -> None:
         self.merged = merged
         self.fields: dict[str, Any] = {}
+        self.env_file = env_file  # the .env that was read, to name in advice; None when there is none
+        self.needs_client = needs_client  # False for --status, which only reads the store
+        self.from_flags: set[str] = set()  # variables a flag set: a message names the flag the person typed
+
+    def named(self, variable: str, value: str) -> str:
+        """How a message names a value: as typed, `--timeout='0'` from a flag, `OAUTH_TIMEOUT='0'` otherwise."""
+        flag = SETTINGS[variable].flag
+        return f"{flag}={value!r}" if flag and variable in self.from_flags else f"{variable}={value!r}"
 
     def given(self, variable: str) -> str:
         """The value set by a flag, the environment or .env; "" when unset or empty."""
@@ -141,8 +150,12 @@ def _switch(name: str, value: str, load: _Load) -> bool:
 
 
 def _client_id(name: str, value: str, load: _Load) -> str:
-    if not value:
+    if not value and load.needs_client:
         where = "is empty" if name in load.merged else "is not set"
+        if load.env_file is not None:  # it exists: copying .env.example over it would be the wrong advice
+            raise ConfigError(f"{name} {where}. Fill in {name} (and CLIENT_SECRET) in {load.env_file} with the "
+                              "client credentials of your OAuth application (.env.example lists every setting), "
+                              "or set the environment variable.")
         raise ConfigError(
             f"{name} {where}. Copy .env.example to .env beside fetch_memos.py and fill in the client "
             "credentials of your OAuth application (or set the environment variable)."
@@ -215,9 +228,9 @@ def _positive_seconds(name: str, value: str, load: _Load) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a number of seconds.") from None
+        raise ConfigError(f"{load.named(name, value)} is not a number of seconds.") from None
     if not 0 < seconds <= 3600:
-        raise ConfigError(f"{name}={value!r} must be more than 0 and at most 3600 seconds.")
+        raise ConfigError(f"{load.named(name, value)} must be more than 0 and at most 3600 seconds.")
     return seconds
 
 
@@ -466,19 +479,38 @@ def origin_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def _check_env_file_flag(env_file: Path) -> None:
+    """--env-file that is not a regular file: a device such as /dev/null means "no settings from a file" (it is
+    never read: /dev/zero would never end); a FIFO would block the run, a folder has nothing to read."""
+    import stat
+
+    try:
+        mode = env_file.stat().st_mode
+    except OSError:
+        raise ConfigError(f"--env-file {env_file} does not exist.") from None
+    if stat.S_ISCHR(mode):
+        return
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+    raise ConfigError(f"--env-file {env_file} is {kind}; name a .env file (or /dev/null for none).")
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Merge defaults < .env < environment < flags, then let each row parse and validate its value, once."""
     env_file = Path(args.env_file) if args.env_file else SCRIPT_DIR / ".env"
     if args.env_file and not env_file.is_file():
-        raise ConfigError(f"--env-file {env_file} does not exist.")
+        _check_env_file_flag(env_file)
     from_file = read_env_file(env_file) if env_file.is_file() else {}
     merged = dict(from_file)
     merged.update({key: environ[key] for key in SETTINGS if key in environ})
+    flagged = set()
     for key, row in SETTINGS.items():
         value = getattr(args, row.dest) if row.flag else None
         if value is not None and value is not False:
             merged[key] = "1" if value is True else str(value)
-    load = _Load(merged)
+            flagged.add(key)
+    load = _Load(merged, env_file=env_file if env_file.is_file() else None,
+                 needs_client=getattr(args, "command", "fetch") != "status")
+    load.from_flags = flagged
     for key in SETTINGS:
         load.get(key)
     fields = load.fields
@@ -580,10 +612,10 @@ EXIT_CODES: dict[int, str] = {
        f"{LOCK_WAIT_SECONDS:g} s (nothing failed: try again)",
     2: "usage or configuration error: a missing or empty variable, a malformed URL, plain http to a remote host, "
        "client credentials rejected, a server certificate not trusted or not for that host, https to a port that "
-       "does not speak TLS",
+       "does not speak TLS, an endpoint that answers 404 (a wrong URL), missing Python packages",
     3: "authorization failed or needs a person: a wrong, expired or reused code, denied consent, a state mismatch, "
        "end of input at the prompt, a device code that expired, a dead grant or no token when no terminal is "
-       "attached",
+       "attached; --status with no token stored (like `gh auth status`)",
     130: "interrupted (Ctrl-C)",
 }
 
@@ -655,6 +687,12 @@ MESSAGES: dict[str, Message] = {
     "state_mismatch": Message(3, "the pasted URL belongs to a different authorization request (its state does not "
                                  "match); run again and use the URL this run printed."),
     "no_code_in_paste": Message(3, "the server gave no code: the pasted address has none in it. {hint}"),
+    "token_folder_unwritable": Message(2, "cannot write the token file {path} ({problem}); set OAUTH_TOKEN_FILE to "
+                                          "a file in a folder you can write. Nothing was sent to the server yet."),
+    "server_unreachable": Message(1, "{problem} No browser was sent there: check {setting}, or start the server."),
+    "paste_again": Message(3, "The server did not accept that code: it is wrong, expired or already used. Copy it "
+                              "again from the page (this authorization is still valid) and paste it; {left} more "
+                              "{left_word}."),
     "end_of_input": Message(3, "no code was entered (end of input); run again to authorize."),
     "nothing_pasted": Message(3, "no code was entered; run again to authorize."),
     "port_in_use": Message(2, "port {port} on {host} is already in use, so the browser's redirect cannot be caught "
@@ -665,8 +703,8 @@ MESSAGES: dict[str, Message] = {
                                 "OAUTH_LOGIN_TIMEOUT)."),
     # -- the device grant (RFC 8628) ------------------------------------------------------------------------
     "no_device_endpoint": Message(
-        2, "the device flow needs the server's device authorization endpoint, and the server publishes none (no "
-           "device_authorization_endpoint in its metadata) nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL (or "
+        2, "the device flow needs the server's device authorization endpoint, and the server publishes none "
+           "{where} nor is one set: set OAUTH_DEVICE_AUTHORIZATION_URL (or "
            "--device-authorization-url). Doorkeeper offers one only with the doorkeeper-device_authorization_grant "
            "gem; django-oauth-toolkit serves <site>/o/device-authorization/ but does not advertise it."),
     "device_endpoint_missing": Message(2, "there is no device authorization endpoint at {url} (404); check "
@@ -702,7 +740,13 @@ MESSAGES: dict[str, Message] = {
     "api_not_json": Message(1, "the API at {url} answered {status} with {content_type}, not JSON."),
     "needs_person": Message(3, "{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
                                "once."),
-    "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}; the token file was kept."),
+    "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}."),
+    "endpoint_not_found": Message(2, "the {endpoint} {url} answered 404 Not Found: there is no such endpoint; check "
+                                     "{setting}."),
+    "packages_missing": Message(2, "the Python package {package} is not installed: run `uv run fetch_memos.py` "
+                                   "(uv installs what the script needs), or `pip install -r requirements.txt` first."),
+    "logout_failed": Message(1, "{problem} Not logged out: the grant may still be valid at the server, so the token "
+                                "file was kept ({path}); run --logout again when the server answers."),
     "client_kept": Message(2, "{problem} The token file was kept."),
     # -- the transport: TLS, redirects, bounds (section 5) ---------------------------------------------------
     # TLS: what a person can fix in the settings is exit 2; an expired certificate is the server's to fix (exit 1).
@@ -740,15 +784,63 @@ def fail(what: str, **fields: object) -> FetchMemosError:
     return kind(entry.text.format(**fields), what=what)
 
 
-def _printable(value: object, limit: int = 200) -> str:
-    """Text from a server made safe for one line on a terminal (no escape sequences), and bounded."""
-    text = "".join(ch for ch in str(value) if ch.isprintable())
-    return text[:limit]
+def _escaped(ch: str, json_escape: bool = False) -> str:
+    code = ord(ch)
+    if json_escape:
+        if code > 0xFFFF:  # JSON has no \U: a surrogate pair (RFC 8259 section 7)
+            code -= 0x10000
+            return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+        return f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _printable(value: object, limit: int | None = 200, *, keep: str = "") -> str:
+    """The one sanitizer for text a server sent, before it reaches a terminal: bounded, and every character that
+    is not printable (C0/C1 controls, DEL, bidi and other format characters, line separators) shown as an escape
+    (\\x1b, \\u202e), so a server can neither drive the terminal (ESC]0;title BEL, ESC[2J, CSI as U+009B, OSC 8
+    links) nor make a line read differently than it is (U+202E, \\r). `keep` names characters let through (our
+    own newlines, where whole messages pass through it on their way out)."""
+    text = str(value)
+    if limit is not None:
+        text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in keep else _escaped(ch) for ch in text)
+
+
+def terminal_text(text: str) -> str:
+    """A message as it is printed: secrets redacted, anything a server smuggled in escaped (lines kept)."""
+    return _printable(redact(text), None, keep="\n")
+
+
+def terminal_json(text: str) -> str:
+    """JSON for a person's terminal: the characters _printable escapes become \\uXXXX, so the text stays valid
+    JSON with the same data (they can only occur inside strings; json.dumps already escapes C0 controls)."""
+    if text.replace("\n", "").isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\n" else _escaped(ch, json_escape=True) for ch in text)
+
+
+def endpoint_setting(settings: Settings, field: str) -> str:
+    """The setting a person fixes when an endpoint is wrong: its own variable when set, else where it came from."""
+    row = next(row for row in ENDPOINTS if row.field == field)
+    source = settings.source(field)
+    if source == "explicit":
+        return row.variable
+    if source == "metadata":
+        return f"OAUTH_ISSUER (its metadata named this endpoint; or set {row.variable})"
+    base = "OAUTH_ISSUER" if settings.issuer_explicit else "OAUTH_SERVER_URL"
+    return f"{base}={settings.server_url} (the {row.variable} default is built from it; no extra path)"
+
+
+def not_found(settings: Settings, field: str, endpoint: str, url: str) -> ConfigError:
+    """A 404 from an endpoint the settings named is a configuration mistake (exit 2), not a failed login."""
+    return fail("endpoint_not_found", endpoint=endpoint, url=url, setting=endpoint_setting(settings, field))
 
 
 def answered(response: requests.Response) -> str:
     """ "401 Unauthorized": how every message names the HTTP status a server answered with."""
-    return f"{response.status_code} {response.reason or ''}".rstrip()
+    return f"{response.status_code} {_printable(response.reason or '', 100)}".rstrip()
 
 
 class OAuthError(NamedTuple):
@@ -768,7 +860,7 @@ def oauth_error(body: object) -> OAuthError | None:
     """The one reader of an OAuth error: a JSON text, a parsed body or query parameters; None when none is there.
 
     A server may send anything: a body that is not JSON, not an object, or fields that are not strings. Only a
-    non-empty `error` makes an error; every field is stripped to printable text and bounded.
+    `error` with something printable in it makes an error; every field passes the sanitizer and is bounded.
     """
     if isinstance(body, (str, bytes)):
         try:
@@ -783,7 +875,7 @@ def oauth_error(body: object) -> OAuthError | None:
         return value[0] if isinstance(value, list) and value else value  # parse_qs gives lists
 
     error = field("error")
-    if not isinstance(error, str) or not _printable(error, 60):
+    if not isinstance(error, str) or not any(ch.isprintable() for ch in error):
         return None
     return OAuthError(_printable(error, 60), _printable(field("error_description") or ""),
                       _printable(field("error_uri") or ""))
@@ -873,12 +965,12 @@ def redact(text: str) -> str:
 
 def warn(message: str) -> None:
     """A warning does not stop the run; it still goes to stderr, never stdout."""
-    print(f"fetch_memos: warning: {redact(message)}", file=sys.stderr, flush=True)
+    print(f"fetch_memos: warning: {terminal_text(message)}", file=sys.stderr, flush=True)
 
 
 def say(message: str = "") -> None:
     """Prompts and progress go to stderr, so that stdout carries only the API's JSON."""
-    print(redact(message), file=sys.stderr, flush=True)
+    print(terminal_text(message), file=sys.stderr, flush=True)
 
 
 def prompt() -> None:
@@ -1306,7 +1398,12 @@ class TokenStore:
         self._grants: list[dict[str, Any]] = []  # as the last load found them, the grant saved last first
 
     def _mine(self, grant: Mapping[str, Any], key: GrantKey | None) -> bool:
-        return key is None or _key_of(grant) in (None, key)
+        theirs = _key_of(grant)
+        if key is None or theirs is None:
+            return True
+        if not key[1]:  # no CLIENT_ID (--status needs none): the grant of any client at this token endpoint and API
+            return (theirs[0], theirs[2]) == (key[0], key[2])
+        return theirs == key
 
     def load(self) -> dict[str, Any] | None:
         """This key's grant, or None when there is none; a bad file is set aside, never deleted."""
@@ -1911,6 +2008,8 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
         raise fail("client_secret_missing", url=response.url, error="401 Unauthorized")
     if response.status_code >= 500:
         raise fail("endpoint_down", endpoint="token endpoint", url=response.url, answered=answered(response))
+    if response.status_code == 404:
+        raise not_found(settings, "token_url", "token endpoint", response.url)
     if not is_json:
         kind = "an HTML page" if "html" in content_type.lower() else (
             "an empty body" if not response.content else f"a {content_type or 'untyped'} body")
@@ -2250,7 +2349,7 @@ class MemoSession:
 
     def _token_request_failed(self, exc: Exception, endpoint: str) -> Exception:
         error = token_request_error(exc, endpoint, self.settings)
-        if isinstance(error, ServerError):
+        if isinstance(error, ServerError) or getattr(error, "what", "") == "endpoint_not_found":
             self.endpoint_failed("token_url")
         return error
 
@@ -2326,7 +2425,11 @@ def token_mismatch(token: Mapping[str, Any], settings: Settings) -> str | None:
         return None
     api_moved = _comparable_origin(meta.get("api_url", "")) != _comparable_origin(settings.api_url)
     if meta.get("token_url") != settings.token_url or api_moved:
-        return f"it was issued by {meta.get('server_url')}, but the configuration now points at {settings.server_url}"
+        issued, now = f"by {meta.get('server_url')}", settings.server_url
+        if meta.get("server_url") == now:  # the same server named twice says nothing: name what moved
+            issued, now = ((f"for the API at {meta.get('api_url')}", settings.api_url) if api_moved
+                           else (f"by the token endpoint {meta.get('token_url')}", settings.token_url))
+        return f"it was issued {issued}, but the configuration now points at {now}"
     if meta.get("client_id") != settings.client_id:
         return "it was issued to a different CLIENT_ID"
     return None
@@ -2533,7 +2636,7 @@ class LoopbackListener:
             timeout = 10  # a browser's idle pre-connection must not hold anything up
 
             def do_GET(self) -> None:
-                status, page = listener.handle(self.path)
+                status, page = listener.handle(self.path, self.headers.get("Host"))
                 body = page.encode("utf-8")
                 self.send_response(status)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -2574,13 +2677,34 @@ class LoopbackListener:
         self.result: str | FetchMemosError | None = None
         self.pasted = False
         self.replied = threading.Event()
+        self.decided = threading.Lock()  # one connection a thread: the first authorization response is final
 
-    def handle(self, request_path: str) -> tuple[int, str]:
-        """Decide on one request: accept our code, report an error, or refuse a stranger's request."""
+    @property
+    def host(self) -> str:
+        """The Host a browser sends to our redirect URI: 127.0.0.1:PORT or [::1]:PORT."""
+        return urlsplit(self.redirect_uri).netloc
+
+    def handle(self, request_path: str, host: str | None) -> tuple[int, str]:
+        """Decide on one request: accept our code, report an error, or refuse a stranger's request.
+
+        A Host other than our own address is refused: a web page can make the browser send requests here under
+        another name (DNS rebinding), and a browser sent by the server always names the redirect URI's host.
+        """
+        if (host or "").lower() != self.host.lower():
+            log.debug("refused a request for another host")
+            return 400, _page("Not accepted", "This address only receives the authorization redirect.")
         parts = urlsplit(request_path)
         if parts.path != self.path:
             return 404, _page("Not found", "This address only receives the authorization redirect.")
-        params = parse_qs(parts.query)
+        with self.decided:
+            if self.result is not None:
+                return 409, _page("Already complete", "fetch_memos already received an authorization response; "
+                                                      "this one was ignored. Return to the terminal.")
+            return self._decide(parts.query)
+
+    def _decide(self, query: str) -> tuple[int, str]:
+        """The first authorization response that belongs to this run: it sets the result, once."""
+        params = parse_qs(query)
         state = (params.get("state") or [""])[0]
         if not state or not _same_text(state, self.expected_state):
             log.debug("refused a redirect whose state is missing or wrong")
@@ -2627,10 +2751,11 @@ class LoopbackListener:
         def take(line: str) -> None:
             if not line:  # end of input: keep waiting for the browser
                 return
-            self.pasted = True
-            with contextlib.suppress(ValueError):
-                self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
-                                           issuer_required=self.issuer_required)
+            with contextlib.suppress(ValueError), self.decided:
+                if self.result is None:  # the browser's redirect arrived first: it stands
+                    self.pasted = True
+                    self.result = parse_pasted(line, self.expected_state, issuer=self.expected_issuer,
+                                               issuer_required=self.issuer_required)
 
         deadline = time.monotonic() + timeout
         try:
@@ -2752,7 +2877,9 @@ def request_device_authorization(session: MemoSession, settings: Settings) -> De
     """Ask for a device code and a user code (RFC 8628 section 3.1), with client authentication as configured."""
     url = settings.device_authorization_url
     if not url:
-        raise fail("no_device_endpoint")
+        raise fail("no_device_endpoint", where="(no device_authorization_endpoint in its metadata)"
+                   if settings.metadata_fetched_at else "that fetch_memos can see (without OAUTH_ISSUER no metadata "
+                                                        "is fetched)")
     # Section 3.1 and django-oauth-toolkit want client_id in the body even when HTTP Basic authenticates.
     response = session.post_form(url, {"client_id": settings.client_id, "scope": " ".join(settings.scope)})
     answer = _json_object(response)
@@ -3005,15 +3132,82 @@ def authorize_with_device(session: MemoSession, settings: Settings, environ: Map
     return session.take_new_token(token)
 
 
+def check_token_folder(settings: Settings) -> None:
+    """Before a person logs in: the token can be saved where OAUTH_TOKEN_FILE says (else the login is wasted).
+
+    A real file is created and removed: os.access says yes to root and knows nothing of read-only mounts.
+    """
+    path = settings.token_file
+    probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise fail("token_folder_unwritable", path=path, problem=exc.strerror or exc) from None
+
+
+def check_server(session: MemoSession, settings: Settings) -> None:
+    """Before the browser: the token endpoint answers, and a confidential client's credentials are accepted.
+
+    One token request with a code that cannot be valid (RFC 6749 section 5.2): a server that checks the client
+    first answers invalid_client (401) for bad credentials and invalid_grant for good ones (Doorkeeper needs the
+    registered redirect_uri for that, which this carries). Anything else tells nothing, and the run goes on.
+    Only a run that is about to send a person to log in pays this one request; a warm run never does.
+    """
+    url = settings.token_url
+    try:
+        response = session.post_form(url, {
+            "grant_type": "authorization_code", "code": secrets.token_urlsafe(32),
+            "redirect_uri": session.redirect_uri, "code_verifier": secrets.token_urlsafe(48)})
+    except ServerError as exc:  # refused, DNS, timeout: the wire's words, and which setting points there
+        setting = endpoint_setting(settings, "token_url")
+        if settings.server_url == DEFAULT_SERVER_URL and settings.source("token_url") == "default":
+            setting += ", still the example's default"
+        raise fail("server_unreachable", problem=str(exc), setting=setting) from None
+    if response.status_code == 404:
+        raise not_found(settings, "token_url", "token endpoint", url)
+    refused = oauth_error(response.content)
+    if settings.client_secret and refused is not None and refused.error == "invalid_client":
+        raise oauth_failure("token", refused, url)
+    log.debug("the token endpoint answered a made-up code with %s %s", response.status_code,
+              refused.error if refused else "")
+
+
+def paste_and_exchange(session: MemoSession, settings: Settings) -> dict[str, Any]:
+    """The out-of-band code grant: the person pastes the code, and may paste again when the server rejects it.
+
+    A mistyped, doubly pasted or stale code costs only another paste: the same authorization request (state,
+    PKCE verifier) stays valid, so a code the person copies again from the same page still fits it.
+    """
+    check_server(session, settings)
+    url, state = session.authorization_url(settings.authorize_url)
+    show_authorization_url(url, opened=False)
+    attempts_left = PROMPT_ATTEMPTS
+    rejected: AuthorizationError | None = None
+    while True:
+        attempts_left -= 1
+        try:
+            code = read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+        except AuthorizationError as exc:
+            if rejected is not None and exc.what in ("end_of_input", "nothing_pasted"):
+                raise rejected from None  # the person gave up on pasting again: the rejection is what happened
+            raise
+        remember_secret(code)
+        try:
+            return session.exchange_code(code)
+        except AuthorizationError as exc:
+            if exc.what != "code_rejected" or not attempts_left:
+                raise
+            rejected = exc
+            say(str(fail("paste_again", left=attempts_left, left_word="try" if attempts_left == 1 else "tries")))
+
+
 def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> str:
-    """The authorization code grant's code, pasted by the person or caught by the loopback listener."""
-    if settings.is_oob:
-        url, state = session.authorization_url(settings.authorize_url)
-        show_authorization_url(url, opened=False)
-        return read_pasted_code(state, issuer=settings.issuer, issuer_required=settings.issuer_required)
+    """The code caught by the loopback listener (or pasted there from a browser on another machine)."""
     listener = LoopbackListener(settings.redirect_uri)
     try:
         session.redirect_uri = listener.redirect_uri
+        check_server(session, settings)
         url, state = session.authorization_url(settings.authorize_url)
         listener.expected_state = state
         listener.expected_issuer = settings.issuer
@@ -3029,8 +3223,11 @@ def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, st
 
 def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
     """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
-    if settings.device_flow:
+    check_token_folder(settings)
+    if settings.device_flow:  # the device authorization request checks the server and the client itself
         token = authorize_with_device(session, settings, environ)
+    elif settings.is_oob:
+        token = paste_and_exchange(session, settings)
     else:
         code = read_code(session, settings, environ)
         remember_secret(code)
@@ -3109,7 +3306,7 @@ def api_json(response: requests.Response, url: str) -> Any:
         return response.json()
     except ValueError:
         raise fail("api_not_json", url=url, status=status,
-                   content_type=response.headers.get("Content-Type", "unknown type")) from None
+                   content_type=_printable(response.headers.get("Content-Type", "unknown type"), 100)) from None
 
 
 def call_api(session: MemoSession) -> Any:
@@ -3140,13 +3337,23 @@ def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
 
 
 def print_json(data: Any) -> None:
-    """UTF-8, not escaped, whatever the locale: stdout is for `| jq`."""
-    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    """UTF-8, not escaped, whatever the locale: stdout is for `| jq`, which gets the data exactly; a terminal gets
+    the controls and bidi characters escaped (terminal_json)."""
+    write_stdout(json.dumps(data, ensure_ascii=False, indent=2) + "\n", escape=terminal_json)
+
+
+def write_stdout(text: str, *, escape: Callable[[str], str] | None = None) -> None:
+    """The one writer of stdout, in UTF-8 whatever the locale; `escape` applies on a terminal only. A reader that
+    stopped reading (`| head -1`) is no error: the rest goes to /dev/null, so neither this nor Python's flush at
+    exit says anything."""
     try:
         sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8"))
-        sys.stdout.buffer.flush()
-    except BrokenPipeError:  # `| head` closed the pipe: not an error; keep Python quiet at exit
+        if escape is not None and sys.stdout.isatty():
+            text = escape(text)
+        stream = getattr(sys.stdout, "buffer", None)  # None: a stream with no bytes under it (a test's StringIO)
+        stream.write(text.encode("utf-8")) if stream else sys.stdout.write(text)
+        sys.stdout.flush() if stream is None else stream.flush()
+    except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -3192,11 +3399,13 @@ def other_grant_lines(store: TokenStore) -> list[str]:
 def command_status(settings: Settings, store: TokenStore, terminal: Terminal) -> int:
     """What is stored, without any secret and without touching the network."""
     token = store.load()
-    if token is None:
-        print("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
-                         *endpoint_lines(settings), *other_grant_lines(store)]))
-        return 0
+    if token is None:  # exit 3, as `gh auth status` says "not logged in" with a failure
+        write_stdout(terminal_text("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
+                                              *endpoint_lines(settings), *other_grant_lines(store)])) + "\n")
+        return 3
     meta = token.get(META_KEY) or {}
+    if not settings.client_id:  # --status runs without CLIENT_ID: judge the token by its own
+        settings = settings._replace(client_id=meta.get("client_id", ""))
     scope = token.get("scope")
     scope_text = " ".join(scope) if isinstance(scope, list) else str(scope or " ".join(settings.scope))
     lines = [
@@ -3216,7 +3425,7 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     added = scope_added(token, settings)
     if added:
         lines.append(f"Note:          the next run authorizes again: {added}.")
-    print("\n".join(lines))
+    write_stdout(terminal_text("\n".join(lines)) + "\n")  # the scope and the endpoints came from a server
     return 0
 
 
@@ -3234,6 +3443,9 @@ def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
         if response.status_code == 200:
             refresh_revoked = refresh_revoked or kind == "refresh_token"
             continue
+        if response.status_code == 404:
+            raise fail("client_kept", problem=not_found(settings, "revoke_url", "revocation endpoint",
+                                                        settings.revoke_url))
         refused = oauth_error(response.content)
         error = refused.error if refused else ""
         if kind == "access_token" and error == "unsupported_token_type" and (
@@ -3267,10 +3479,13 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
     try:
         dead = False
         try:
-            session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
-        except DeadGrant:
-            dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
-        still_valid = revoke_tokens(session, settings)
+            try:
+                session.get_with_one_refresh(settings.api_url)  # retires any previous refresh token (see above)
+            except DeadGrant:
+                dead = True  # the refresh failed; what is held may still work at the server, so revoke it anyway
+            still_valid = revoke_tokens(session, settings)
+        except ServerError as exc:  # down, unreachable, failing: say plainly that nothing ended
+            raise fail("logout_failed", problem=str(exc), path=store.path) from None
         kept = store.remove()  # this grant only: the file, and its lock, go with the last one
         removed = (f"its token removed from {store.path} (which keeps the grants for {', '.join(kept)})" if kept
                    else f"{store.path} removed")
@@ -3345,7 +3560,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(command="fetch")
     commands = parser.add_mutually_exclusive_group()
     commands.add_argument("--status", dest="command", action="store_const", const="status",
-                          help="show the stored token (no secrets) and exit")
+                          help="show the stored token (no secrets) and exit: 0 with a token stored, 3 with none "
+                               "(as `gh auth status`); needs no CLIENT_ID")
     commands.add_argument("--logout", dest="command", action="store_const", const="logout",
                           help="revoke the grant at the server (RFC 7009) and delete the token file")
     parser.add_argument("--env-file", metavar="PATH", help="read settings from this file instead of .env beside "
@@ -3370,7 +3586,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        record.msg = terminal_text(record.getMessage())
         record.args = None
         return True
 
@@ -3405,6 +3621,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# The packages of requirements.txt, by the name they are imported as (all imported lazily, inside functions).
+REQUIRED_MODULES = ("requests", "requests_oauthlib", "oauthlib", "dotenv", "urllib3")
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one command; the only place that prints errors and decides the exit code."""
     environ = os.environ if environ is None else environ
@@ -3420,17 +3640,22 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         store = TokenStore(settings.token_file, grant_key(settings.token_url, settings.client_id, settings.api_url))
         return command.run(settings, store, terminal)
     except FetchMemosError as exc:
-        print(f"fetch_memos: {redact(str(exc))}", file=sys.stderr, flush=True)
+        print(f"fetch_memos: {terminal_text(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\nfetch_memos: interrupted.", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one redacted line unless --debug asks for the traceback
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        if missing and missing.partition(".")[0] in REQUIRED_MODULES:  # imported lazily, so missing only now
+            print(f"fetch_memos: {fail('packages_missing', package=missing.partition('.')[0])}", file=sys.stderr,
+                  flush=True)
+            return 2
         if debug:
             import traceback  # only a bug under --debug needs it
 
             print(redact(traceback.format_exc()), file=sys.stderr)
-        print(f"fetch_memos: unexpected error: {redact(f'{type(exc).__name__}: {exc}')} (run with --debug for "
+        print(f"fetch_memos: unexpected error: {terminal_text(f'{type(exc).__name__}: {exc}')} (run with --debug for "
               "details).", file=sys.stderr, flush=True)
         return 1
 

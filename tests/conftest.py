@@ -150,7 +150,7 @@ def mock() -> Iterator[Any]:
 
 def save_token(token_file: Path, env: dict[str, str], token: dict[str, Any]) -> None:
     """Store a token exactly as the script would for the settings in env (same store, same metadata)."""
-    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args([]), env)
+    settings = fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", os.devnull]), env)
     fetch_memos.TokenStore(token_file).save(token, fetch_memos.token_meta(settings))
 
 

@@ -96,7 +96,12 @@ def run_script(
     cwd: Path | None = None,
     answers: int = 3,
 ) -> Result:
-    """Run the script to completion; when it prints an authorization URL, `person` answers the prompt."""
+    """Run the script to completion; when it prints an authorization URL, `person` answers the prompt.
+
+    The real script never reads the .env beside it here (that is the developer's own): without an --env-file of
+    the test's, it gets /dev/null, an empty one."""
+    if script == SCRIPT and "--env-file" not in args:
+        args = ("--env-file", os.devnull, *args)
     argv = [sys.executable, str(script), *args]
     if not tty:
         started = time.monotonic()

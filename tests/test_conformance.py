@@ -39,6 +39,7 @@ from conftest import Client, conformance_client, secrets_of
 from profiles import MIXUP_ISS, RESOURCE, Target, needs
 from runner import (
     EOF_AT_PROMPT,
+    Replies,
     Result,
     assert_clean,
     assert_fails,
@@ -74,6 +75,15 @@ def loopback(target: Target, tmp_path: Path) -> Iterator[Client]:
     made = conformance_client(target, tmp_path / "client", "loopback")
     yield made
     made.person.close()
+
+
+def exchanges(server, mark: int, runs: int = 1) -> list:
+    """The token requests after mark, less the first of each of `runs` runs: check_server's made-up code, which every
+    run that sends a person to log in with the code grant makes before the browser (a warm run makes none)."""
+    entries = token_requests(server, mark)
+    probes = [(e.grant_type, e.status in (400, 401)) for e in entries[:runs]]
+    assert probes == [("authorization_code", True)] * runs, entries
+    return entries[runs:]
 
 
 def redirect_uri_of(url: str) -> str:
@@ -147,7 +157,7 @@ def test_first_run_authorizes_and_prints_the_json(client, mode):
         [page] = client.person.pages
         assert page.status_code == 200 and "You can close this tab" in page.text
     assert "prompt" not in query  # only for offline_access
-    [exchange] = token_requests(server, mark)
+    [exchange] = exchanges(server, mark)
     assert (exchange.grant_type, exchange.status, exchange.client_auth) == (
         "authorization_code", 200, client_auth_of(server))
     assert {"code", "code_verifier", "redirect_uri"} <= set(exchange.body_keys)
@@ -224,7 +234,7 @@ def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp
     assert "no code was entered (end of input)" in gave_up.stderr
     assert_fails(pasted, 3, "the server gave no code", "urn:ietf:wg:oauth:2.0:oob", "--loopback",
                  "http://127.0.0.1/callback")
-    assert token_requests(target, mark) == []
+    assert exchanges(target, mark, runs=2) == []
     assert not client.token_file.exists()
     assert_clean(gave_up, secrets_of(client))
     assert_clean(pasted, secrets_of(client), typed=pasted.typed)
@@ -308,7 +318,8 @@ def test_a_token_without_the_needed_scope_is_a_clear_error_not_a_loop(client):
     last = result.stderr.strip().splitlines()[-1]
     assert "refused access (403 Forbidden)" in last and "OAUTH_SCOPE" in last
     api, token = path_of(server.memos_url), path_of(server.token_endpoint)
-    calls = client_calls(server, mark)
+    probe, *calls = client_calls(server, mark)
+    assert probe == ("POST", token, "authorization_code", 400)  # check_server's made-up code, before the browser
     assert calls[0] == ("POST", token, "authorization_code", 200)
     if server.has("insufficient_scope_challenge"):
         assert calls[1:] == [("GET", api, None, 403)]
@@ -323,13 +334,14 @@ def test_a_token_without_the_needed_scope_is_a_clear_error_not_a_loop(client):
 @needs("oob")
 def test_a_wrong_code_is_reported_without_traceback(client):
     mark = client.server.log_mark()
-    result = client.run(person=lambda url: "not-the-code-the-server-showed")
+    # the script asks again after a rejected code (same authorization request); the person gives up (Ctrl-D)
+    result = client.run(person=lambda url: Replies(["not-the-code-the-server-showed", EOF_AT_PROMPT]))
 
     assert result.exit_code == 3, result.output
     assert "did not accept the code" in result.stderr
     assert result.stdout == ""
     assert not client.token_file.exists()
-    assert len(token_requests(client.server, mark)) == 1  # never replayed
+    assert len(exchanges(client.server, mark)) == 1  # never replayed
     assert_clean(result, secrets_of(client), typed=result.typed)
 
 
@@ -340,7 +352,8 @@ def test_a_code_used_twice_is_refused(client):
     def same_code_twice(url):
         if not codes:
             codes.append(client.person.authorize(url))
-        return codes[0]
+            return codes[0]
+        return Replies([codes[0], EOF_AT_PROMPT])  # asked to paste again after the rejection, the person gives up
 
     assert client.run(person=same_code_twice).exit_code == 0
     client.token_file.unlink()
@@ -364,6 +377,7 @@ def test_wrong_client_secret_is_a_configuration_error(client):
     assert result.exit_code == 2, result.output
     assert "rejected the client credentials" in result.stderr
     assert "CLIENT_SECRET" in result.stderr
+    assert result.authorize_urls == []  # said before the person was sent to log in (check_server)
     assert_clean(result, ["wrong-secret", client.server.client_secret])
 
 
@@ -416,7 +430,7 @@ def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     assert [a.status_code for a in answers] == [400, 400]
     assert "does not belong" in answers[0].text
     assert_json(result)  # the real redirect still went through
-    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]  # forged one never sent
+    assert [e.grant_type for e in exchanges(server, mark)] == ["authorization_code"]  # forged one never sent
     assert "forged" not in result.output
 
 
@@ -434,7 +448,7 @@ def test_denied_consent_is_reported(loopback):
         assert "carries no iss" in result.stderr and "RFC 9207 iss" in page.text
     else:
         assert "denied" in result.stderr and "Authorization failed" in page.text
-    assert token_requests(server, mark) == []
+    assert exchanges(server, mark) == []
     assert not loopback.token_file.exists()
 
 
@@ -511,6 +525,7 @@ def test_dead_grant_needs_a_person_and_one_at_the_terminal_authorizes_again(auth
     assert client_calls(server, mark) == [
         ("GET", api, None, server.dead_token_status),
         ("POST", token, "refresh_token", 400),
+        ("POST", token, "authorization_code", 400),  # check_server's made-up code, before the browser
         ("POST", token, "authorization_code", 200),
         ("GET", api, None, 200),
     ]
@@ -733,7 +748,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     assert "Authorizing again" in result.stderr
     [url] = result.authorize_urls
     assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
-    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e.grant_type for e in exchanges(server, mark)] == ["authorization_code"]
     new = authorized.token()
     assert new["fetch_memos"]["scope"] == ["read", "write"]
     assert new["scope"] == (["read"] if server.has("narrow_scope") else ["read", "write"])
@@ -785,7 +800,7 @@ def test_an_authorization_response_naming_another_issuer_is_refused(profile, tmp
 
             assert_fails(result, 3, f"names the issuer '{MIXUP_ISS}', not the expected {server.issuer}",
                          "mix-up", f"OAUTH_ISSUER={MIXUP_ISS}")
-            assert token_requests(server, mark) == [], mode
+            assert exchanges(server, mark) == [], mode
             assert not client.token_file.exists()
             if mode == "loopback":
                 [page] = client.person.pages
@@ -809,7 +824,7 @@ def test_a_response_without_the_iss_the_metadata_promised_is_refused(profile, tm
     assert_fails(result, 3, "carries no iss", f"the metadata of {server.issuer}", "OAUTH_ISSUER")
     [code_page] = client.person.pages
     assert code_page.status_code == 400
-    assert token_requests(server, mark) == []
+    assert exchanges(server, mark) == []
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client), typed=result.typed)
 
@@ -834,7 +849,7 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     record = json.loads(cache.read_text())
     assert record["issuer"] == server.issuer and server.token_endpoint in record["endpoints"].values()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-    assert [e.grant_type for e in token_requests(server, mark)] == ["authorization_code"]
+    assert [e.grant_type for e in exchanges(server, mark)] == ["authorization_code"]
 
     mark = server.log_mark()
     warm = client.run(tty=False)
@@ -866,7 +881,8 @@ def test_a_public_client_authenticates_with_its_client_id_alone(client):
     assert logout.exit_code == 0, logout.output
     calls = [e for e in server.access_log(since=mark)
              if e.path in (path_of(server.token_endpoint), path_of(server.revoke_endpoint))]
-    assert [e.path for e in calls] == [path_of(server.token_endpoint)] * 2 + [path_of(server.revoke_endpoint)] * 2
+    # token: check_server's made-up code, the exchange, the refresh; each authenticates the client the same way
+    assert [e.path for e in calls] == [path_of(server.token_endpoint)] * 3 + [path_of(server.revoke_endpoint)] * 2
     for entry in calls:
         assert (entry.client_auth, entry.auth, entry.params.get("client_id")) == (
             "none", None, server.client_id), entry
@@ -884,7 +900,7 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
     held = refresh_and_hold_two(client)
 
     assert [e.params.get("resource") for e in authorize_requests(server, mark)][:1] == [RESOURCE]
-    assert [(e.grant_type, e.params.get("resource"), e.status) for e in token_requests(server, mark)] == [
+    assert [(e.grant_type, e.params.get("resource"), e.status) for e in exchanges(server, mark)] == [
         ("authorization_code", RESOURCE, 200), ("refresh_token", RESOURCE, 200)]
 
     without = conformance_client(server, tmp_path / "without", "loopback")
@@ -895,7 +911,7 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
     finally:
         without.person.close()
     assert_fails(result, 3, "invalid_target")
-    assert token_requests(server, mark) == []
+    assert exchanges(server, mark) == []
     assert_clean(result, secrets_of(client, *held))
 
 

@@ -219,7 +219,7 @@ def test_first_run_in_chromium_lands_on_the_listener_page(browser, client, tmp_p
     assert landing.text.startswith("Authorized") and CLOSE_THIS_TAB in landing.text
     assert screenshot.is_file() and screenshot.stat().st_size > 1000
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert grants(server, mark) == [("authorization_code", 200)]
+    assert grants(server, mark) == [("authorization_code", 400), ("authorization_code", 200)]  # 400: check_server
     assert api_calls(server, mark) == [("GET", 200)]
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
@@ -241,7 +241,7 @@ def test_denied_consent_shows_the_error_page_and_exits_3(browser, client):
     assert "error=access_denied" in landing.url
     assert landing.text.startswith("Authorization failed")
     assert "access_denied" in landing.text and "close this tab" in landing.text
-    assert grants(server, mark) == []
+    assert grants(server, mark) == [("authorization_code", 400)]  # only check_server's made-up code
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
@@ -262,7 +262,8 @@ def test_dead_grant_is_authorized_again_in_chromium(browser, client):
     assert "no longer valid" in result.stderr and "Authorizing again" in result.stderr
     [landing] = browser.landings[before:]
     assert CLOSE_THIS_TAB in landing.text
-    assert grants(server, mark) == [("refresh_token", 400), ("authorization_code", 200)]
+    assert grants(server, mark) == [("refresh_token", 400), ("authorization_code", 400),  # 400: check_server
+                                    ("authorization_code", 200)]
     assert client.token()["access_token"] != old["access_token"]
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
@@ -296,7 +297,8 @@ def test_a_forged_request_with_a_wrong_state_gets_400_and_the_real_redirect_stil
     assert result.stdout == MEMO_JSON
     [landing] = browser.landings[before:]
     assert landing.status == 200 and CLOSE_THIS_TAB in landing.text
-    assert grants(server, mark) == [("authorization_code", 200)]  # the forged code never reached it
+    assert grants(server, mark) == [("authorization_code", 400),  # check_server's made-up code
+                                    ("authorization_code", 200)]  # the forged code never reached it
     assert "forged-code" not in result.output
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 
@@ -323,7 +325,7 @@ def test_a_browser_that_comes_too_late_finds_nothing_listening(browser, dot_clie
     [landing] = browser.landings[before:]
     assert landing.status is None and landing.failure == "net::ERR_CONNECTION_REFUSED"
     assert "refused to connect" in landing.text  # Chromium's own error page
-    assert grants(server, mark) == []  # the code the server issued was never used
+    assert grants(server, mark) == [("authorization_code", 400)]  # only check_server's: the issued code was never used
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client, codes=codes_in([landing])))
 

@@ -249,11 +249,12 @@ def test_refresh_post_is_never_retried(rig: Client, proxy: fp.FaultProxy, action
 def test_code_exchange_whose_answer_is_lost_is_not_replayed(rig: Client, proxy: fp.FaultProxy) -> None:
     """The code is single-use: its exchange is sent once; nothing is saved; the next run authorizes again."""
     mark = rig.server.log_mark()
-    proxy.rule = fp.first(1, fp.LOSE_ANSWER, method="POST", path="/oauth/token")
+    # the first POST is check_server's made-up code (before the browser); the second, the exchange, loses its answer
+    proxy.rule = fp.sequence(fp.PASS, fp.LOSE_ANSWER, method="POST")
     result = run(rig, proxy.url, person=rig.person.authorize)
 
-    assert [e.status for e in token_requests(rig.server, mark, "authorization_code")] == [200]
-    assert len(proxy.attempts("POST", "/oauth/token")) == 1
+    assert [e.status for e in token_requests(rig.server, mark, "authorization_code")] == [400, 200]
+    assert len(proxy.attempts("POST", "/oauth/token")) == 2  # the probe, then the exchange: sent once
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     assert result.stderr.strip().splitlines()[-1].startswith("fetch_memos: ")

@@ -157,7 +157,8 @@ def test_odd_paste_is_refused_in_one_line(client: Client, paste: Callable[[str],
     result = client.run(person=paste)
     assert_fails(result, 3, fragment)
     assert not client.token_file.exists()
-    assert [e for e in client.server.access_log(mark) if e["path"] == "/oauth/token"] == []  # nothing was sent
+    assert [(e["grant_type"], e["status"]) for e in client.server.access_log(mark) if e["path"] == "/oauth/token"
+            ] == [("authorization_code", 400)]  # only check_server's made-up code: nothing pasted was sent
     assert_clean(result, secrets_of(client))
 
 
@@ -178,7 +179,8 @@ def test_deny_in_browser_then_paste_what_it_shows(client: Client) -> None:
     mark = client.server.log_mark()
     result = client.run(person=lambda url: deny_in_browser(client.person, url).text)
     assert_fails(result, 3, "authorization was denied")
-    assert [e for e in client.server.access_log(mark) if e["path"] == "/oauth/token"] == []  # not sent as a code
+    assert [(e["grant_type"], e["status"]) for e in client.server.access_log(mark) if e["path"] == "/oauth/token"
+            ] == [("authorization_code", 400)]  # only check_server's made-up code: the page was not sent as a code
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client))
 
@@ -231,13 +233,13 @@ def test_expired_code_is_refused(client: Client) -> None:
     def person(url: str) -> str:
         code = codes.code(url)
         assert age_grants(client.server, 3600) >= 1  # Doorkeeper's default code lifetime is 10 minutes
-        return code
+        return Replies([code, EOF_AT_PROMPT])  # asked to paste again after the rejection, the person gives up
 
     mark = client.server.log_mark()
     result = client.run(person=person)
     assert_fails(result, 3, "did not accept the code: it is wrong, expired or already used")
     posts = [e for e in client.server.access_log(mark) if e["path"] == "/oauth/token"]
-    assert [(e["grant_type"], e["status"]) for e in posts] == [("authorization_code", 400)]
+    assert [(e["grant_type"], e["status"]) for e in posts][1:] == [("authorization_code", 400)]  # [0]: check_server
     assert not client.token_file.exists()
     assert_clean(result, secrets_of(client), typed=tuple(codes.seen))
 
@@ -250,7 +252,8 @@ def test_code_used_twice_is_refused_and_the_first_token_kept_aside(client: Clien
     shutil.copy2(client.token_file, kept)
     client.token_file.unlink()
 
-    result = client.run(person=lambda url: codes.seen[0])  # the same code again
+    # the same code again; asked to paste again after the rejection, the person gives up
+    result = client.run(person=lambda url: Replies([codes.seen[0], EOF_AT_PROMPT]))
     assert_fails(result, 3, "already used")
     assert not client.token_file.exists()
     assert fetch_memos.parse_token_bytes(kept.read_bytes()) == first
@@ -500,15 +503,17 @@ def test_folder_not_writable_on_refresh_prints_json_and_warns(client: Client) ->
     assert_clean(result, secrets_of(client, before))
 
 
-def test_folder_not_writable_on_first_authorization_prints_json_and_warns(client: Client) -> None:
+def test_folder_not_writable_on_first_authorization_is_one_line_before_the_browser(client: Client) -> None:
+    """Issue 15: checked before the person logs in (a login whose token cannot be kept is wasted)."""
     client.folder.mkdir(parents=True, exist_ok=True)
-    codes = Codes(client.person)
+    mark = client.server.log_mark()
     with immutable(client.folder):
-        result = client.run(person=codes.code)
-    assert_json(result)
-    assert "warning: the token could not be saved" in result.stderr
+        result = client.run(person=Codes(client.person).code)
+    assert_fails(result, 2, f"cannot write the token file {client.token_file}", "OAUTH_TOKEN_FILE", only=True)
+    assert result.authorize_urls == []
+    assert client.server.access_log(mark) == []
     assert not client.token_file.exists()
-    assert_clean(result, secrets_of(client), typed=tuple(codes.seen))
+    assert_clean(result, secrets_of(client))
 
 
 # --- the API answers badly ---------------------------------------------------------------------------------
@@ -621,6 +626,6 @@ def test_server_database_reset_with_a_person_authorizes_again(client: Client) ->
     assert_json(result)
     assert "Authorizing again" in result.stderr
     grants = [(e["grant_type"], e["status"]) for e in client.server.access_log(mark) if e["path"] == "/oauth/token"]
-    assert grants == [("refresh_token", 400), ("authorization_code", 200)]
+    assert grants == [("refresh_token", 400), ("authorization_code", 400), ("authorization_code", 200)]  # 400: probe
     assert client.token()["access_token"] != before["access_token"]
     assert_clean(result, secrets_of(client, before), typed=tuple(codes.seen))

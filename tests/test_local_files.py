@@ -611,7 +611,8 @@ def test_a_mistyped_server_never_costs_the_stored_login(tmp_path: Path, servers:
     fixed = run_script("--env-file", str(env_file), tty=False, env=script_env(environ))
     assert fixed.exit_code == 0, fixed.stderr
     assert json.loads(fixed.stdout) == {"message": "memo"}
-    assert typo.requests == []  # the right server's token never went to the mistyped one
+    # the right server's token never went to the mistyped one: only check_server's made-up code, before the browser
+    assert typo.requests == ["POST /oauth/token"]
     assert ACCESS not in mistyped.stderr + fixed.stderr
 
 

@@ -333,13 +333,13 @@ def iss_listener(listener):
 
 def test_listener_accepts_our_issuer(iss_listener) -> None:
     iss_listener.issuer_required = True
-    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}&iss=" + ISSUER)
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}&iss=" + ISSUER, iss_listener.host)
     assert status == 200
     assert iss_listener.result == CODE
 
 
 def test_listener_refuses_another_issuer(iss_listener) -> None:
-    status, page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}&iss={EVIL}")
+    status, page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}&iss={EVIL}", iss_listener.host)
     assert status == 400
     assert isinstance(iss_listener.result, AuthorizationError)
     assert iss_listener.result.exit_code == 3
@@ -351,19 +351,19 @@ def test_listener_refuses_another_issuer(iss_listener) -> None:
 
 def test_listener_refuses_a_missing_iss_when_promised(iss_listener) -> None:
     iss_listener.issuer_required = True
-    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}")
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}", iss_listener.host)
     assert status == 400
     assert "carries no iss" in str(iss_listener.result)
 
 
 def test_listener_accepts_a_missing_iss_when_not_promised(iss_listener) -> None:
-    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}")
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state={STATE}", iss_listener.host)
     assert (status, iss_listener.result) == (200, CODE)
 
 
 def test_listener_ignores_a_strangers_iss_before_the_state_matches(iss_listener) -> None:
     """A request without our state is not our response at all: it neither passes nor ends the wait."""
-    status, _page = iss_listener.handle(f"/callback?code={CODE}&state=wrong&iss={EVIL}")
+    status, _page = iss_listener.handle(f"/callback?code={CODE}&state=wrong&iss={EVIL}", iss_listener.host)
     assert status == 400
     assert iss_listener.result is None
 
@@ -406,7 +406,7 @@ def test_listener_on_a_port_in_use_is_a_config_error(listener) -> None:
 
 
 def test_right_state_and_code_are_accepted(listener) -> None:
-    status, page = listener.handle(f"/callback?code={CODE}&state={STATE}")
+    status, page = listener.handle(f"/callback?code={CODE}&state={STATE}", listener.host)
     assert status == 200
     assert listener.result == CODE
     assert "Authorized" in page
@@ -422,7 +422,7 @@ def test_right_state_and_code_are_accepted(listener) -> None:
     "error=access_denied",
 ])
 def test_wrong_or_missing_state_is_refused(listener, query: str) -> None:
-    status, page = listener.handle(f"/callback?{query}")
+    status, page = listener.handle(f"/callback?{query}", listener.host)
     assert status == 400
     assert listener.result is None
     assert "state" in page
@@ -431,19 +431,19 @@ def test_wrong_or_missing_state_is_refused(listener, query: str) -> None:
 # Regression test for a bug these tests found (since fixed): a redirect whose state is not ASCII makes compare_digest
 # raise TypeError inside the listener instead of a 400
 def test_non_ascii_state_is_refused_by_the_listener(listener) -> None:
-    status, _page = listener.handle(f"/callback?code={CODE}&state=%C3%A9")
+    status, _page = listener.handle(f"/callback?code={CODE}&state=%C3%A9", listener.host)
     assert status == 400
     assert listener.result is None
 
 
 def test_right_state_without_code_is_refused(listener) -> None:
-    status, _page = listener.handle(f"/callback?state={STATE}")
+    status, _page = listener.handle(f"/callback?state={STATE}", listener.host)
     assert status == 400
     assert listener.result is None
 
 
 def test_access_denied_with_right_state_is_an_authorization_error(listener) -> None:
-    status, page = listener.handle(f"/callback?error=access_denied&state={STATE}")
+    status, page = listener.handle(f"/callback?error=access_denied&state={STATE}", listener.host)
     assert status == 200
     assert isinstance(listener.result, AuthorizationError)
     assert listener.result.exit_code == 3
@@ -452,14 +452,15 @@ def test_access_denied_with_right_state_is_an_authorization_error(listener) -> N
 
 
 def test_other_error_with_right_state_is_reported(listener) -> None:
-    status, _page = listener.handle(f"/callback?error=invalid_scope&error_description=Bad+scope&state={STATE}")
+    status, _page = listener.handle(f"/callback?error=invalid_scope&error_description=Bad+scope&state={STATE}",
+                                    listener.host)
     assert status == 200
     assert isinstance(listener.result, AuthorizationError)
     assert "invalid_scope (Bad scope)" in str(listener.result)
 
 
 def test_error_text_is_escaped_in_the_page(listener) -> None:
-    _status, page = listener.handle(f"/callback?error=%3Cscript%3Ealert(1)%3C/script%3E&state={STATE}")
+    _status, page = listener.handle(f"/callback?error=%3Cscript%3Ealert(1)%3C/script%3E&state={STATE}", listener.host)
     assert "<script>" not in page
     assert "&lt;script&gt;" in page
 
@@ -467,7 +468,7 @@ def test_error_text_is_escaped_in_the_page(listener) -> None:
 @pytest.mark.parametrize("path", ["/", "/favicon.ico", "/callback/", "/callbackx", "/other?code=x&state=" + STATE,
                                   "/Callback?code=x&state=" + STATE])
 def test_other_paths_are_404(listener, path: str) -> None:
-    status, _page = listener.handle(path)
+    status, _page = listener.handle(path, listener.host)
     assert status == 404
     assert listener.result is None
 

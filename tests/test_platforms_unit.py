@@ -278,7 +278,7 @@ def test_env_file_warning_in_a_whole_run_keeps_stdout_clean_and_exit_0(tmp_path:
     env_file = tmp_path / ".env"
     env_file.write_text(DOTENV + f"OAUTH_TOKEN_FILE={tmp_path / 'token.pickle'}\n")
     env_file.chmod(0o644)
-    assert fetch_memos.main(["--env-file", str(env_file), "--status"], environ={}) == 0
+    assert fetch_memos.main(["--env-file", str(env_file), "--status"], environ={}) == 3  # no token stored
     out, err = capsys.readouterr()
     assert "chmod 600" not in out
     assert f"chmod 600 {env_file}" in err
