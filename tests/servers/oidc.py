@@ -476,12 +476,16 @@ class OidcServer:
         with ``dpop_key``, retried once with the server's nonce). Shaped as requests-oauthlib keeps a token."""
         verifier, challenge = pkce_pair()
         client_id = client_id or self.client_id
+
+        def new_assertion() -> dict[str, str]:
+            return self.client_credentials(client_id, key=key)[1]
+
         query = {"code_challenge": challenge, "code_challenge_method": "S256", **params}
         url = self.authorize_url(client_id=client_id, scope=scope, **query)
         if self.require_par:
             auth, body = self.client_credentials(client_id, key=key)
             pushed = self.post_with_dpop(self.par_endpoint, dict(parse_qs(urlsplit(url).query)), auth=auth,
-                                         extra=body, dpop_key=dpop_key)
+                                         extra=body, dpop_key=dpop_key, refresh_assertion=new_assertion)
             if pushed.status_code != 201:
                 raise ServerError(f"PAR failed: {pushed.status_code} {pushed.text[:300]}")
             pushed_query = {"client_id": client_id, "request_uri": pushed.json()["request_uri"]}
@@ -492,7 +496,7 @@ class OidcServer:
         data = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
                 "redirect_uri": LOOPBACK_REDIRECT_URI}
         response = self.post_with_dpop(self.token_endpoint, data, auth=auth, extra=body, dpop_key=dpop_key,
-                                       refresh_assertion=lambda: self.client_credentials(client_id, key=key)[1])
+                                       refresh_assertion=new_assertion)
         if response.status_code != 200:
             raise ServerError(f"code exchange failed: {response.status_code} {response.text[:300]}")
         token = response.json()
@@ -597,16 +601,23 @@ class _Forms(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.forms: list[_Form] = []
         self.text: list[str] = []
+        self._hidden = 0  # inside <style> or <script>, whose text no person reads
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
-        if tag == "form":
+        if tag in ("style", "script"):
+            self._hidden += 1
+        elif tag == "form":
             self.forms.append(_Form(a.get("action", ""), a.get("method", "get").lower(), a.get("id")))
         elif tag == "input" and self.forms and a.get("name"):
             self.forms[-1].fields[a["name"]] = a.get("value", "")
 
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("style", "script"):
+            self._hidden -= 1
+
     def handle_data(self, data: str) -> None:
-        if data.strip():
+        if data.strip() and not self._hidden:
             self.text.append(data.strip())
 
 
@@ -687,12 +698,14 @@ class Person:
                     abort = form.action.rstrip("/") + "/abort"
                     return _Form(abort, "get", None), {}
                 return form, {}
-            if form.ident == "op.deviceInputForm":
-                self.pages.append("user_code")
-                return form, {"user_code": self._user_code or form.fields.get("user_code", "")}
-            if form.ident == "op.deviceConfirmForm":
+            if "confirm" in form.fields:
                 self.pages.append("confirm")
                 return form, ({} if approve else {"abort": "yes"})
+            if "user_code" in form.fields:  # the input form, or the page that posts a prefilled code itself
+                if "user_code" in self.pages and form.ident == "op.deviceInputForm":
+                    return None, {}  # shown again: the code was refused or the person aborted
+                self.pages.append("user_code")
+                return form, {"user_code": self._user_code or form.fields.get("user_code", "")}
         return None, {}
 
 

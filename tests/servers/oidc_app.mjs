@@ -32,14 +32,14 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 
 import { calculateJwkThumbprint, decodeJwt, decodeProtectedHeader, EmbeddedJWK, jwtVerify } from 'jose';
-import Provider, { errors } from 'oidc-provider';
+import Provider, { errors, interactionPolicy } from 'oidc-provider';
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const ACCESS_LOG = path.join(config.state_dir, 'access.log');
 const ACCESS_TOKEN_TTL = config.access_token_ttl ?? 3600;
 const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 const MEMO = JSON.stringify({ message: 'ふじ' });
-const DPOP_ALGS = ['ES256', 'EdDSA', 'Ed25519', 'RS256', 'PS256'];
+const DPOP_ALGS = ['ES256', 'Ed25519', 'EdDSA']; // what the provider accepts at its endpoints (its default)
 const PROOF_WINDOW = 60; // seconds either side of now that the API accepts a proof's iat without a nonce
 
 // -- storage: oidc-provider's adapter interface over one Map, so tests can age and list tokens ------------
@@ -104,6 +104,22 @@ function apiNonce() {
 
 const seenProofs = new Map(); // jti -> expiry (ms): the API refuses a replayed proof (RFC 9449 §11.1)
 
+// acr_values are voluntary (OIDC Core §3.1.2.1): oidc-provider logs nobody in again for them. For the
+// step-up switch a login whose acr is not the one asked for is redone, as a server demanding it would.
+function interactionsPolicy() {
+  const policy = interactionPolicy.base();
+  policy.get('login').checks.add(new interactionPolicy.Check(
+    'step_up_acr',
+    'the acr asked for needs a new login',
+    'login_required',
+    ({ oidc }) => {
+      const asked = String(oidc.params.acr_values ?? '').split(' ');
+      return !!config.step_up_acr && asked.includes(config.step_up_acr) && oidc.acr !== config.step_up_acr;
+    },
+  ));
+  return policy;
+}
+
 // -- the provider -----------------------------------------------------------------------------------------
 function providerConfig(issuer) {
   const apiUrl = `${issuer}/api/memos/`;
@@ -126,6 +142,7 @@ function providerConfig(issuer) {
       return source ? { acr: source.acr, auth_time: source.authTime } : undefined;
     },
     acrValues: ['urn:fetch-memos:password', 'urn:fetch-memos:mfa'],
+    interactions: { policy: interactionsPolicy() },
     features: {
       devInteractions: { enabled: true },
       deviceFlow: { enabled: true },
@@ -338,12 +355,13 @@ function clientAuth(authorization, params) {
 }
 
 function proofFacts(proof) {
-  if (!proof) return { dpop: false };
+  const facts = { dpop: !!proof, dpop_nonce: false, dpop_ath: false, dpop_malformed: false };
+  if (!proof) return facts;
   try {
     const claims = decodeJwt(proof);
-    return { dpop: true, dpop_nonce: typeof claims.nonce === 'string', dpop_ath: typeof claims.ath === 'string' };
+    return { ...facts, dpop_nonce: typeof claims.nonce === 'string', dpop_ath: typeof claims.ath === 'string' };
   } catch {
-    return { dpop: true, dpop_malformed: true };
+    return { ...facts, dpop_malformed: true };
   }
 }
 
