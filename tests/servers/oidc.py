@@ -456,7 +456,8 @@ class OidcServer:
                            aud: str | list[str] | None = None) -> tuple[tuple[str, str] | None, dict[str, str]]:
         """(Basic auth, body fields) that authenticate ``client_id`` as it is registered here.
 
-        ``key``: the private_key_jwt client's key; ``aud``: the assertion's audience (default the issuer).
+        ``key``: the private_key_jwt client's key (ignored for the others); ``aud``: the assertion's audience
+        (default the issuer).
         """
         client_id = client_id or self.client_id
         if client_id == self.client_id:
@@ -464,14 +465,19 @@ class OidcServer:
                 return (client_id, self.client_secret), {}
             return None, {"client_id": client_id, "client_secret": self.client_secret}
         if client_id in (PRIVATE_KEY_JWT_CLIENT_ID, CLIENT_SECRET_JWT_CLIENT_ID):
-            assertion = client_assertion(client_id, aud or self.issuer, key=key,
-                                         secret=CLIENT_SECRET_JWT_SECRET if key is None else None)
+            if client_id == PRIVATE_KEY_JWT_CLIENT_ID and key is None:
+                raise ValueError("the private_key_jwt client needs its key")
+            assertion = client_assertion(client_id, aud or self.issuer,
+                                         key=key if client_id == PRIVATE_KEY_JWT_CLIENT_ID else None,
+                                         secret=CLIENT_SECRET_JWT_SECRET if client_id == CLIENT_SECRET_JWT_CLIENT_ID
+                                         else None)
             return None, {"client_id": client_id, "client_assertion_type": ASSERTION_TYPE,
                           "client_assertion": assertion}
         return None, {"client_id": client_id}
 
     def grant_token(self, person: Person, *, client_id: str | None = None, scope: str = "read",
-                    key: EcKey | None = None, dpop_key: EcKey | None = None, **params: str) -> dict[str, Any]:
+                    redirect_uri: str = LOOPBACK_REDIRECT_URI, key: EcKey | None = None,
+                    dpop_key: EcKey | None = None, **params: str) -> dict[str, Any]:
         """A real grant, obtained as a plain client would (PKCE; PAR when the server requires it; a DPoP proof
         with ``dpop_key``, retried once with the server's nonce). Shaped as requests-oauthlib keeps a token."""
         verifier, challenge = pkce_pair()
@@ -481,7 +487,7 @@ class OidcServer:
             return self.client_credentials(client_id, key=key)[1]
 
         query = {"code_challenge": challenge, "code_challenge_method": "S256", **params}
-        url = self.authorize_url(client_id=client_id, scope=scope, **query)
+        url = self.authorize_url(client_id=client_id, scope=scope, redirect_uri=redirect_uri, **query)
         if self.require_par:
             auth, body = self.client_credentials(client_id, key=key)
             pushed = self.post_with_dpop(self.par_endpoint, dict(parse_qs(urlsplit(url).query)), auth=auth,
@@ -494,7 +500,7 @@ class OidcServer:
         code = parse_qs(urlsplit(redirect).query)["code"][0]
         auth, body = self.client_credentials(client_id, key=key)
         data = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                "redirect_uri": LOOPBACK_REDIRECT_URI}
+                "redirect_uri": redirect_uri}
         response = self.post_with_dpop(self.token_endpoint, data, auth=auth, extra=body, dpop_key=dpop_key,
                                        refresh_assertion=new_assertion)
         if response.status_code != 200:
