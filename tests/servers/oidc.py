@@ -18,19 +18,20 @@ import functools
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
+
+from servers.doorkeeper import pkce_pair  # one RFC 7636 pair for every server's tests
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; annotations are lazy, so 3.10 never evaluates it
     from typing import Self
@@ -79,12 +80,6 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def pkce_pair() -> tuple[str, str]:
-    """A fresh (code_verifier, S256 code_challenge) pair (RFC 7636 §4.1-4.2)."""
-    verifier = secrets.token_urlsafe(48)
-    return verifier, b64url(hashlib.sha256(verifier.encode("ascii")).digest())
 
 
 # -- P-256 in pure Python (FIPS 186-4 ECDSA over SEC 2's secp256r1) ------------------------------------------
@@ -200,9 +195,11 @@ class ServerError(RuntimeError):
     """The test server failed to start or to answer a test-only request."""
 
 
+@dataclass(eq=False)
 class OidcServer:
     """oidc_app.mjs on 127.0.0.1 (a free port unless ``port``), issuer ``http://127.0.0.1:PORT``.
 
+    Every setting is a keyword argument (a dataclass field) and stays readable as an attribute.
     Clients (all ``application_type: native``, redirect ``http://127.0.0.1/callback`` with any port plus
     ``redirect_uris``, grant types authorization_code, refresh_token and device_code):
     the confidential ``client_id``/``client_secret`` (authenticating with ``client_auth``: client_secret_basic
@@ -215,72 +212,50 @@ class OidcServer:
     ``token_nonce`` (DPoP nonces at the token and PAR endpoints), ``api_nonce_ttl`` (> 0: the API's own
     rotating DPoP nonces), ``resource_metadata`` (RFC 9728 document and challenge parameter),
     ``registration`` ("open" or "token", with ``initial_access_token``), ``step_up_acr`` / ``step_up_max_age``
-    (RFC 9470 challenge from the API).
+    (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node keeps an idle connection
+    (None: Node's 5 s, which a client polling every 5-6 s can meet as a reset connection).
     """
 
-    def __init__(
-        self,
-        state_dir: str | os.PathLike[str],
-        *,
-        access_token_ttl: int = 3600,
-        client_id: str = DEFAULT_CLIENT_ID,
-        client_secret: str = DEFAULT_CLIENT_SECRET,
-        client_auth: str = "client_secret_basic",
-        public_client_id: str = DEFAULT_PUBLIC_CLIENT_ID,
-        redirect_uris: tuple[str, ...] | list[str] = (),
-        port: int | None = None,
-        login: str = DEFAULT_LOGIN,
-        password: str = DEFAULT_PASSWORD,
-        require_par: bool = False,
-        dpop_required: bool = False,
-        token_nonce: bool = False,
-        api_nonce_ttl: int = 0,
-        private_key_jwk: dict[str, str] | None = None,
-        client_secret_jwt: bool = False,
-        resource_metadata: bool = False,
-        registration: str = "off",
-        initial_access_token: str | None = None,
-        step_up_acr: str | None = None,
-        step_up_max_age: int | None = None,
-        startup_timeout: float = 15.0,
-        start_attempts: int = 3,
-    ) -> None:
-        if registration not in ("off", "open", "token"):
-            raise ValueError(f"registration must be off, open or token, not {registration!r}")
-        if client_auth not in ("client_secret_basic", "client_secret_post"):
-            raise ValueError(f"client_auth must be client_secret_basic or client_secret_post, not {client_auth!r}")
-        self.state_dir = Path(state_dir)
-        self.access_token_ttl = int(access_token_ttl)
-        self.client_id = client_id
-        self.client_secret = client_secret
-        self.client_auth = client_auth
-        self.public_client_id = public_client_id
-        self.redirect_uris = (LOOPBACK_REDIRECT_URI, *redirect_uris)
-        self.port = port
-        self.login = login
-        self.password = password
-        self.require_par = require_par
-        self.dpop_required = dpop_required
-        self.token_nonce = token_nonce
-        self.api_nonce_ttl = int(api_nonce_ttl)
-        self.private_key_jwk = private_key_jwk
-        self.client_secret_jwt = client_secret_jwt
-        self.resource_metadata = resource_metadata
-        self.registration = registration
-        self.initial_access_token = initial_access_token or (
-            secrets.token_urlsafe(24) if registration == "token" else None)
-        self.step_up_acr = step_up_acr
-        self.step_up_max_age = step_up_max_age
-        self.startup_timeout = startup_timeout
-        self.start_attempts = start_attempts
-        self.boot_seconds: float | None = None
-        self.start_failures = 0  # starts that hung or died and were retried
-        self._proc: subprocess.Popen[bytes] | None = None
+    state_dir: Path
+    _: KW_ONLY
+    access_token_ttl: int = 3600
+    client_id: str = DEFAULT_CLIENT_ID
+    client_secret: str = DEFAULT_CLIENT_SECRET
+    client_auth: str = "client_secret_basic"
+    public_client_id: str = DEFAULT_PUBLIC_CLIENT_ID
+    redirect_uris: tuple[str, ...] = ()  # besides LOOPBACK_REDIRECT_URI
+    port: int | None = None
+    require_par: bool = False
+    dpop_required: bool = False
+    token_nonce: bool = False
+    api_nonce_ttl: int = 0
+    private_key_jwk: dict[str, str] | None = None
+    client_secret_jwt: bool = False
+    resource_metadata: bool = False
+    registration: str = "off"
+    initial_access_token: str | None = None  # "token" registration without one: a random one
+    step_up_acr: str | None = None
+    step_up_max_age: int | None = None
+    keep_alive_timeout: float | None = None
+    startup_timeout: float = 15.0
+    start_attempts: int = 3
+    boot_seconds: float | None = field(default=None, init=False)
+    start_failures: int = field(default=0, init=False)  # starts that hung or died and were retried
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.registration not in ("off", "open", "token"):
+            raise ValueError(f"registration must be off, open or token, not {self.registration!r}")
+        if self.client_auth not in ("client_secret_basic", "client_secret_post"):
+            raise ValueError(f"client_auth must be client_secret_basic or client_secret_post, not {self.client_auth!r}")
+        self.state_dir = Path(self.state_dir)
+        if self.registration == "token" and not self.initial_access_token:
+            self.initial_access_token = secrets.token_urlsafe(24)
 
     # -- configuration -----------------------------------------------------------------------------------
     def clients(self) -> list[dict[str, Any]]:
         """The clients oidc-provider is configured with (its client metadata, RFC 7591 §2 names)."""
-        common = {"application_type": "native", "redirect_uris": list(self.redirect_uris),
+        common = {"application_type": "native", "redirect_uris": [LOOPBACK_REDIRECT_URI, *self.redirect_uris],
                   "grant_types": ["authorization_code", "refresh_token", DEVICE_GRANT], "response_types": ["code"],
                   "dpop_bound_access_tokens": self.dpop_required}
         clients = [
@@ -302,6 +277,7 @@ class OidcServer:
         return {
             "state_dir": str(self.state_dir),
             "port": self.port or 0,
+            "keep_alive_timeout": self.keep_alive_timeout,
             "access_token_ttl": self.access_token_ttl,
             "clients": self.clients(),
             "require_par": self.require_par,

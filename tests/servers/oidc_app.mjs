@@ -5,6 +5,7 @@
 // CONFIG.json is written by tests/servers/oidc.py (read its OidcServer docstring for the switches):
 //   state_dir             folder for access.log (required)
 //   port                  0 (default) for any free loopback port
+//   keep_alive_timeout    seconds an idle keep-alive connection stays open (default Node's, 5)
 //   access_token_ttl      seconds (default 3600)
 //   clients               oidc-provider client metadata, one object per client
 //   require_par           PAR required for every authorization request (RFC 9126 §5)
@@ -427,6 +428,9 @@ function logLine(ctx, started, form) {
 // -- start ----------------------------------------------------------------------------------------------
 let handler = (req, res) => { res.statusCode = 503; res.end(); };
 const server = http.createServer((req, res) => handler(req, res));
+// Node's default (5 s) closes an idle keep-alive connection just as a client polling every 5-6 s reuses it
+// (SERVER-FACTS); keep_alive_timeout lets a test choose, the default stays Node's own.
+if (config.keep_alive_timeout != null) server.keepAliveTimeout = config.keep_alive_timeout * 1000;
 server.listen(config.port ?? 0, '127.0.0.1', () => {
   const issuer = `http://127.0.0.1:${server.address().port}`;
   const provider = new Provider(issuer, providerConfig(issuer));
@@ -461,7 +465,6 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
     }
   });
   handler = provider.callback();
-  // Node closes idle keep-alive connections after 5 s; tests poll slower than that (SERVER-FACTS).
   process.stdout.write(`READY ${issuer}\n`);
 });
 
