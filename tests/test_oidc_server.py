@@ -547,6 +547,16 @@ def test_api_nonces_rotate_and_the_previous_one_still_counts(open_api: OidcServe
     assert stale.status_code == 401 and 'error="use_dpop_nonce"' in stale.headers["WWW-Authenticate"]
 
 
+def test_a_start_that_does_not_answer_in_time_is_stopped_and_retried(tmp_path: Any) -> None:
+    """SERVER-FACTS: a Node 20 start hung once in ~35; the wrapper must not wait forever or leave it running."""
+    if not node_stack_available()[0]:
+        pytest.skip(node_stack_available()[1])
+    server = OidcServer(tmp_path, startup_timeout=0.001, start_attempts=2)
+    with pytest.raises(ServerError, match="not ready after 2 starts"):
+        server.start()
+    assert server.start_failures == 2 and not server.running
+
+
 def test_pem_key_is_sec1_p256() -> None:
     """The PEM a client test gives fetch_memos as its private_key_jwt key (checked by decoding its DER)."""
     import base64

@@ -442,7 +442,7 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
     ctx.state.apiUrl = `${issuer}/api/memos/`;
     if (raw !== undefined) ctx.req.body = raw; // the provider reads the body from here once we consumed it
     try {
-      if (ctx.path === '/api/memos/' && ['GET', 'POST'].includes(ctx.method)) await memos(ctx, provider);
+      if (ctx.path === '/api/memos/' && ctx.method === 'GET') await memos(ctx, provider);
       else if (ctx.path === '/.well-known/oauth-protected-resource/api/memos/' && config.resource_metadata) {
         ctx.type = 'application/json';
         ctx.body = {
