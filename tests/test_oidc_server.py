@@ -171,6 +171,16 @@ def test_pkce_is_required(plain: OidcServer) -> None:
     assert params["error"] == "invalid_request" and "PKCE" in params["error_description"]
 
 
+def test_a_secret_client_may_use_basic_or_post_and_a_wrong_secret_is_401(plain: OidcServer) -> None:
+    made_up = {"grant_type": "refresh_token", "refresh_token": "made-up"}
+    assert token_post(plain, made_up, auth=(plain.client_id, plain.client_secret)).status_code == 400
+    posted = {**made_up, "client_id": plain.client_id, "client_secret": plain.client_secret}
+    assert token_post(plain, posted).status_code == 400  # registered as client_secret_basic, post accepted too
+    wrong = token_post(plain, made_up, auth=(plain.client_id, "wrong"))
+    assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
+    assert wrong.headers["WWW-Authenticate"].startswith("Basic ")
+
+
 def test_api_challenges_without_a_valid_token(plain: OidcServer) -> None:
     for headers in ({}, {"Authorization": "Bearer made-up"}):
         answer = requests.get(plain.memos_url, headers=headers, timeout=10)
@@ -314,6 +324,10 @@ def test_a_proof_at_the_token_endpoint_binds_the_access_token(plain: OidcServer)
     assert token["token_type"] == "DPoP"
     bound = [t for t in plain.tokens() if t["kind"] == "AccessToken" and t["dpop_bound"]]
     assert bound[-1]["jkt"] == key.thumbprint()
+    seen = requests.post(plain.introspect_endpoint, data={"token": token["access_token"]},
+                         auth=(plain.client_id, plain.client_secret), timeout=10).json()
+    assert seen["cnf"] == {"jkt": key.thumbprint()} and seen["token_type"] == "DPoP"
+    assert seen["aud"] == plain.memos_url
     assert api(plain, token["access_token"], key=key).json() == {"message": "ふじ"}
     # A confidential client's refresh token is not bound (RFC 9449 §5): refreshing without a proof gets Bearer.
     plain_refresh = refresh(plain, token["refresh_token"]).json()
@@ -404,6 +418,22 @@ def test_strict_nonce_dance_at_par_and_token_endpoint(strict: OidcServer) -> Non
                        headers={"DPoP": dpop_proof(key, "POST", strict.token_endpoint, nonce=nonce)})
     assert token.status_code == 200 and token.json()["token_type"] == "DPoP"
     assert "DPoP-Nonce" not in token.headers  # a nonce still good is not sent again
+
+
+def test_strict_request_uri_is_single_use_and_its_error_has_no_state(strict: OidcServer) -> None:
+    _, challenge = pkce_pair()
+    body = {"response_type": "code", "client_id": strict.client_id, "redirect_uri": LOOPBACK_REDIRECT_URI,
+            "scope": "read", "code_challenge": challenge, "code_challenge_method": "S256", "state": "s5"}
+    pushed = requests.post(strict.par_endpoint, data=body, auth=(strict.client_id, strict.client_secret), timeout=10)
+    request_uri = pushed.json()["request_uri"]
+    url = f"{strict.authorize_endpoint}?{urlencode({'client_id': strict.client_id, 'request_uri': request_uri})}"
+    assert "code" in query(Person().authorize(url))
+    again = query(Person().authorize(url))  # what an expired request_uri gets too (its life: 60 s)
+    assert again["error"] == "invalid_request_uri" and again["iss"] == strict.issuer
+    assert "state" not in again  # the state was in the pushed request the server no longer has
+    del body["client_id"]  # in the Basic header only: refused, RFC 9126 §2.1 wants it in the body too
+    refused = requests.post(strict.par_endpoint, data=body, auth=(strict.client_id, strict.client_secret), timeout=10)
+    assert refused.status_code == 400 and "client_id" in refused.json()["error_description"]
 
 
 def test_strict_dpop_is_required_for_the_client(strict: OidcServer) -> None:
