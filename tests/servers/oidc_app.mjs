@@ -38,7 +38,6 @@ import Provider, { errors, interactionPolicy } from 'oidc-provider';
 const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const ACCESS_LOG = path.join(config.state_dir, 'access.log');
 const ACCESS_TOKEN_TTL = config.access_token_ttl ?? 3600;
-const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 const MEMO = JSON.stringify({ message: 'ふじ' });
 const DPOP_ALGS = ['ES256', 'Ed25519', 'EdDSA']; // what the provider accepts at its endpoints (its default)
 const PROOF_WINDOW = 60; // seconds either side of now that the API accepts a proof's iat without a nonce
