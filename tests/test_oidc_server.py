@@ -221,6 +221,14 @@ def test_revoking_either_token_revokes_the_grant(plain: OidcServer, which: str) 
     assert refresh(plain, token["refresh_token"]).status_code == 400
 
 
+def test_reset_forgets_every_token(plain: OidcServer) -> None:
+    token = plain.grant_token(Person())
+    assert plain.live_tokens() >= 2
+    assert plain.reset() >= 2
+    assert plain.live_tokens() == 0 and api(plain, token["access_token"]).status_code == 401
+    assert plain.grant_token(Person())["access_token"]  # the configured clients stay
+
+
 def test_public_client_code_grant(plain: OidcServer) -> None:
     token = plain.grant_token(Person(), client_id=plain.public_client_id)
     assert api(plain, token["access_token"]).status_code == 200
@@ -257,7 +265,7 @@ def test_access_log_records_and_holds_no_secret(plain: OidcServer) -> None:
     kinds = [r["kind"] for r in records]
     assert kinds[0] == "authorization" and kinds[-2:] == ["token", "api"]
     exchange = records[-2]
-    assert exchange["grant_type"] == "authorization_code" and exchange["client_auth"] == "client_secret_basic"
+    assert exchange["grant_type"] == "authorization_code" and exchange["client_auth"] == "basic"
     assert exchange["has"] == ["code", "code_verifier"] and exchange["auth"] == "basic"
     assert exchange["response"]["keys"] == ["access_token", "expires_in", "refresh_token", "scope", "token_type"]
     authorize = records[0]

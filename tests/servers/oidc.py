@@ -522,8 +522,8 @@ class OidcServer:
         Each record: t, t_start, method, path, kind (authorization, par, token, revocation, introspection,
         device_authorization, device, interaction, registration, metadata, resource_metadata, api, ...),
         status, remote_port, grant_type, auth (the Authorization scheme, lower case), client_auth
-        (client_secret_basic / client_secret_post / private_key_jwt / client_secret_jwt / none, at the endpoints
-        that authenticate clients), body_keys, query_keys, params (non-secret values), has (secret parameter
+        (basic / post / none, as the other servers' logs say, or private_key_jwt / client_secret_jwt, at the
+        endpoints that authenticate clients), body_keys, query_keys, params (non-secret values), has (secret parameter
         names), dpop (a proof was sent), dpop_nonce / dpop_ath (the proof carried them), dpop_nonce_sent (the
         answer carried DPoP-Nonce), www_authenticate, error, response (non-secret parts of the answer).
         """
@@ -549,6 +549,12 @@ class OidcServer:
         """Summaries of stored tokens and codes (kind, client_id, scope, exp, dpop_bound, jkt, acr; no values)."""
         return self._admin("GET", "tokens")["tokens"]
 
+    def live_tokens(self) -> int:
+        """How many access and refresh tokens the server would still honour (none after a logout)."""
+        now = time.time()
+        return sum(1 for t in self.tokens() if t["kind"] in ("AccessToken", "RefreshToken")
+                   and not t["consumed"] and t["exp"] > now)
+
     def issued_secrets(self) -> list[str]:
         """Every secret the server holds now (client secrets, tokens, codes, user codes, registration tokens),
         so a test can check none was printed. reset() forgets the tokens: take them before it."""
@@ -566,8 +572,11 @@ class OidcServer:
 
 
 # -- the person at the browser ---------------------------------------------------------------------------------
-class AuthorizationError(RuntimeError):
-    """The authorization did not end at the client's redirect URI (an error page, an unexpected page)."""
+class AuthorizationError(AssertionError):
+    """The authorization did not end at the client's redirect URI (an error page, an unexpected page).
+
+    An AssertionError, as the DOT helper raises: the person could not do what the test expected.
+    """
 
 
 @dataclass

@@ -343,7 +343,7 @@ function named(params) {
 }
 
 function clientAuth(authorization, params) {
-  if (/^basic\s/i.test(authorization)) return 'client_secret_basic';
+  if (/^basic\s/i.test(authorization)) return 'basic'; // the other servers' logs say basic / post / none
   if (params.client_assertion) {
     try {
       return decodeProtectedHeader(params.client_assertion).alg?.startsWith('HS') ? 'client_secret_jwt' : 'private_key_jwt';
@@ -351,7 +351,7 @@ function clientAuth(authorization, params) {
       return 'malformed_assertion';
     }
   }
-  return params.client_secret !== undefined ? 'client_secret_post' : 'none';
+  return params.client_secret !== undefined ? 'post' : 'none';
 }
 
 function proofFacts(proof) {
