@@ -343,6 +343,20 @@ def test_a_proof_at_the_token_endpoint_binds_the_access_token(plain: OidcServer)
     assert api(plain, plain_refresh["access_token"]).status_code == 200
 
 
+def test_token_endpoint_proof_errors(plain: OidcServer) -> None:
+    """400 JSON, no WWW-Authenticate; an old iat is answered with a nonce to use (the server has a nonce secret)."""
+    made_up = {"grant_type": "refresh_token", "refresh_token": "made-up"}
+    auth = (plain.client_id, plain.client_secret)
+    key = EcKey.generate()
+    for proof, error in ((dpop_proof(key, "POST", plain.token_endpoint + "x"), "invalid_dpop_proof"),
+                         ("not-a-jwt", "invalid_dpop_proof"),
+                         (dpop_proof(key, "POST", plain.token_endpoint, iat=1), "use_dpop_nonce")):
+        answer = token_post(plain, made_up, auth=auth, headers={"DPoP": proof})
+        assert (answer.status_code, answer.json()["error"]) == (400, error)
+        assert "WWW-Authenticate" not in answer.headers
+        assert ("DPoP-Nonce" in answer.headers) == (error == "use_dpop_nonce")
+
+
 def test_public_clients_refresh_token_is_bound_to_the_key(plain: OidcServer) -> None:
     key = EcKey.generate()
     token = plain.grant_token(Person(), client_id=plain.public_client_id, dpop_key=key)
@@ -516,6 +530,24 @@ def test_open_registration_gives_a_working_public_client(open_api: OidcServer) -
                                  acr_values=MFA_ACR, redirect_uri="http://127.0.0.1:40001/callback")
     assert api(open_api, token["access_token"]).status_code == 200
     assert client["client_id"] in [r["params"].get("client_id") for r in open_api.access_log() if r["kind"] == "token"]
+
+
+def test_registration_answers(open_api: OidcServer) -> None:
+    def register(**changes: Any) -> requests.Response:
+        return requests.post(open_api.registration_endpoint, json={**REGISTRATION, **changes}, timeout=10)
+
+    missing = requests.post(open_api.registration_endpoint, json={k: v for k, v in REGISTRATION.items()
+                                                                  if k != "redirect_uris"}, timeout=10)
+    assert (missing.status_code, missing.json()["error"]) == (400, "invalid_redirect_uri")
+    form = requests.post(open_api.registration_endpoint, data={"client_name": "fetch_memos"}, timeout=10)
+    assert (form.status_code, form.json()["error"]) == (400, "invalid_request")  # JSON bodies only
+    confidential = register(token_endpoint_auth_method="client_secret_basic").json()
+    assert confidential["client_secret"] and confidential["client_secret_expires_at"] == 0  # never expires
+    # A native client may register the out-of-band URN (a custom scheme), though no page ever shows a code.
+    assert register(redirect_uris=["urn:ietf:wg:oauth:2.0:oob"]).status_code == 201
+    read = requests.get(confidential["registration_client_uri"], timeout=10,
+                        headers={"Authorization": f"Bearer {confidential['registration_access_token']}"})
+    assert read.status_code == 200 and read.json()["client_id"] == confidential["client_id"]
 
 
 def test_step_up_to_an_acr(open_api: OidcServer) -> None:
