@@ -64,6 +64,9 @@ def node_stack_available() -> tuple[bool, str]:
     if not package.is_file():
         return False, f"oidc-provider is not installed: run `npm ci` in {HERE}"
     version = json.loads(package.read_text(encoding="utf-8"))["version"]
+    pinned = json.loads((HERE / "package.json").read_text(encoding="utf-8"))["dependencies"]["oidc-provider"]
+    if version != pinned:
+        return False, f"oidc-provider {version} is installed, package.json pins {pinned}: run `npm ci` in {HERE}"
     try:
         out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
