@@ -71,7 +71,12 @@ def node_stack_available() -> tuple[bool, str]:
         out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"node does not run: {exc}"
-    return True, f"oidc-provider {version} on node {out.stdout.strip()}"
+    node_version = out.stdout.strip()
+    major, minor = (int(n) for n in node_version.lstrip("v").split(".")[:2])
+    if (major, minor) < (20, 18):
+        # oidc-provider 9 calls URL.parse (Node 20.18, 22.1) and crypto.hash (20.12): Debian 12's nodejs 18 fails.
+        return False, f"node {node_version} is too old for oidc-provider {version}: it needs Node 20.18 or later"
+    return True, f"oidc-provider {version} on node {node_version}"
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
