@@ -211,6 +211,7 @@ TIERS = {
     "doorkeeper": "needs the Doorkeeper test server (Ruby stack)",
     "dot": "needs the django-oauth-toolkit test server (its own venv)",
     "browser": "needs Chromium through Playwright",
+    "oidc": "needs the oidc-provider test server (Node.js 20.18+, `npm ci` in tests/servers: tests/setup.sh)",
 }
 
 

@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 required=(ruby-rails ruby-doorkeeper ruby-sqlite3 ruby-webrick ruby-bcrypt tinyproxy)  # tinyproxy: the proxy tests
+# The oidc-provider test server runs on Node.js; the machine's own (20.18 or later) is used where there is one.
+command -v node >/dev/null && command -v npm >/dev/null || required+=(nodejs npm)
 python3 -c 'import ensurepip' 2>/dev/null || required+=(python3-venv)
 optional=()  # the browser tests need it; they are skipped without it (and fail under CI=true)
 [[ "${FETCH_MEMOS_NO_BROWSER:-0}" == 1 ]] || optional+=(chromium)
@@ -80,4 +82,17 @@ if [[ ! -f "$stamp" ]] || ! cmp -s tests/servers/requirements-dot.txt "$stamp"; 
   echo "setup: installing Python packages into .venv-dot" >&2
   venv_install .venv-dot -r tests/servers/requirements-dot.txt
   cp tests/servers/requirements-dot.txt "$stamp"
+fi
+
+# The oidc-provider test server's npm packages (tests/servers/package-lock.json), once per lock file.
+node_ok=$(node -e 'const [a, b] = process.versions.node.split(".").map(Number); console.log(a > 20 || (a == 20 && b >= 18) ? 1 : 0)' 2>/dev/null || echo 0)
+if [[ "$node_ok" != 1 ]]; then
+  echo "setup: Node.js 20.18 or later is needed by the oidc-provider test server (found: $(node --version 2>/dev/null || echo none)); its tests will be skipped" >&2
+else
+  stamp=tests/servers/node_modules/.package-lock-stamp
+  if [[ ! -f "$stamp" ]] || ! cmp -s tests/servers/package-lock.json "$stamp"; then
+    echo "setup: installing the oidc-provider test server's npm packages" >&2
+    (cd tests/servers && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && cp tests/servers/package-lock.json "$stamp" \
+      || echo "setup: npm ci failed in tests/servers; the oidc-provider tests will be skipped" >&2
+  fi
 fi
