@@ -69,17 +69,25 @@ def test_a_wrong_secret_is_one_line_before_the_browser(client: Client) -> None:
     assert_clean(result, ["wrong-secret-5678", client.server.client_secret])
 
 
-@pytest.mark.parametrize("kind", ["missing", "read-only"])
+# A read-only folder stops only a person who is not root (root writes anywhere; CI runs as root): there, a file
+# where the folder should be stands in for it, as it stops everyone.
+UNWRITABLE = ["missing", "a-file-in-the-way"] + ([] if os.geteuid() == 0 else ["read-only"])
+
+
+@pytest.mark.parametrize("kind", UNWRITABLE)
 def test_an_unwritable_token_folder_is_one_line_before_any_request(client: Client, tmp_path: Path, kind) -> None:
     folder = tmp_path / "tokens"
     if kind == "read-only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into any folder")
         folder.mkdir()
         folder.chmod(0o500)
+    elif kind == "a-file-in-the-way":
+        folder.write_text("not a folder")
     mark = client.server.log_mark()
     result = client.run(env=client.env(OAUTH_TOKEN_FILE=str(folder / "token.pickle")))
-    assert_fails(result, 2, f"cannot write the token file {folder / 'token.pickle'}", "OAUTH_TOKEN_FILE", only=True)
+    path = folder / "token.pickle"
+    said = (f"cannot read the token file {path}: Not a directory" if kind == "a-file-in-the-way"
+            else f"cannot write the token file {path}")
+    assert_fails(result, 2, said, "OAUTH_TOKEN_FILE", only=True)
     assert result.authorize_urls == []
     assert client.server.access_log(since=mark) == []
 

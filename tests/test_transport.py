@@ -84,20 +84,36 @@ class Rig:
         self.token_file.write_bytes(pickle.dumps(token, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+# A small Python forks the script and reports the script's peak RSS: a child forked straight from the pytest worker
+# starts with the worker's whole resident size as its peak (Linux copies the high-water mark at fork and keeps it
+# across exec), which read 278 MB under xdist whatever the script did.
+MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+os.write(int(sys.argv[1]), str(usage.ru_maxrss).encode())
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
 def run_measured(rig: Rig, *args: str, **env: str) -> tuple[Result, int]:
-    """Run the script without a terminal and return its result and its own peak RSS in KiB (wait4: this child's
-    rusage alone, not that of every child reaped so far)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run the script without a terminal and return its result and its own peak RSS in KiB."""
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, os.fdopen(read_end, "rb") as peak:
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--env-file", str(rig.env_file), *args],
-                                env=rig.env(**env), stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(write_end), str(SCRIPT), "--env-file",
+                                 str(rig.env_file), *args],
+                                env=rig.env(**env), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                pass_fds=(write_end,))
+        os.close(write_end)
+        proc.wait()
         out.seek(0)
         err.seek(0)
         result = Result(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
                         [], time.monotonic() - started)
-    return result, usage.ru_maxrss
+        return result, int(peak.read() or 0)
 
 
 # --- the happy path over the hostile server: the rig itself works -------------------------------------------

@@ -237,7 +237,9 @@ class RealBrowser:
             )
         finally:
             try:
-                page.close()
+                # Not waiting for the page to close: once in a full CI run, waiting hung for the whole test timeout
+                # (180 s) under load; no page here has a beforeunload handler, and context.close() ends them all.
+                page.close(run_before_unload=True)
             finally:
                 if fresh_session:
                     context.close()
