@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import docs
 import pytest
 
 import fetch_memos
+
+import docs
 
 
 def test_readme_and_env_example_are_as_generated() -> None:

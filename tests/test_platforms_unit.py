@@ -1,6 +1,7 @@
 """What differs on macOS and Windows, run here on Linux with the platform simulated: sys.platform patched, a fake
-msvcrt module in sys.modules, fcntl made unimportable. The suite runs on real Linux only; README "Where it runs"
-says which of these paths a real machine has exercised. Also: a .env readable by other users is warned about."""
+msvcrt module in sys.modules, fcntl made unimportable. The suite runs on real Linux only; docs/DEVELOPING.md
+"Where it runs" says which of these paths a real machine has exercised. Also: a .env readable by other users is
+warned about."""
 
 from __future__ import annotations
 
