@@ -271,16 +271,18 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "Authorization header)"),
     Setting("OAUTH_ISSUER", "issuer", "--issuer", "", "the authorization server's issuer identifier. When set, every "
             "endpoint not set below comes from its RFC 8414 metadata (cached beside the token for 24 h), and "
-            "authorization responses must name it in iss (RFC 9207). Default: OAUTH_SERVER_URL without a trailing "
+            "an authorization response's iss must be it (RFC 9207). Default: OAUTH_SERVER_URL without a trailing "
             "slash, and no metadata is fetched", _issuer,
             shown_default="`OAUTH_SERVER_URL` without a trailing slash",
             doc="the server's issuer identifier. Set, it turns on discovery (RFC 8414: every endpoint not set "
             "explicitly comes from the server's metadata, cached for 24 h in `<token file>.metadata.json`); "
-            "always, an authorization response's `iss` must equal it (RFC 9207)"),
+            "always, an authorization response that carries `iss` must carry this one, and one without `iss` is "
+            "refused when the metadata promised it (RFC 9207 §2.4)"),
     Setting("OAUTH_SERVER_URL", "server_url", "--server-url", DEFAULT_SERVER_URL, "the authorization server (default "
             "{default}, or the origin of OAUTH_ISSUER when that is set)", _server_url,
             shown_default=f"`{DEFAULT_SERVER_URL}`, or the origin of `OAUTH_ISSUER`",
-            doc="the Rails app"),
+            doc="the authorization server's base URL (a Rails app with Doorkeeper, a Django app with "
+            "django-oauth-toolkit, ...): the default endpoints below are paths under it"),
     Setting("OAUTH_AUTHORIZE_URL", "authorize_url", "--authorize-url", "<server>/oauth/authorize",
             "authorization endpoint (default {default})", _requested_url,
             title="Authorize:", metadata="authorization_endpoint"),
