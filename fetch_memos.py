@@ -61,17 +61,16 @@ log = logging.getLogger("fetch_memos")
 # The public surface: what tests/ and bench/ use. Everything else may change without notice.
 __all__ = [
     "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_ANSWER_BYTES", "MAX_API_BYTES", "MAX_GRANTS",
-    "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS", "OAUTH_ERRORS_WITHOUT_SECRET",
-    "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS", "AuthorizationError", "BadTokenFile", "Clock", "ConfigError",
-    "DeadGrant", "DevicePoller", "FetchMemosError", "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache",
-    "OAuthError", "PollError", "ServerError", "Settings", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore",
-    "TransientServerError", "WaitingLine", "answered", "apply_metadata", "authorize", "build_parser", "call_api",
-    "command_status", "fail", "get_memos", "grant_key", "is_expiring", "is_loopback_host", "load_settings", "main",
-    "metadata_urls", "oauth_error", "oauth_failure", "parse_pasted", "parse_token_bytes", "print_json",
-    "read_pasted_code", "readable_user_code", "redact", "remember_secret", "request_device_authorization",
-    "resolve_endpoints", "same_origin", "sane_expires_in", "should_open_browser", "terminal_text", "tls_failure",
-    "token_meta",
-    "token_mismatch",
+    "MAX_JSON_DEPTH", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS",
+    "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS", "AuthorizationError",
+    "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError", "GrantKey",
+    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
+    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "answered",
+    "apply_metadata", "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos", "grant_key",
+    "is_expiring", "is_loopback_host", "load_settings", "main", "metadata_urls", "nested_deeper_than", "oauth_error",
+    "oauth_failure", "parse_pasted", "parse_token_bytes", "print_json", "read_pasted_code", "readable_user_code",
+    "redact", "remember_secret", "request_device_authorization", "resolve_endpoints", "same_origin",
+    "sane_expires_in", "should_open_browser", "terminal_text", "tls_failure", "token_meta", "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
@@ -1782,6 +1781,9 @@ RETRY_BACKOFF = 0.5  # seconds, doubling
 MAX_ANSWER_BYTES = 64 * 1024  # a token, device or revocation answer: a few KiB even with JWTs in it
 MAX_API_BYTES = 4 * 1024 * 1024  # the API's JSON (README: Limits); parsed and printed, still far below 100 MB
 MAX_REDIRECTS = 5  # same-origin redirects a GET follows (the API, the metadata)
+# JSON nested deeper is refused, on every Python alike: 3.10-3.12 fail near a thousand levels with RecursionError,
+# 3.13 parses and prints far deeper; no OAuth or memo answer comes close.
+MAX_JSON_DEPTH = 500
 READ_CHUNK = 64 * 1024
 EXPIRES_IN_MAX = 365 * 24 * 3600  # a longer lifetime is taken as one year (see sane_expires_in)
 
@@ -1871,16 +1873,30 @@ def read_bounded(response: requests.Response, *, deadline: float, limit: int, en
     body = b"".join(chunks)
     response._content = body
     response._content_consumed = True
-    # json.loads recurses once per level and raises RecursionError past about a thousand: say so here, once, for
-    # every parser after (oauthlib's included). Counting brackets first spares ordinary answers a second parse.
-    if body.count(b"[") + body.count(b"{") > 500:
+    # Said here, once, for every parser after (oauthlib's included). Counting brackets first spares ordinary
+    # answers a second parse.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
         try:
-            json.loads(body)
-        except RecursionError:
-            raise fail("answer_too_deep", endpoint=endpoint, url=url) from None
+            too_deep = nested_deeper_than(json.loads(body), MAX_JSON_DEPTH)
+        except RecursionError:  # 3.10-3.12 stop near a thousand levels
+            too_deep = True
         except ValueError:
-            pass  # not JSON: the caller says what it expected
+            too_deep = False  # not JSON: the caller says what it expected
+        if too_deep:
+            raise fail("answer_too_deep", endpoint=endpoint, url=url)
     return response
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether parsed JSON nests arrays and objects more than limit deep; walked with a list, not recursion."""
+    pending = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _size(limit: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,18 @@ def test_not_tls_and_no_tls_at_all() -> None:
     error = fetch_memos.tls_failure(wrong, "https://127.0.0.1:3801/oauth/token")
     assert error.what == "tls_not_tls" and "port 3801" in str(error)
     assert fetch_memos.tls_failure(ConnectionRefusedError(), "https://127.0.0.1:3801/") is None
+
+
+@pytest.mark.parametrize(("value", "limit", "deeper"), [
+    ([], 0, True), ([], 1, False), ([[]], 1, True), ([[]], 2, False), ({"a": [{}]}, 2, True), ({"a": [{}]}, 3, False),
+    ([1, "x", None], 1, False), ("x", 0, False), ([{"a": 1}, [[[]]]], 3, True),
+])
+def test_nested_deeper_than_counts_arrays_and_objects_not_scalars(value: object, limit: int, deeper: bool) -> None:
+    assert fetch_memos.nested_deeper_than(value, limit) is deeper
+
+
+def test_json_nesting_is_refused_at_one_depth_on_every_python() -> None:
+    """MAX_JSON_DEPTH, not the Python's recursion limit, draws the line (3.13 parses 2,000 levels; 3.11 does not)."""
+    at_limit = json.loads("[" * fetch_memos.MAX_JSON_DEPTH + "]" * fetch_memos.MAX_JSON_DEPTH)
+    assert not fetch_memos.nested_deeper_than(at_limit, fetch_memos.MAX_JSON_DEPTH)
+    assert fetch_memos.nested_deeper_than([at_limit], fetch_memos.MAX_JSON_DEPTH)
