@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 import fetch_memos  # noqa: E402
 
-from profiles import Profile, Target, profile_params  # noqa: E402
+from profiles import PROFILES, Profile, Target, profile_params  # noqa: E402
 from runner import Result, run_script, script_env  # noqa: E402
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer, require_ruby_stack  # noqa: E402
 
@@ -238,6 +238,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if not tiers or (tiers == {"doorkeeper"} and (getattr(profile, "name", None) == MATRIX_PROFILE
                                                        or item.path.name in MATRIX_FILES)):
             item.add_marker(pytest.mark.matrix)
+
+
+@pytest.hookimpl(optionalhook=True)  # only with pytest-xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` (tests/run), except that a module's tests against one profile are a unit of their own: the
+    conformance suite is one module of hundreds of tests, and whole it would keep one worker busy while the other
+    idles. A profile's tests still run on one worker, in order, so its module-scoped server boots once."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    names = sorted((profile.name for profile in PROFILES), key=len, reverse=True)  # "dot-strict" before "dot"
+
+    class ByModuleAndProfile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            params = nodeid.partition("[")[2].rstrip("]")
+            profile = next((name for name in names if params == name or params.startswith(name + "-")), None)
+            return f"{module}[{profile}]" if profile else module
+
+    return ByModuleAndProfile(config, log)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
