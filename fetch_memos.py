@@ -1369,14 +1369,16 @@ def read_client_key(path: Path) -> bytes:
         fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise fail("client_key_unreadable", path=path, problem=getattr(exc, "strerror", None) or exc) from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         st = os.fstat(fd)
-        refused = not_ours(st)
+        refused = not_ours(st)  # a folder or a FIFO, checked before reading it
         if refused is not None:
             raise fail("client_key_untrusted", path=path, why=refused)
         if sys.platform != "win32" and st.st_mode & 0o077:
             raise fail("client_key_exposed", path=path, mode=f"{st.st_mode & 0o777:o}")
-        data = handle.read(MAX_KEY_BYTES + 1)
+        data = os.read(fd, MAX_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_KEY_BYTES or b"-----BEGIN " not in data or b"PRIVATE KEY-----" not in data:
         raise fail("client_key_unusable", path=path, problem="it is not a PEM private key (-----BEGIN ... PRIVATE "
                                                             "KEY-----)")
