@@ -699,10 +699,11 @@ MESSAGES: dict[str, Message] = {
     # -- the token endpoint, the device authorization endpoint and the revocation endpoint ------------------
     "client_rejected": Message(2, "the server at {url} rejected the client credentials ({error}); check CLIENT_ID "
                                   "and CLIENT_SECRET in .env."),
-    "assertion_rejected": Message(2, "the server at {url} rejected the client's signed assertion ({error}{detail}); "
-                                     "check CLIENT_ID and OAUTH_CLIENT_KEY (CLIENT_SECRET for client_secret_jwt), that "
-                                     "the server registered the client for this method (and holds its public key), "
-                                     "and OAUTH_ISSUER (the assertion's audience)."),
+    "assertion_rejected": Message(2, "the server at {url} rejected the client's signed assertion "
+                                     "({error}{description}); check CLIENT_ID and OAUTH_CLIENT_KEY (CLIENT_SECRET "
+                                     "for client_secret_jwt), that the server registered the client for this "
+                                     "method (and holds its public key), and OAUTH_ISSUER (the assertion's "
+                                     "audience)."),
     "client_secret_missing": Message(
         2, "the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register the "
@@ -3451,7 +3452,7 @@ def check_server(session: MemoSession, settings: Settings) -> None:
         raise not_found(settings, "token_url", "token endpoint", url)
     refused = oauth_error(response.content)
     if settings.has_credentials and refused is not None and refused.error == "invalid_client":
-        raise oauth_failure("token", refused, url)
+        raise oauth_failure("token", refused, url, signs=settings.signs_assertions)
     log.debug("the token endpoint answered a made-up code with %s %s", response.status_code,
               refused.error if refused else "")
 

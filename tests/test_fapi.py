@@ -185,6 +185,19 @@ def test_a_key_others_can_read_is_refused_before_any_request(offered: OidcServer
     never_printed(result, offered, *pem_lines(EC_KEY.pem()))
 
 
+def test_a_key_the_server_does_not_hold_stops_before_the_browser(offered: OidcServer, tmp_path: Path) -> None:
+    stranger = EcKey.generate()
+    key = key_file(tmp_path, stranger.pem())
+    env = env_for(offered, tmp_path, CLIENT_ID=PRIVATE_KEY_JWT_CLIENT_ID, CLIENT_SECRET="", OAUTH_CLIENT_KEY=str(key))
+    mark = offered.log_mark()
+    result = run(env, person=browser(Person()))
+    assert_fails(result, 2, "rejected the client's signed assertion (invalid_client", "OAUTH_CLIENT_KEY", only=True)
+    assert result.authorize_urls == []
+    assert [(r["kind"], r["status"], r["client_auth"]) for r in log_of(offered, mark, *AUTHENTICATED)] == [
+        ("token", 401, "private_key_jwt")]
+    never_printed(result, offered, *pem_lines(stranger.pem()))
+
+
 # -- pushed authorization requests ---------------------------------------------------------------------------------
 def test_par_is_automatic_when_the_metadata_offers_it(offered: OidcServer, tmp_path: Path) -> None:
     """The browser's URL carries exactly client_id and request_uri; every parameter went in the pushed body
