@@ -369,3 +369,22 @@ def test_a_pasted_lost_request_uri_says_run_again() -> None:
                                  issuer_required=True)
     assert (failed.value.what, failed.value.exit_code) == ("request_uri_expired", 3)
     assert "expired" in str(failed.value) and "run again" in str(failed.value)
+
+
+def test_the_device_requests_carry_an_assertion_each(mock: Any, environ: dict[str, str], tmp_path: Path) -> None:
+    """RFC 8628 sections 3.1 and 3.4 authenticate the client as the token endpoint does: a new assertion each."""
+    device_url = SERVER + "/oauth/device"
+    mock.add("POST", device_url, json={"device_code": "device-code-UNIT-1234", "user_code": "ABCD-EFGH",
+                                       "verification_uri": SERVER + "/device", "expires_in": 600})
+    mock.add("POST", TOKEN_URL, status=400, json={"error": "authorization_pending"})
+    key = write_key(tmp_path, pem_of(EC_KEY))
+    settings = settings_of(environ, OAUTH_CLIENT_KEY=str(key), CLIENT_SECRET="",
+                           OAUTH_DEVICE_AUTHORIZATION_URL=device_url)
+    session = session_of(settings)
+    grant = fetch_memos.request_device_authorization(session, settings)
+    assert fetch_memos.poll_device_token(session, settings, grant.device_code).error == "authorization_pending"
+    forms = [parse_qs(call.request.body) for call in mock.calls]
+    assert all("Authorization" not in call.request.headers for call in mock.calls)
+    assert [form["client_assertion_type"] for form in forms] == [[CLIENT_ASSERTION_TYPE]] * 2
+    assert all("client_secret" not in form for form in forms)
+    assert len({form["client_assertion"][0] for form in forms}) == 2
