@@ -198,6 +198,23 @@ def test_a_key_the_server_does_not_hold_stops_before_the_browser(offered: OidcSe
     never_printed(result, offered, *pem_lines(stranger.pem()))
 
 
+def test_private_key_jwt_without_cryptography_says_what_to_install(offered: OidcServer, tmp_path: Path) -> None:
+    """The package absent (an import of it fails, as where it was never installed): one line, exit 2, before any
+    request that would carry an assertion."""
+    shadow = tmp_path / "shadow" / "cryptography"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named cryptography')\n")
+    key = key_file(tmp_path, EC_KEY.pem())
+    env = env_for(offered, tmp_path, CLIENT_ID=PRIVATE_KEY_JWT_CLIENT_ID, CLIENT_SECRET="", OAUTH_CLIENT_KEY=str(key),
+                  PYTHONPATH=str(shadow.parent))
+    mark = offered.log_mark()
+    result = run(env, person=browser(Person()))
+    assert_fails(result, 2, "needs the Python package cryptography", "pip install cryptography",
+                 "uv run --with cryptography", only=True)
+    assert log_of(offered, mark, *AUTHENTICATED) == []
+    never_printed(result, offered, *pem_lines(EC_KEY.pem()))
+
+
 # -- pushed authorization requests ---------------------------------------------------------------------------------
 def test_par_is_automatic_when_the_metadata_offers_it(offered: OidcServer, tmp_path: Path) -> None:
     """The browser's URL carries exactly client_id and request_uri; every parameter went in the pushed body
