@@ -137,7 +137,8 @@ class _Load:
         return self.fields[row.field]
 
 
-CLIENT_AUTH_METHODS = ("basic", "post", "none")
+CLIENT_AUTH_METHODS = ("basic", "post", "none", "private_key_jwt", "client_secret_jwt")
+PAR_MODES = ("auto", "off")
 
 
 def _text(name: str, value: str, load: _Load) -> str:
@@ -163,15 +164,40 @@ def _client_id(name: str, value: str, load: _Load) -> str:
 
 
 def _client_auth(name: str, value: str, load: _Load) -> str:
-    """The one place the default lives: basic with a secret, none (a public client) without."""
+    """The one place the default lives: private_key_jwt with a key, else basic with a secret, none without."""
     secret = load.get("CLIENT_SECRET")
-    method = (value or ("basic" if secret else "none")).lower()
+    key = load.get("OAUTH_CLIENT_KEY")
+    method = (value or ("private_key_jwt" if key else "basic" if secret else "none")).lower()
     if method not in CLIENT_AUTH_METHODS:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(CLIENT_AUTH_METHODS)}.")
-    if method != "none" and not secret:
+    if method == "private_key_jwt":
+        if not key:
+            raise ConfigError(f"{name}=private_key_jwt needs OAUTH_CLIENT_KEY (--client-key), the PEM file of the "
+                              "client's private key, which is not set.")
+    elif method != "none" and not secret:
         raise ConfigError(f"{name}={method} needs CLIENT_SECRET, which is not set. Set it in .env "
                           "beside fetch_memos.py, or use OAUTH_CLIENT_AUTH=none for a public client.")
     return method
+
+
+def _client_key(name: str, value: str, load: _Load) -> str:
+    """"" when unset; else the key file's absolute path, once read_client_key accepts it (so a key that others
+    can read stops the run before any request, as OpenSSH refuses it)."""
+    if not value:
+        return ""
+    try:
+        path = Path(value).expanduser().absolute()
+    except RuntimeError as exc:  # ~user that does not exist
+        raise ConfigError(f"{name}={value!r}: {exc}.") from None
+    read_client_key(path)
+    return str(path)
+
+
+def _par(name: str, value: str, load: _Load) -> str:
+    mode = value.strip().lower()
+    if mode not in PAR_MODES:
+        raise ConfigError(f"{load.named(name, value)} is not one of {', '.join(PAR_MODES)}.")
+    return mode
 
 
 def _issuer(name: str, value: str, load: _Load) -> str:
@@ -261,13 +287,25 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "can read a command line", _text, shown_default="unset: a public client",
             doc="the client secret of a confidential application; no flag, because other users can read a command "
             "line"),
-    Setting("OAUTH_CLIENT_AUTH", "client_auth", "--client-auth", "", "how the client authenticates at the token and "
-            "revocation endpoints: basic (HTTP Basic, client_secret_basic), post (client_secret_post: id and secret "
-            "in the form) or none (public client: client_id in the form); default basic with a secret, none without",
-            _client_auth, shown_default="`basic` with a secret, `none` without",
-            doc="client authentication at the token and revocation endpoints: `basic` (HTTP Basic, "
-            "`client_secret_basic`), `post` (`client_secret_post`), `none` (`client_id` in the form, no "
-            "Authorization header)"),
+    Setting("OAUTH_CLIENT_AUTH", "client_auth", "--client-auth", "", "how the client authenticates at the token, "
+            "revocation, device authorization and PAR endpoints: basic (HTTP Basic, client_secret_basic), post "
+            "(client_secret_post: id and secret in the form), none (public client: client_id in the form), "
+            "private_key_jwt (a JWT signed with OAUTH_CLIENT_KEY, RFC 7523) or client_secret_jwt (a JWT signed "
+            "with CLIENT_SECRET); default private_key_jwt with OAUTH_CLIENT_KEY, else basic with a secret, none "
+            "without", _client_auth,
+            shown_default="`private_key_jwt` with `OAUTH_CLIENT_KEY`, else `basic` with a secret, `none` without",
+            doc="client authentication at the token, revocation, device authorization and PAR endpoints: `basic` "
+            "(HTTP Basic, `client_secret_basic`), `post` (`client_secret_post`), `none` (`client_id` in the form, "
+            "no Authorization header), `private_key_jwt` or `client_secret_jwt` (a signed JWT, RFC 7523; see "
+            "[JWT client authentication](#jwt-client-authentication))"),
+    Setting("OAUTH_CLIENT_KEY", "client_key", "--client-key", "", "a PEM file of the client's private key (EC P-256 "
+            "signs ES256, RSA signs RS256) for private_key_jwt; it must be private (chmod 600), as OpenSSH requires "
+            "of a key (default: none)", _client_key, shown_default="unset",
+            doc="the client's private key (PEM; EC P-256 or RSA) for `private_key_jwt`; refused unless only you "
+            "can read it"),
+    Setting("OAUTH_CLIENT_KEY_ID", "client_key_id", "--client-key-id", "", "the key's kid, sent in the assertion's "
+            "header, for a server that holds several keys of the client (default: none sent)", _text,
+            shown_default="unset", doc="the `kid` the assertion's header names (optional)"),
     Setting("OAUTH_ISSUER", "issuer", "--issuer", "", "the authorization server's issuer identifier. When set, every "
             "endpoint not set below comes from its RFC 8414 metadata (cached beside the token for 24 h), and "
             "an authorization response's iss must be it (RFC 9207). Default: OAUTH_SERVER_URL without a trailing "
@@ -296,6 +334,15 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "<site>/o/device-authorization/)", _requested_url,
             title="Device auth:", metadata="device_authorization_endpoint",
             doc="device authorization endpoint (RFC 8628)"),
+    Setting("OAUTH_PAR_URL", "par_url", "--par-url", "", "pushed authorization request endpoint, RFC 9126 (default: "
+            "from the metadata, else none)", _requested_url,
+            title="PAR:", metadata="pushed_authorization_request_endpoint",
+            doc="pushed authorization request endpoint (RFC 9126), see [Pushed authorization requests]"
+            "(#pushed-authorization-requests-par)"),
+    Setting("OAUTH_PAR", "par", "--par", "auto", "auto: push the authorization request (RFC 9126) whenever a PAR "
+            "endpoint is known, so the browser's URL carries only client_id and request_uri; off: never (default "
+            "{default})", _par,
+            doc="`auto`: push the authorization request whenever a PAR endpoint is known; `off`: never"),
     Setting("MEMOS_API_URL", "api_url", "--api-url", "<server>/api/memos/",
             "the protected JSON API (default {default})", _requested_url),
     Setting("OAUTH_SCOPE", "scope", "--scope", "read", "space-separated scopes to ask for (default {default}; with "
@@ -342,6 +389,7 @@ class Settings(NamedTuple("SettingsFields", [
         ("open_browser", bool), ("debug", bool),  # flags, not settings: no variable
         ("issuer_explicit", bool),  # OAUTH_ISSUER was set: endpoints come from its metadata (RFC 8414)
         ("issuer_required", bool),  # the metadata promised iss in every authorization response (RFC 9207)
+        ("par_required", bool),  # the metadata says require_pushed_authorization_requests (RFC 9126 section 5)
         ("endpoint_sources", Mapping[str, str]),  # {"token_url": "explicit" | "metadata" | "default", ...}
         ("metadata_fetched_at", "float | None")])):
     """Everything a run needs to know, validated; nothing after this re-checks it. A field per row of SETTINGS.
@@ -354,6 +402,16 @@ class Settings(NamedTuple("SettingsFields", [
     @property
     def is_oob(self) -> bool:
         return self.redirect_uri == OOB_REDIRECT_URI
+
+    @property
+    def has_credentials(self) -> bool:
+        """The client authenticates with something (a secret or a key): a public client is told otherwise."""
+        return bool(self.client_secret) or self.client_auth != "none"
+
+    @property
+    def signs_assertions(self) -> bool:
+        """The client authenticates with a signed JWT (RFC 7523): private_key_jwt or client_secret_jwt."""
+        return self.client_auth.endswith("_jwt")
 
     @property
     def uses_plain_http(self) -> bool:
@@ -529,6 +587,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         debug=args.debug,
         issuer_explicit=issuer_explicit,
         issuer_required=False,
+        par_required=False,
         endpoint_sources={row.field: "explicit" if load.given(row.variable) else "default" for row in ENDPOINTS},
         metadata_fetched_at=None,
     )
@@ -641,6 +700,11 @@ MESSAGES: dict[str, Message] = {
     # -- the token endpoint, the device authorization endpoint and the revocation endpoint ------------------
     "client_rejected": Message(2, "the server at {url} rejected the client credentials ({error}); check CLIENT_ID "
                                   "and CLIENT_SECRET in .env."),
+    "assertion_rejected": Message(2, "the server at {url} rejected the client's signed assertion "
+                                     "({error}{description}); check CLIENT_ID and OAUTH_CLIENT_KEY (CLIENT_SECRET "
+                                     "for client_secret_jwt), that the server registered the client for this "
+                                     "method (and holds its public key), and OAUTH_ISSUER (the assertion's "
+                                     "audience)."),
     "client_secret_missing": Message(
         2, "the server at {url} rejected the client ({error}): it expects a client secret, and CLIENT_SECRET is "
            "missing. Set CLIENT_SECRET in .env beside fetch_memos.py (a confidential application), or register the "
@@ -700,6 +764,16 @@ MESSAGES: dict[str, Message] = {
                               "there; free it or choose another port with --loopback=PORT (and register that redirect "
                               "URI)."),
     "cannot_listen": Message(2, "cannot listen on {host}:{port}: {problem}."),
+    # -- pushed authorization requests (RFC 9126) -----------------------------------------------------------
+    "par_required": Message(2, "the server requires pushed authorization requests (its metadata says "
+                               "require_pushed_authorization_requests, RFC 9126 section 5), and OAUTH_PAR=off; set "
+                               "OAUTH_PAR=auto (the default)."),
+    "par_refused": Message(3, "the server refused the pushed authorization request at {url}: {error}{detail}."),
+    "par_answer_unusable": Message(1, "the pushed authorization request endpoint {url} answered {answered} without a "
+                                      "usable request_uri; check OAUTH_PAR_URL (or set OAUTH_PAR=off)."),
+    "request_uri_expired": Message(3, "the pushed authorization request expired at the server (or was already used) "
+                                      "before the browser opened it ({error}); run again and open the new URL right "
+                                      "away."),
     "login_timeout": Message(3, "no authorization arrived within {timeout:.0f} s; run again (or raise "
                                 "OAUTH_LOGIN_TIMEOUT)."),
     # -- the device grant (RFC 8628) ------------------------------------------------------------------------
@@ -744,6 +818,15 @@ MESSAGES: dict[str, Message] = {
     "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}."),
     "endpoint_not_found": Message(2, "the {endpoint} {url} answered 404 Not Found: there is no such endpoint; check "
                                      "{setting}."),
+    # -- the client's key (private_key_jwt, RFC 7523) ------------------------------------------------------------
+    "client_key_unreadable": Message(2, "cannot read the client key OAUTH_CLIENT_KEY={path} ({problem})."),
+    "client_key_untrusted": Message(2, "the client key OAUTH_CLIENT_KEY={path} was refused: {why}."),
+    "client_key_exposed": Message(2, "the client key {path} can be read by other users (mode {mode}); a private key "
+                                     "must be private, as OpenSSH also insists: chmod 600 {path}"),
+    "client_key_unusable": Message(2, "the client key OAUTH_CLIENT_KEY={path} cannot sign client assertions: "
+                                      "{problem}."),
+    "crypto_missing": Message(2, "private_key_jwt needs the Python package cryptography, which is not installed: "
+                                 "`pip install cryptography` (with uv: `uv run --with cryptography fetch_memos.py`)."),
     "packages_missing": Message(2, "the Python package {package} is not installed: run `uv run fetch_memos.py` "
                                    "(uv installs what the script needs), or `pip install -r requirements.txt` first."),
     "logout_failed": Message(1, "{problem} Not logged out: the grant may still be valid at the server, so the token "
@@ -882,13 +965,15 @@ def oauth_error(body: object) -> OAuthError | None:
                       _printable(field("error_uri") or ""))
 
 
-def oauth_failure(endpoint: str, error: OAuthError, url: str, *, has_secret: bool = True,
+def oauth_failure(endpoint: str, error: OAuthError, url: str, *, has_secret: bool = True, signs: bool = False,
                   **fields: object) -> FetchMemosError:
     """What an OAuth error from `endpoint` means for the person: the OAUTH_ERRORS row for its code, or the
-    endpoint's row for any other code."""
+    endpoint's row for any other code. `signs`: the client authenticates with an assertion (RFC 7523)."""
     what = OAUTH_ERRORS.get((endpoint, error.error)) or OAUTH_ERRORS[(endpoint, "*")]
     if not has_secret:
         what = OAUTH_ERRORS_WITHOUT_SECRET.get((endpoint, error.error), what)
+    elif signs and what == "client_rejected":
+        what = "assertion_rejected"
     return fail(what, url=url, error=error.error, detail=error.detail,
                 description=f": {error.description.rstrip('.')}" if error.description else "",
                 endpoint=ENDPOINT_TITLES.get(endpoint, endpoint), **fields)
@@ -897,7 +982,7 @@ def oauth_failure(endpoint: str, error: OAuthError, url: str, *, has_secret: boo
 # What an OAuth error code means at each endpoint, keyed by (endpoint, error code); "*" is any other code.
 # Error codes: RFC 6749 section 4.1.2.1 (authorization) and 5.2 (token), RFC 8628 section 3.5 (device poll),
 # RFC 7009 section 2.2.1 (revocation). Endpoints: "authorization" (a pasted response), "redirect" (the loopback's),
-# "token" (code exchange), "refresh", "device_authorization", "device_poll", "revocation".
+# "token" (code exchange), "refresh", "device_authorization", "device_poll", "revocation", "par" (RFC 9126).
 OAUTH_ERRORS: dict[tuple[str, str], str] = {
     ("authorization", "access_denied"): "denied_at_server",
     ("authorization", "*"): "authorization_refused",
@@ -928,6 +1013,13 @@ OAUTH_ERRORS: dict[tuple[str, str], str] = {
     ("device_poll", "*"): "token_request_failed",
     ("revocation", "invalid_client"): "client_rejected",
     ("revocation", "*"): "revocation_failed",
+    ("par", "invalid_client"): "client_rejected",
+    ("par", "unauthorized_client"): "client_rejected",
+    ("par", "invalid_scope"): "scope_refused",
+    ("par", "*"): "par_refused",
+    # RFC 9126 section 4 (RFC 9101 section 7): a request_uri the server no longer holds, expired or used
+    ("authorization", "invalid_request_uri"): "request_uri_expired",
+    ("redirect", "invalid_request_uri"): "request_uri_expired",
 }
 
 # Where a client without CLIENT_SECRET is told "a secret is expected" rather than "check the credentials".
@@ -937,11 +1029,12 @@ OAUTH_ERRORS_WITHOUT_SECRET: dict[tuple[str, str], str] = {
     ("refresh", "invalid_client"): "client_secret_missing",
     ("revocation", "invalid_client"): "client_secret_missing",
     ("revocation", "401"): "client_secret_missing",
+    ("par", "invalid_client"): "client_secret_missing",
 }
 
 ENDPOINT_TITLES = {"token": "token endpoint", "refresh": "token endpoint",
                    "device_authorization": "device authorization endpoint", "device_poll": "token endpoint",
-                   "revocation": "revocation endpoint"}
+                   "revocation": "revocation endpoint", "par": "pushed authorization request endpoint"}
 
 
 # Secrets seen during the run; every log record and error message passes through redact().
@@ -1264,6 +1357,36 @@ def open_trusted(path: Path) -> int:
         os.close(fd)
         raise refused
     return fd
+
+
+MAX_KEY_BYTES = 64 * 1024  # a PEM private key is a few KiB even for RSA 8192
+
+
+def read_client_key(path: Path) -> bytes:
+    """The PEM text of OAUTH_CLIENT_KEY, refused as OpenSSH refuses a private key (sshkey_perm_ok): a regular file
+    of ours that nobody else can read or change (mode & 077 == 0). A symlink is followed, as OpenSSH follows one to
+    a key; the checks are made on the open descriptor, so what is checked is what is read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise fail("client_key_unreadable", path=path, problem=getattr(exc, "strerror", None) or exc) from None
+    try:
+        st = os.fstat(fd)
+        refused = not_ours(st)  # a folder or a FIFO, checked before reading it
+        if refused is not None:
+            raise fail("client_key_untrusted", path=path, why=refused)
+        if sys.platform != "win32" and st.st_mode & 0o077:
+            raise fail("client_key_exposed", path=path, mode=f"{st.st_mode & 0o777:o}")
+        data = os.read(fd, MAX_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_BYTES or b"-----BEGIN " not in data or b"PRIVATE KEY-----" not in data:
+        raise fail("client_key_unusable", path=path, problem="it is not a PEM private key (-----BEGIN ... PRIVATE "
+                                                            "KEY-----)")
+    text = data.decode("ascii", "replace")
+    remember_secret(text, *(line.strip() for line in text.splitlines() if "-----" not in line))
+    return data
 
 
 def _same_token(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -1731,7 +1854,9 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
                      if isinstance(document.get(row.metadata), str) and document[row.metadata]}
         return {"issuer": settings.issuer, "fetched_at": time.time(), "url": url, "endpoints": endpoints,
                 "authorization_response_iss_parameter_supported":
-                    document.get("authorization_response_iss_parameter_supported") is True}
+                    document.get("authorization_response_iss_parameter_supported") is True,
+                "require_pushed_authorization_requests":
+                    document.get("require_pushed_authorization_requests") is True}
     where = ", ".join(tried)
     if server_failed:
         raise ServerError(f"the server failed to answer with its metadata (tried {where}); try again later.")
@@ -1751,7 +1876,8 @@ def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
         changes[row.field] = _check_url(f"the metadata's {row.metadata}", url, settings.allow_insecure_http)
         sources[row.field] = "metadata"
     return settings._replace(**changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
-                   issuer_required=bool(record.get("authorization_response_iss_parameter_supported")))
+                   issuer_required=bool(record.get("authorization_response_iss_parameter_supported")),
+                   par_required=record.get("require_pushed_authorization_requests") is True)
 
 
 def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
@@ -1819,7 +1945,8 @@ def same_origin(a: str, b: str) -> bool:
 def endpoint_title(settings: Settings, url: str) -> str:
     """How messages name the endpoint a URL is, for the transport's errors."""
     for field, title in (("token_url", "token endpoint"), ("revoke_url", "revocation endpoint"),
-                         ("device_authorization_url", "device authorization endpoint"), ("api_url", "API")):
+                         ("device_authorization_url", "device authorization endpoint"),
+                         ("par_url", "pushed authorization request endpoint"), ("api_url", "API")):
         if getattr(settings, field, None) == url:
             return title
     return "server"
@@ -2022,7 +2149,7 @@ def _check_token_response(response: requests.Response, settings: Settings) -> re
     """
     content_type = response.headers.get("Content-Type", "")
     is_json = "json" in content_type.lower()
-    if response.status_code == 401 and not settings.client_secret and not is_json:
+    if response.status_code == 401 and not settings.has_credentials and not is_json:
         raise fail("client_secret_missing", url=response.url, error="401 Unauthorized")
     if response.status_code >= 500:
         raise fail("endpoint_down", endpoint="token endpoint", url=response.url, answered=answered(response))
@@ -2095,6 +2222,83 @@ def request_extras(settings: Settings) -> dict[str, str]:
     return {"resource": settings.resource} if settings.resource else {}
 
 
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
+# Seconds a client assertion stays valid: enough for a slow request and some clock skew, short enough that one
+# seen in transit is soon useless (RFC 7523 section 3, item 4: exp; the server remembers each jti until then).
+ASSERTION_LIFETIME = 180
+
+
+def _b64url(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def load_signing_key(path: str) -> tuple[str, Callable[[bytes], bytes]]:
+    """(alg, sign) for OAUTH_CLIENT_KEY: ES256 for an EC P-256 key, RS256 for an RSA key (RFC 7518 section 3).
+
+    The only use of the optional `cryptography` package: the standard library has no asymmetric signatures, and
+    only a run that signs with a key imports it.
+    """
+    try:
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+    except ImportError:
+        raise fail("crypto_missing") from None
+    data = read_client_key(Path(path))
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # cryptography's way of saying the key is encrypted and no password was given
+        raise fail("client_key_unusable", path=path, problem="it is encrypted; write an unencrypted copy (openssl "
+                                                            "pkey -in KEY -out NEWKEY) and keep it chmod 600") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise fail("client_key_unusable", path=path, problem="cryptography cannot read it as a PEM private "
+                                                            "key") from None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise fail("client_key_unusable", path=path, problem=f"it is an EC key on {key.curve.name}; ES256 "
+                                                                f"needs P-256 (secp256r1)")
+
+        def sign_es256(signing_input: bytes) -> bytes:
+            r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")  # RFC 7518 section 3.4: r || s, not DER
+
+        return "ES256", sign_es256
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:  # RFC 7518 section 3.3
+            raise fail("client_key_unusable", path=path, problem=f"its RSA key has {key.key_size} bits; RS256 "
+                                                                "needs at least 2048")
+        return "RS256", lambda signing_input: key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    raise fail("client_key_unusable", path=path, problem="it is neither an EC P-256 key (ES256) nor an RSA key "
+                                                        "(RS256)")
+
+
+def client_assertion(client_id: str, audience: str, alg: str, sign: Callable[[bytes], bytes], *, kid: str = "",
+                     now: float | None = None) -> str:
+    """A client assertion (RFC 7523 sections 2.2 and 3; OpenID Connect Core section 9): a compact JWS whose iss
+    and sub are the client id, with a fresh jti, so that no two requests ever carry the same one."""
+    issued = int(time.time() if now is None else now)
+    header = {"alg": alg, "typ": "JWT", **({"kid": kid} if kid else {})}
+    claims = {"iss": client_id, "sub": client_id, "aud": audience, "jti": secrets.token_urlsafe(24), "iat": issued,
+              "exp": issued + ASSERTION_LIFETIME}
+    signing_input = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode("utf-8"))
+                             for part in (header, claims))
+    assertion = f"{signing_input}.{_b64url(sign(signing_input.encode('ascii')))}"
+    remember_secret(assertion)
+    return assertion
+
+
+def hs256_signer(secret: str) -> Callable[[bytes], bytes]:
+    """client_secret_jwt's HMAC-SHA256 with the client secret (RFC 7518 section 3.2): the standard library does."""
+    import hashlib
+    import hmac
+
+    key = secret.encode("utf-8")
+    return lambda signing_input: hmac.new(key, signing_input, hashlib.sha256).digest()
+
+
 @functools.cache
 def _client_auth_class() -> type:
     """ClientAuth, built on first use so that --help and --status never import requests (as _oauth2_session_class).
@@ -2112,10 +2316,18 @@ def _client_auth_class() -> type:
         def __init__(self, settings: Settings, *, extras: Mapping[str, str] | None = None) -> None:
             # one encoder per CLIENT_AUTH_METHODS entry: adding a method is one method here and one name there
             self.encode: Callable[[requests.PreparedRequest], dict[str, str]] = {
-                "basic": self.basic, "post": self.post, "none": self.none}[settings.client_auth]
+                "basic": self.basic, "post": self.post, "none": self.none, "private_key_jwt": self.private_key_jwt,
+                "client_secret_jwt": self.client_secret_jwt}[settings.client_auth]
             self.client_id = settings.client_id
             self.client_secret = settings.client_secret
             self.extras = dict(extras or {})
+            self.key_path = settings.client_key
+            self.key_id = settings.client_key_id
+            self.signer: tuple[str, Callable[[bytes], bytes]] | None = None  # loaded on the first assertion
+            # The assertion's aud is the issuer identifier, as FAPI 2.0 and the RFC 7523 update ask (one value that
+            # every endpoint of the server accepts). Without OAUTH_ISSUER no issuer is known (the server URL is
+            # only a guess at one): RFC 7523 section 3 lets the token endpoint's URL serve as the audience.
+            self.audience = settings.issuer if settings.issuer_explicit else settings.token_url
 
         def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
             fields = {**self.encode(request), **self.extras}
@@ -2138,6 +2350,19 @@ def _client_auth_class() -> type:
 
         def none(self, _request: requests.PreparedRequest) -> dict[str, str]:
             return {"client_id": self.client_id}  # a public client identifies itself (section 3.2.1)
+
+        def private_key_jwt(self, _request: requests.PreparedRequest) -> dict[str, str]:
+            if self.signer is None:
+                self.signer = load_signing_key(self.key_path)
+            return self.assertion(*self.signer)
+
+        def client_secret_jwt(self, _request: requests.PreparedRequest) -> dict[str, str]:
+            return self.assertion("HS256", hs256_signer(self.client_secret))
+
+        def assertion(self, alg: str, sign: Callable[[bytes], bytes]) -> dict[str, str]:
+            """RFC 7523 section 2.2: a new assertion for every request (a retry too), never with a secret or Basic."""
+            return {"client_id": self.client_id, "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                    "client_assertion": client_assertion(self.client_id, self.audience, alg, sign, kid=self.key_id)}
 
     return ClientAuth
 
@@ -2180,6 +2405,7 @@ class MemoSession:
         self.client_auth = _client_auth_class()(settings)  # revocation: no request extras
         self.token_auth = _client_auth_class()(settings, extras=request_extras(settings))
         self.asked_scope: tuple[str, ...] = settings.scope
+        self.pushed = False  # the last authorization request went by PAR (RFC 9126)
         # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
         # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
         # so a refresh and the API call share one TCP connection.
@@ -2222,6 +2448,8 @@ class MemoSession:
     # -- getting tokens ------------------------------------------------------------------------
 
     def authorization_url(self, authorize_url: str) -> tuple[str, str]:
+        """The URL the person opens, and its state: every parameter in it, or pushed first (RFC 9126) when a PAR
+        endpoint is known and OAUTH_PAR=auto, and then only client_id and request_uri in it."""
         state = secrets.token_urlsafe(24)
         extra = request_extras(self.settings)
         if "offline_access" in self.settings.scope:
@@ -2230,7 +2458,24 @@ class MemoSession:
         with _oauthlib_transport(self.settings):
             url, state = self.oauth.authorization_url(authorize_url, state=state, **extra)
         remember_secret(self.oauth._code_verifier)
+        self.pushed = bool(self.settings.par_url) and self.settings.par == "auto"
+        if self.pushed:
+            url = self.push_authorization_request(url)
         return url, state
+
+    def push_authorization_request(self, url: str) -> str:
+        """RFC 9126: POST the authorization request to the PAR endpoint, with client authentication as configured;
+        the browser's URL then carries only client_id and request_uri (section 4).
+
+        The pushed body is read back from the URL just built, so it carries every parameter a plain URL would,
+        client_id included (section 2.1 wants it even with HTTP Basic), and one added later cannot be left out.
+        """
+        parts = urlsplit(url)
+        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        response = self.post_form(self.settings.par_url, params, extras=False)  # the extras are in the URL already
+        request_uri = pushed_request_uri(self, response)
+        return parts._replace(query=urlencode({"client_id": params.get("client_id", self.settings.client_id),
+                                               "request_uri": request_uri})).geturl()
 
     @property
     def redirect_uri(self) -> str:
@@ -2350,7 +2595,8 @@ class MemoSession:
         return response
 
     def post_form(self, url: str, data: Mapping[str, str], *, extras: bool = True) -> requests.Response:
-        """A POST with the client authenticated and no bearer token (device flow; revocation with extras=False)."""
+        """A POST with the client authenticated and no bearer token (device flow; revocation and PAR with
+        extras=False)."""
         import requests
 
         try:
@@ -2492,7 +2738,8 @@ def token_request_error(exc: Exception, endpoint: str, settings: Settings) -> Ex
         return request_failed(exc, url, settings.timeout)
     if isinstance(exc, oauth_errors.OAuth2Error):
         error = oauth_error({"error": exc.error, "error_description": exc.description}) or OAuthError("invalid_request")
-        return oauth_failure(endpoint, error, url, has_secret=bool(settings.client_secret))
+        return oauth_failure(endpoint, error, url, has_secret=settings.has_credentials,
+                         signs=settings.signs_assertions)
     if isinstance(exc, ValueError):  # oauthlib's complaints about malformed token fields
         return fail("token_malformed", url=url, problem=exc)
     return exc
@@ -2513,6 +2760,40 @@ def _same_text(a: str, b: str) -> bool:
 NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not support {OOB_REDIRECT_URI} "
                 "(copy and paste): register http://127.0.0.1/callback as a redirect URI of the application and run "
                 "with --loopback (or set OAUTH_REDIRECT_URI=http://127.0.0.1:PORT/callback).")
+
+
+def pushed_request_uri(session: MemoSession, response: requests.Response) -> str:
+    """The request_uri of a PAR endpoint's answer (RFC 9126 section 2.2: 201 and JSON); else what went wrong."""
+    settings = session.settings
+    url = settings.par_url
+    status = response.status_code
+    if status == 404:
+        session.endpoint_failed("par_url")
+        raise not_found(settings, "par_url", "pushed authorization request endpoint", url)
+    if status >= 500:
+        session.endpoint_failed("par_url")
+        raise fail("endpoint_down", endpoint="pushed authorization request endpoint", url=url,
+                   answered=answered(response))
+    answer = _json_object(response)
+    if status not in (200, 201) or answer is None or "error" in answer:
+        refused = oauth_error(answer)  # section 2.3: RFC 6749 section 5.2's error answer
+        if refused is None:
+            raise fail("par_answer_unusable", url=url, answered=answered(response))
+        raise oauth_failure("par", refused, url, has_secret=settings.has_credentials,
+                         signs=settings.signs_assertions)
+    request_uri = answer.get("request_uri")
+    if not isinstance(request_uri, str) or not request_uri.isprintable() or not 0 < len(request_uri) <= 2000:
+        raise fail("par_answer_unusable", url=url, answered=answered(response))
+    log.debug("pushed the authorization request to %s (valid for %s s)", url, _printable(answer.get("expires_in")))
+    return request_uri
+
+
+def pushed_request_lost(params: Mapping[str, list[str]]) -> bool:
+    """An authorization response that cannot carry our state: the server no longer holds the pushed request
+    (expired or used), and the state was in it. RFC 9126 section 4 has it answer invalid_request_uri (RFC 9101
+    section 7); such a response is an error and never a code, so letting it through without state stops the run
+    with the right words and grants nothing to whoever sent it."""
+    return "code" not in params and params.get("error") == ["invalid_request_uri"]
 
 
 def check_response_issuer(params: Mapping[str, list[str]], issuer: str | None, issuer_required: bool) -> None:
@@ -2692,6 +2973,7 @@ class LoopbackListener:
         self.expected_state = ""
         self.expected_issuer: str | None = None  # None checks no iss (check_response_issuer)
         self.issuer_required = False
+        self.pushed = False  # the authorization request went by PAR: see pushed_request_lost
         self.result: str | FetchMemosError | None = None
         self.pasted = False
         self.replied = threading.Event()
@@ -2724,7 +3006,8 @@ class LoopbackListener:
         """The first authorization response that belongs to this run: it sets the result, once."""
         params = parse_qs(query)
         state = (params.get("state") or [""])[0]
-        if not state or not _same_text(state, self.expected_state):
+        lost = not state and self.pushed and pushed_request_lost(params)  # its state was lost with it
+        if not lost and (not state or not _same_text(state, self.expected_state)):
             log.debug("refused a redirect whose state is missing or wrong")
             return 400, _page("Not accepted", "This request does not belong to the authorization in progress "
                                               "(its state is missing or wrong), so it was ignored.")
@@ -2876,7 +3159,8 @@ def _device_endpoint_error(response: requests.Response, answer: dict[str, Any] |
     refused = oauth_error(answer)
     if refused is None:
         return fail("device_endpoint_missing" if status == 404 else "device_endpoint_not_json", url=url, status=status)
-    return oauth_failure("device_authorization", refused, url, has_secret=bool(settings.client_secret))
+    return oauth_failure("device_authorization", refused, url, has_secret=settings.has_credentials,
+                         signs=settings.signs_assertions)
 
 
 def _verification_url(value: object) -> str:
@@ -3185,8 +3469,8 @@ def check_server(session: MemoSession, settings: Settings) -> None:
     if response.status_code == 404:
         raise not_found(settings, "token_url", "token endpoint", url)
     refused = oauth_error(response.content)
-    if settings.client_secret and refused is not None and refused.error == "invalid_client":
-        raise oauth_failure("token", refused, url)
+    if settings.has_credentials and refused is not None and refused.error == "invalid_client":
+        raise oauth_failure("token", refused, url, signs=settings.signs_assertions)
     log.debug("the token endpoint answered a made-up code with %s %s", response.status_code,
               refused.error if refused else "")
 
@@ -3228,6 +3512,7 @@ def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, st
         check_server(session, settings)
         url, state = session.authorization_url(settings.authorize_url)
         listener.expected_state = state
+        listener.pushed = session.pushed
         listener.expected_issuer = settings.issuer
         listener.issuer_required = settings.issuer_required
         show_authorization_url(url, opened=open_in_browser(url, settings, environ))
@@ -3242,6 +3527,8 @@ def read_code(session: MemoSession, settings: Settings, environ: Mapping[str, st
 def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
     """Get a token from a person: the device grant when chosen, else the code grant (pasted or loopback)."""
     check_token_folder(settings)
+    if settings.par_required and settings.par == "off" and not settings.device_flow:
+        raise fail("par_required")
     if settings.device_flow:  # the device authorization request checks the server and the client itself
         token = authorize_with_device(session, settings, environ)
     elif settings.is_oob:
@@ -3471,7 +3758,8 @@ def revoke_tokens(session: MemoSession, settings: Settings) -> str | None:
             return error  # section 2.2.1: the grant is gone; this token only lives until it expires
         if refused is None:  # "401" is how OAUTH_ERRORS names a bare 401: the client was not authenticated
             refused = OAuthError("401" if response.status_code == 401 else "")
-        failure = oauth_failure("revocation", refused, settings.revoke_url, has_secret=bool(settings.client_secret),
+        failure = oauth_failure("revocation", refused, settings.revoke_url, has_secret=settings.has_credentials,
+                         signs=settings.signs_assertions,
                                 answered=answered(response), code=f" ({error})" if error else "")
         if isinstance(failure, ConfigError):
             raise fail("client_kept", problem=failure)

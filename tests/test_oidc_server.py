@@ -458,6 +458,17 @@ def test_strict_request_uri_is_single_use_and_its_error_has_no_state(strict: Oid
     assert refused.status_code == 400 and "client_id" in refused.json()["error_description"]
 
 
+def test_strict_expire_pushed_requests_makes_a_request_uri_invalid(strict: OidcServer) -> None:
+    body = {"response_type": "code", "client_id": strict.client_id, "redirect_uri": LOOPBACK_REDIRECT_URI,
+            "scope": "read", "code_challenge": pkce_pair()[1], "code_challenge_method": "S256", "state": "s6"}
+    pushed = requests.post(strict.par_endpoint, data=body, auth=(strict.client_id, strict.client_secret), timeout=10)
+    request_uri = pushed.json()["request_uri"]
+    url = f"{strict.authorize_endpoint}?{urlencode({'client_id': strict.client_id, 'request_uri': request_uri})}"
+    assert strict.expire_pushed_requests() >= 1
+    expired = query(Person().authorize(url))
+    assert expired["error"] == "invalid_request_uri" and "state" not in expired
+
+
 def test_strict_dpop_is_required_for_the_client(strict: OidcServer) -> None:
     with pytest.raises(ServerError, match="code exchange failed: 400"):
         strict.grant_token(Person())

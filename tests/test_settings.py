@@ -32,12 +32,14 @@ VARIABLES = [
     "MEMOS_API_URL", "OAUTH_SCOPE", "OAUTH_REDIRECT_URI", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT",
     "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_CLIENT_AUTH", "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL",
     "OAUTH_RESOURCE", "OAUTH_DEVICE_FLOW", "OAUTH_CA_BUNDLE",
+    "OAUTH_CLIENT_KEY", "OAUTH_CLIENT_KEY_ID", "OAUTH_PAR", "OAUTH_PAR_URL",  # issue 16
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
     "--revoke-url", "--api-url", "--scope", "--redirect-uri", "--token-file", "--timeout", "--login-timeout",
     "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version", "--client-auth", "--issuer",
     "--device-authorization-url", "--resource", "--device",
+    "--client-key", "--client-key-id", "--par", "--par-url",  # issue 16
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 
@@ -547,11 +549,12 @@ def test_every_setting_fills_a_field_of_its_own() -> None:
     assert set(fields) <= set(fetch_memos.Settings._fields)
     assert sorted(fetch_memos.SETTINGS) == sorted(VARIABLES)
     assert [row.variable for row in fetch_memos.ENDPOINTS] == [
-        "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL"]
+        "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL",
+        "OAUTH_PAR_URL"]
 
 
 REQUESTED = ["OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL", "OAUTH_REVOKE_URL", "OAUTH_DEVICE_AUTHORIZATION_URL",
-             "MEMOS_API_URL"]
+             "MEMOS_API_URL", "OAUTH_PAR_URL"]
 
 
 @pytest.mark.parametrize("variable", REQUESTED)

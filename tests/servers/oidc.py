@@ -213,7 +213,8 @@ class OidcServer:
     the confidential ``client_id``/``client_secret`` (authenticating with ``client_auth``: client_secret_basic
     or client_secret_post), the public ``public_client_id`` (none), and when asked the private_key_jwt client
     ``PRIVATE_KEY_JWT_CLIENT_ID`` (``private_key_jwk``: its public JWK) and the client_secret_jwt client
-    ``CLIENT_SECRET_JWT_CLIENT_ID`` (``client_secret_jwt=True``; secret ``CLIENT_SECRET_JWT_SECRET``).
+    ``CLIENT_SECRET_JWT_CLIENT_ID`` (``client_secret_jwt=True``; secret ``CLIENT_SECRET_JWT_SECRET``);
+    ``more_client_jwks``: further public keys of the private_key_jwt client (an RSA key beside the EC one).
 
     Switches, all off by default (oidc_app.mjs's header says how each is made):
     ``require_par`` (RFC 9126 §5), ``dpop_required`` (every client's ``dpop_bound_access_tokens``),
@@ -238,6 +239,7 @@ class OidcServer:
     token_nonce: bool = False
     api_nonce_ttl: int = 0
     private_key_jwk: dict[str, str] | None = None
+    more_client_jwks: tuple[dict[str, str], ...] = ()  # more public keys of that client (an RSA one, say)
     client_secret_jwt: bool = False
     resource_metadata: bool = False
     registration: str = "off"
@@ -272,7 +274,8 @@ class OidcServer:
             {**common, "client_id": self.public_client_id, "token_endpoint_auth_method": "none"},
         ]
         if self.private_key_jwk is not None:
-            clients.append({**common, "client_id": PRIVATE_KEY_JWT_CLIENT_ID, "jwks": {"keys": [self.private_key_jwk]},
+            clients.append({**common, "client_id": PRIVATE_KEY_JWT_CLIENT_ID,
+                            "jwks": {"keys": [self.private_key_jwk, *self.more_client_jwks]},
                             "token_endpoint_auth_method": "private_key_jwt"})
         if self.client_secret_jwt:
             clients.append({**common, "client_id": CLIENT_SECRET_JWT_CLIENT_ID,
@@ -548,6 +551,10 @@ class OidcServer:
     def age_tokens(self, seconds: int) -> int:
         """Pretend ``seconds`` passed for every access token; return how many were aged."""
         return int(self._admin("POST", "age_tokens", seconds=int(seconds))["aged"])
+
+    def expire_pushed_requests(self) -> int:
+        """Let every pushed authorization request (RFC 9126) expire now, as its 60 s would; return how many."""
+        return int(self._admin("POST", "expire_requests")["expired"])
 
     def reset(self) -> int:
         """Forget every grant, token, session and registration-free state (configured clients stay)."""

@@ -24,7 +24,7 @@
 // Names of parameters only for anything secret (tokens, codes, secrets, assertions, proofs, request_uri).
 //
 // Test-only endpoints under /__test__/: POST age_tokens?seconds=N (access tokens expire N s earlier),
-// POST reset (forget grants, tokens and sessions), GET tokens (summaries, no token values),
+// POST expire_requests (every pushed authorization request expires now), POST reset (forget grants, tokens and sessions), GET tokens (summaries, no token values),
 // GET secrets (every secret the server holds, so a test can check none was printed).
 
 import * as crypto from 'node:crypto';
@@ -283,6 +283,11 @@ function admin(ctx) {
       aged += 1;
     }
     ctx.body = { aged, seconds };
+  } else if (name === 'expire_requests' && ctx.method === 'POST') {
+    // what 60 s would do to every pushed authorization request (RFC 9126), without waiting for them
+    const pushed = entries.filter(({ model }) => model === 'PushedAuthorizationRequest');
+    for (const { entry } of pushed) entry.expiresAt = 0;
+    ctx.body = { expired: pushed.length };
   } else if (name === 'reset' && ctx.method === 'POST') {
     const gone = entries.filter(({ model }) => model !== 'Client');
     for (const { key } of gone) store.delete(key);
