@@ -1143,7 +1143,12 @@ def tls_failure(exc: BaseException, url: str) -> FetchMemosError | None:
     parts = urlsplit(url)
     host = parts.hostname or url
     if failed is not None:
-        code = failed.verify_code
+        code = getattr(failed, "verify_code", None)
+        if code is None:  # the host name was checked in Python (ssl.match_hostname: urllib3 1.26), not by OpenSSL
+            said: Any = failed.args[0] if failed.args else failed
+            while isinstance(said, tuple) and said:  # urllib3 1.26 passes its words as a tuple
+                said = said[0]
+            return fail("tls_wrong_host", host=host, url=url, why=_printable(str(said), 120).rstrip("."))
         why = _printable(failed.verify_message or "verification failed", 120).rstrip(".")
         if code in _TLS_EXPIRED:
             return fail("tls_expired", host=host, url=url)
@@ -1962,6 +1967,38 @@ def _cut(sock: socket.socket, cut: threading.Event) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
+class _DeadlinePassed(Exception):
+    """Raised by the deadline's alarm inside a blocked read of an answer's status line or headers."""
+
+
+@contextlib.contextmanager
+def headers_deadline(deadline: float) -> Iterator[None]:
+    """Bound the wait for an answer's status line and headers by the whole request's deadline.
+
+    A server that trickles its headers a byte at a time passes any per-read timeout, and until the headers are in
+    there is no socket of ours to cut (read_bounded does that for the body). A SIGALRM timer interrupts the blocked
+    read instead, half a second after the deadline, so that a server that sends nothing still meets the per-read
+    timeout first and its usual message. Only the main thread receives signals, and Windows has no SIGALRM:
+    there, per-read timeouts.
+    """
+    import signal
+
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def passed(_signum: int, _frame: Any) -> None:
+        raise _DeadlinePassed
+
+    previous = signal.signal(signal.SIGALRM, passed)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.0) + 0.5)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def read_bounded(response: requests.Response, *, deadline: float, limit: int, endpoint: str,
                  timeout: float) -> requests.Response:
     """Read a streamed answer whole, but never more than `limit` bytes nor past `deadline` (OAUTH_TIMEOUT is for
@@ -2061,7 +2098,13 @@ def _transport_class() -> type:
             first = url
             for _hop in range(MAX_REDIRECTS + 1):
                 kwargs["timeout"] = max(deadline - time.monotonic(), 0.001)
-                response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+                try:
+                    # A GET's headers are bounded per read: urllib3 retries a GET that timed out, each try a new
+                    # request, which one alarm for the whole call would cut short.
+                    with headers_deadline(deadline) if method != "GET" else contextlib.nullcontext():
+                        response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+                except _DeadlinePassed:
+                    raise fail("answer_too_slow", endpoint=endpoint, url=url, timeout=settings.timeout) from None
                 if response.raw.retries and response.raw.retries.history:
                     # urllib3 retried (a GET: connection error or 502/503/504): the answer is a new request's,
                     # whose body gets a whole OAUTH_TIMEOUT of its own
