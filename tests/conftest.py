@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 import fetch_memos  # noqa: E402
 
 from profiles import PROFILES, Profile, Target, profile_params  # noqa: E402
-from runner import Result, run_script, script_env  # noqa: E402
+from runner import CLIENT_ID, CLIENT_SECRET, SERVER, Result, run_script, script_env  # noqa: E402
 from servers.doorkeeper import BrowserPerson, DoorkeeperServer, require_ruby_stack  # noqa: E402
 
 
@@ -169,6 +169,30 @@ def immediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorkeeperSe
     require_ruby_stack()
     with DoorkeeperServer(tmp_path_factory.mktemp("dk-immediate"), previous_refresh_token=False) as server:
         yield server
+
+
+# --- the unit tiers' settings against the mock server (runner.SERVER); a module may define its own ---------
+
+
+@pytest.fixture
+def environ(tmp_path: Path) -> dict[str, str]:
+    """The unit tiers' environment: the mock server, a confidential client, a token file of the test's own."""
+    return {"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": CLIENT_SECRET, "OAUTH_SERVER_URL": SERVER,
+            "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), "OAUTH_TIMEOUT": "10"}
+
+
+@pytest.fixture
+def env_file(tmp_path: Path) -> Path:
+    """An empty .env, so that no developer's own .env beside the script leaks in."""
+    path = tmp_path / "empty.env"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture
+def settings(environ: dict[str, str], env_file: Path) -> fetch_memos.Settings:
+    """fetch_memos.Settings from `environ` and `env_file`."""
+    return fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", str(env_file)]), environ)
 
 
 # --- the conformance suite: one scenario, every server profile that has what it needs ----------------

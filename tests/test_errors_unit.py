@@ -17,7 +17,6 @@ import logging
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +35,7 @@ from fetch_memos import (
     token_meta,
 )
 
-from runner import (  # own_secrets: an autouse fixture
+from runner import (  # own_secrets: an autouse fixture; environ, env_file, settings: conftest's fixtures
     ACCESS,
     API_URL,
     CLIENT_ID,
@@ -46,7 +45,6 @@ from runner import (  # own_secrets: an autouse fixture
     REVOKE_URL,
     SECOND_ACCESS,
     SECOND_REFRESH,
-    SERVER,
     TOKEN_URL,
     one_line,
     own_secrets,  # noqa: F401
@@ -62,25 +60,6 @@ HTML = "<!doctype html><html><body><h1>We're sorry, but something went wrong.</h
 def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever runs pytest, nobody is at this terminal."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-
-
-@pytest.fixture
-def environ(tmp_path: Path) -> dict[str, str]:
-    return {"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": CLIENT_SECRET, "OAUTH_SERVER_URL": SERVER,
-            "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), "OAUTH_TIMEOUT": "10"}
-
-
-@pytest.fixture
-def env_file(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture
-def settings(environ: dict[str, str], env_file: Path) -> fetch_memos.Settings:
-    args = fetch_memos.build_parser().parse_args(["--env-file", str(env_file)])
-    return fetch_memos.load_settings(args, environ)
 
 
 @pytest.fixture

@@ -22,10 +22,13 @@ import responses
 import fetch_memos
 from fetch_memos import TokenStore, token_meta
 
-SERVER = "https://memos.example.test"
-TOKEN_URL = SERVER + "/oauth/token"
-API_URL = SERVER + "/api/memos/"
-CLIENT_ID = "client-id-field"
+from runner import (  # environ, env_file, settings: conftest's fixtures (the mock server's settings)
+    API_URL,
+    CLIENT_ID,
+    REVOKE_URL,
+    SERVER,
+    TOKEN_URL,
+)
 
 # What a hostile server sends: a title change (OSC 0 ... BEL), a screen clear, an OSC 8 link, a bidi override,
 # a carriage return that hides what came before, CSI and OSC as C1 controls, a line separator, DEL.
@@ -62,24 +65,6 @@ def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def mock():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         yield rsps
-
-
-@pytest.fixture
-def environ(tmp_path: Path) -> dict[str, str]:
-    return {"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": "client-secret-FIELD-1234", "OAUTH_SERVER_URL": SERVER,
-            "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), "OAUTH_TIMEOUT": "10"}
-
-
-@pytest.fixture
-def env_file(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture
-def settings(environ: dict[str, str], env_file: Path) -> fetch_memos.Settings:
-    return fetch_memos.load_settings(fetch_memos.build_parser().parse_args(["--env-file", str(env_file)]), environ)
 
 
 @pytest.fixture
@@ -250,7 +235,6 @@ def test_json_escape_beyond_the_basic_plane(monkeypatch, capsys) -> None:
 # ---------------------------------------------------------------------------------------------
 
 SCRIPT = Path(fetch_memos.__file__)
-REVOKE_URL = SERVER + "/oauth/revoke"
 
 
 def test_status_needs_no_client_id_and_exits_0_with_a_token(run, environ, settings, store) -> None:
