@@ -91,7 +91,10 @@ def redirect_uri_of(url: str) -> str:
 
 
 def client_auth_of(target: Target) -> str:
-    """How the script authenticates at the token and revocation endpoints: HTTP Basic, or none (public)."""
+    """How the script authenticates at the token and revocation endpoints: HTTP Basic, a signed JWT
+    (RFC 7523; the server's log names it private_key_jwt), or none (a public client)."""
+    if target.has("private_key_jwt"):
+        return "private_key_jwt"
     return "none" if target.has("public_client") else "basic"
 
 
@@ -133,6 +136,7 @@ def logout_after_a_refresh(target: Target, tmp_path: Path, expired: bool) -> tup
 # --- first run, warm run ---------------------------------------------------------------------------
 
 
+@needs(lacks=("par",))  # reads the authorization request's parameters from the URL: pushed, they are not in it
 def test_first_run_authorizes_and_prints_the_json(client, mode):
     server = client.server
     mark = server.log_mark()
@@ -204,7 +208,7 @@ def test_pasting_the_address_the_person_landed_on_works(client, mode):
     assert_clean(result, secrets_of(client, client.token()), typed=result.typed)
 
 
-@needs(lacks=("oob",))
+@needs(lacks=("oob", "par"))  # pushed, the oob redirect URI is refused at the PAR endpoint: no page at all
 def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp_path):
     """A user who keeps the default redirect URI gets the server's error page and no code to paste: giving up
     at the prompt ends the run; pasting that page's address (the authorization request itself) names oob and
@@ -228,7 +232,7 @@ def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp
 
     assert len(pages) == 2
     for page in pages:
-        assert "invalid_request" in page and "redirect uri" in page.lower()
+        assert target.refuses_the_redirect_uri(page), page
     assert gave_up.exit_code == 3
     assert gave_up.stdout == ""
     assert "no code was entered (end of input)" in gave_up.stderr
@@ -371,6 +375,7 @@ def test_end_of_input_at_the_prompt_exits_3(client):
     assert "end of input" in result.stderr
 
 
+@needs(lacks=("private_key_jwt",))  # a client that signs with its key has no secret to get wrong
 def test_wrong_client_secret_is_a_configuration_error(client):
     result = client.run(env=client.env(CLIENT_SECRET="wrong-secret"))
 
@@ -392,7 +397,7 @@ def test_no_token_and_no_terminal_exits_3_instead_of_waiting(client):
 # --- the loopback listener --------------------------------------------------------------------------
 
 
-@needs("loopback")
+@needs("loopback", lacks=("par",))  # the listener's port is read from the URL's redirect_uri
 def test_listener_binds_loopback_only_and_gives_up_in_time(loopback):
     seen = {}
 
@@ -413,7 +418,7 @@ def test_listener_binds_loopback_only_and_gives_up_in_time(loopback):
     assert "no authorization arrived within 2 s" in result.stderr
 
 
-@needs("loopback")
+@needs("loopback", lacks=("par",))  # the listener's port is read from the URL's redirect_uri
 def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     server = loopback.server
     mark = server.log_mark()
@@ -728,6 +733,7 @@ def test_a_narrowed_scope_is_said_once_and_later_refreshes_keep_working(client):
     assert_clean(result, secrets_of(client, *held), typed=result.typed)
 
 
+@needs(lacks=("par",))  # reads the scope asked for from the URL
 def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized):
     """A refresh cannot widen a grant (RFC 6749 6): a scope never asked for means authorizing again."""
     server = authorized.server
@@ -834,8 +840,9 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     """RFC 8414: CLIENT_ID (and a secret) and OAUTH_ISSUER are all the script is told."""
     server = client.server
     configured = {key for key in client.env() if key.startswith(("OAUTH_", "CLIENT_", "MEMOS_"))}
-    assert configured <= {"CLIENT_ID", "CLIENT_SECRET", "OAUTH_ISSUER", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT",
-                          "OAUTH_LOGIN_TIMEOUT", "OAUTH_REDIRECT_URI"}
+    # besides the issuer, how the client authenticates (a secret or a key file) and whether it pushes: no URL
+    assert configured <= {"CLIENT_ID", "CLIENT_SECRET", "OAUTH_CLIENT_KEY", "OAUTH_ISSUER", "OAUTH_TOKEN_FILE",
+                          "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT", "OAUTH_REDIRECT_URI", "OAUTH_PAR"}
     mark = server.log_mark()
 
     result = client.run()
@@ -915,7 +922,7 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
     assert_clean(result, secrets_of(client, *held))
 
 
-@needs("offline_access")
+@needs("offline_access", lacks=("par",))  # reads prompt and scope from the URL
 def test_offline_access_asks_for_consent(client):
     """OpenID Connect Core 11: offline_access is honoured only with prompt=consent."""
     server = client.server
