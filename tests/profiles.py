@@ -428,7 +428,7 @@ class Profile:
 
 DOORKEEPER = frozenset({"oob", "loopback", "dead_token_401", "offline_access"})
 OIDC = frozenset({"loopback", "rotation_immediate", "dead_token_401", "iss", "metadata", "revoke_kills_both",
-                  "narrow_scope", "offline_access"})
+                  "narrow_scope", "refresh_scope_strict", "offline_access"})
 DOT = frozenset({"loopback", "rotation_immediate", "refresh_scope_strict", "offline_access"})
 
 
