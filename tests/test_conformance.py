@@ -2,7 +2,7 @@
 
 fetch_memos.py runs as its own process in a pseudo-terminal against a real test server (tests/profiles.py:
 Doorkeeper in both rotation modes, with OIDC discovery and strict; django-oauth-toolkit with its bare 403,
-with the RFC 6750 challenge and strict),
+with the RFC 6750 challenge and strict; oidc-provider with a confidential, a public and a private_key_jwt client),
 configured through its settings alone; a person logs in through the server's real pages. Assertions are on
 what a user sees (exit code, stdout, stderr), what reached the server (its access log), what the token file
 holds, and what the tokens can still do at the server.
