@@ -216,6 +216,7 @@ class Target:
     authorize_endpoint = _of_server("authorize_endpoint", "the authorization endpoint's URL")
     token_endpoint = _of_server("token_endpoint", "the token endpoint's URL")
     revoke_endpoint = _of_server("revoke_endpoint", "the revocation endpoint's URL (RFC 7009)")
+    par_endpoint = _of_server("par_endpoint", "the pushed authorization request endpoint (RFC 9126; feature par)")
     memos_url = _of_server("memos_url", "the memo API's URL")
     log_mark = _of_server("log_mark", "log_mark() -> int: a position in the access log")
     access_log = _of_server("access_log", "access_log(since) -> list[AccessEntry] (tests/servers/harness.py)")

@@ -86,8 +86,20 @@ def exchanges(server, mark: int, runs: int = 1) -> list:
     return entries[runs:]
 
 
-def redirect_uri_of(url: str) -> str:
-    return parse_qs(urlsplit(url).query)["redirect_uri"][0]
+def authorization_request(target: Target, url: str) -> dict[str, list[str]]:
+    """The parameters of the authorization request behind the URL the person opens: its query; or, when the
+    request was pushed (RFC 9126 section 4: the URL carries only client_id and request_uri), the parameters the
+    server received in the pushed body, from its access log (the last request it accepted: pushed just now)."""
+    query = parse_qs(urlsplit(url).query)
+    if "request_uri" not in query:
+        return query
+    assert set(query) == {"client_id", "request_uri"}, url
+    pushed = [e for e in target.access_log() if e.path == path_of(target.par_endpoint) and e.status == 201]
+    return {key: value if isinstance(value, list) else [value] for key, value in pushed[-1].params.items()}
+
+
+def redirect_uri_of(target: Target, url: str) -> str:
+    return authorization_request(target, url)["redirect_uri"][0]
 
 
 def client_auth_of(target: Target) -> str:
@@ -397,12 +409,12 @@ def test_no_token_and_no_terminal_exits_3_instead_of_waiting(client):
 # --- the loopback listener --------------------------------------------------------------------------
 
 
-@needs("loopback", lacks=("par",))  # the listener's port is read from the URL's redirect_uri
+@needs("loopback")
 def test_listener_binds_loopback_only_and_gives_up_in_time(loopback):
     seen = {}
 
     def person(url):
-        port = urlsplit(redirect_uri_of(url)).port
+        port = urlsplit(redirect_uri_of(loopback.server, url)).port
         with socket.socket() as probe:
             seen["reachable"] = probe.connect_ex(("127.0.0.1", port)) == 0
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
@@ -418,14 +430,14 @@ def test_listener_binds_loopback_only_and_gives_up_in_time(loopback):
     assert "no authorization arrived within 2 s" in result.stderr
 
 
-@needs("loopback", lacks=("par",))  # the listener's port is read from the URL's redirect_uri
+@needs("loopback")
 def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     server = loopback.server
     mark = server.log_mark()
     answers = []
 
     def person(url):
-        redirect = redirect_uri_of(url)
+        redirect = redirect_uri_of(server, url)
         answers.append(requests.get(f"{redirect}?code=forged&state=not-ours", timeout=5))
         answers.append(requests.get(f"{redirect}?code=forged", timeout=5))
         return loopback.person.authorize(url)
@@ -733,7 +745,6 @@ def test_a_narrowed_scope_is_said_once_and_later_refreshes_keep_working(client):
     assert_clean(result, secrets_of(client, *held), typed=result.typed)
 
 
-@needs(lacks=("par",))  # reads the scope asked for from the URL
 def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized):
     """A refresh cannot widen a grant (RFC 6749 6): a scope never asked for means authorizing again."""
     server = authorized.server
@@ -753,7 +764,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     assert_json(result)
     assert "Authorizing again" in result.stderr
     [url] = result.authorize_urls
-    assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
+    assert authorization_request(server, url)["scope"] == ["read write"]
     assert [e.grant_type for e in exchanges(server, mark)] == ["authorization_code"]
     new = authorized.token()
     assert new["fetch_memos"]["scope"] == ["read", "write"]
@@ -922,7 +933,7 @@ def test_the_resource_indicator_is_sent_and_the_server_needs_it(client, tmp_path
     assert_clean(result, secrets_of(client, *held))
 
 
-@needs("offline_access", lacks=("par",))  # reads prompt and scope from the URL
+@needs("offline_access")
 def test_offline_access_asks_for_consent(client):
     """OpenID Connect Core 11: offline_access is honoured only with prompt=consent."""
     server = client.server
@@ -933,8 +944,9 @@ def test_offline_access_asks_for_consent(client):
 
     assert_json(result)
     [url] = result.authorize_urls
-    query = parse_qs(urlsplit(url).query)
+    query = authorization_request(server, url)  # pushed: what the server received in the pushed body
     assert (query["prompt"], query["scope"]) == (["consent"], ["read offline_access"])
-    assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
+    if "request_uri" not in parse_qs(urlsplit(url).query):  # pushed, the browser's request carries request_uri only
+        assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
     assert client.token()["refresh_token"]
     assert_clean(result, secrets_of(client), typed=result.typed)
