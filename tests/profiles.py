@@ -32,6 +32,7 @@ the browser follows the redirect to the script's listener).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ import requests
 
 from servers.doorkeeper import AuthorizationDenied, BrowserPerson, DoorkeeperServer, require_oidc, require_ruby_stack
 from servers.dot import DotServer, require_dot_stack
+from servers.harness import AccessEntry, require
+from servers.oidc import PRIVATE_KEY_JWT_CLIENT_ID, EcKey, OidcServer, node_stack_available
+from servers.oidc import Person as OidcBrowser
 from servers.tls import TestPKI, trust_in_this_process
 
 LOOPBACK = "http://127.0.0.1/callback"  # registered without a port: any loopback port is accepted (RFC 8252 7.3)
@@ -71,6 +75,10 @@ FEATURES = {
     "resource": "requires the RFC 8707 resource at authorization and at the token endpoint; the client sets "
                 "OAUTH_RESOURCE",
     "offline_access": "the client may ask for scope offline_access",
+    "private_key_jwt": "the client authenticates with a JWT signed by its key (RFC 7523 2.2; OAUTH_CLIENT_KEY, a "
+                       "0600 PEM file), no CLIENT_SECRET",
+    "par": "the metadata offers PAR (RFC 9126) and the client pushes (OAUTH_PAR=auto): the URL the person opens "
+           "carries client_id and request_uri only (without it the client is given OAUTH_PAR=off if PAR is offered)",
     "wrong_iss": "a variant of the server sends an iss that names another issuer (the mix-up attack)",
     "omitted_iss": "a variant of the server promises iss in its metadata but sends none",
     "error_without_iss": "its error redirects (access_denied) carry no iss, though its metadata promises iss",
@@ -166,6 +174,29 @@ class DotPerson(Person):
         self.session.close()
 
 
+class OidcPerson(Person):
+    """Someone at a browser on oidc-provider's pages (servers.oidc.Person: logs in, consents or aborts).
+
+    The server never shows a code (no out-of-band page): every approval ends in a redirect to the client's
+    redirect URI, where the browser goes; the URL may be a pushed request's (RFC 9126), whose redirect URI
+    is not in it, so the redirect itself says where the browser went.
+    """
+
+    def __init__(self, server: OidcServer) -> None:
+        super().__init__()
+        self.browser = OidcBrowser()
+
+    def landing(self, url: str, *, approve: bool = True, error: bool = False) -> str:
+        return self._keep_code(self.browser.authorize(url, approve=approve))
+
+    def _go(self, url: str, landed: str) -> str | None:
+        self.pages.append(requests.get(landed, timeout=10))
+        return None
+
+    def close(self) -> None:
+        self.browser.close()
+
+
 # --- one shape for every server -------------------------------------------------------------------
 
 
@@ -185,6 +216,7 @@ class Target:
     authorize_endpoint = _of_server("authorize_endpoint", "the authorization endpoint's URL")
     token_endpoint = _of_server("token_endpoint", "the token endpoint's URL")
     revoke_endpoint = _of_server("revoke_endpoint", "the revocation endpoint's URL (RFC 7009)")
+    par_endpoint = _of_server("par_endpoint", "the pushed authorization request endpoint (RFC 9126; feature par)")
     memos_url = _of_server("memos_url", "the memo API's URL")
     log_mark = _of_server("log_mark", "log_mark() -> int: a position in the access log")
     access_log = _of_server("access_log", "access_log(since) -> list[AccessEntry] (tests/servers/harness.py)")
@@ -244,6 +276,11 @@ class Target:
     def endpoint_env(self) -> dict[str, str | None]:
         """The endpoint settings a server without metadata needs beyond OAUTH_SERVER_URL."""
         return {}
+
+    def refuses_the_redirect_uri(self, page: str) -> bool:
+        """Whether `page` (its text) is the server's error page for a redirect URI the client did not register,
+        in the server's words (Doorkeeper's and DOT's: invalid_request, "redirect URI")."""
+        return "invalid_request" in page and "redirect uri" in page.lower()
 
     def device_env(self, *, public: bool = False) -> dict[str, str | None]:
         """The script's settings for the device grant: the device client, every endpoint set (no discovery)."""
@@ -311,6 +348,59 @@ class DotTarget(Target):
         return summary["active_access_tokens"] + summary["active_refresh_tokens"]
 
 
+class OidcTarget(Target):
+    """oidc-provider (tests/servers/oidc.py): its access-log records read as AccessEntry, its clients by feature
+    (the confidential one with HTTP Basic, the public one, the private_key_jwt one with its key file)."""
+
+    person_class = OidcPerson
+
+    @property
+    def client_id(self) -> str:
+        return PRIVATE_KEY_JWT_CLIENT_ID if self.has("private_key_jwt") else super().client_id
+
+    @property
+    def client_secret(self) -> str | None:
+        return None if self.has("private_key_jwt") else super().client_secret
+
+    def client_env(self, mode: str) -> dict[str, str | None]:
+        env = super().client_env(mode)
+        if self.has("private_key_jwt"):
+            env["OAUTH_CLIENT_KEY"] = str(self.server.client_key_file)  # private_key_jwt by default with a key
+        if not self.has("par"):
+            env["OAUTH_PAR"] = "off"  # the metadata always offers PAR here
+        return env
+
+    def _client_auth(self) -> dict[str, Any]:
+        if self.has("private_key_jwt"):
+            auth, data = self.server.client_credentials(self.client_id, key=self.server.client_key)
+            return {"auth": auth, "data": data}
+        return super()._client_auth()
+
+    def refuses_the_redirect_uri(self, page: str) -> bool:
+        return "invalid_redirect_uri" in page and "redirect_uri did not match any of the client's registered" in page
+
+    def log_mark(self) -> int:
+        return self.server.log_mark()
+
+    def access_log(self, since: int = 0) -> list[AccessEntry]:
+        return [self._entry(record) for record in self.server.access_log(since)]
+
+    @staticmethod
+    def _entry(record: dict[str, Any]) -> AccessEntry:
+        """Its log's record as the other servers' (servers.harness.AccessEntry): secret values are not in it."""
+        params = record["params"]
+        query = "&".join(f"{key}={params[key]}" if key in params else f"{key}=[redacted]"
+                         for key in record["query_keys"])
+        return AccessEntry(started=record["t_start"], finished=record["t"], method=record["method"],
+                           path=record["path"], query=query, status=record["status"],
+                           remote_port=record["remote_port"], grant_type=record["grant_type"], auth=record["auth"],
+                           client_auth=record["client_auth"], params=params, secret_params=record["has"],
+                           body_keys=record["body_keys"], error=record["error"], response=record["response"])
+
+    def live_tokens(self) -> int:
+        return self.server.live_tokens()
+
+
 # --- the profiles -----------------------------------------------------------------------------------
 
 
@@ -338,6 +428,8 @@ class Profile:
 
 
 DOORKEEPER = frozenset({"oob", "loopback", "dead_token_401", "offline_access"})
+OIDC = frozenset({"loopback", "rotation_immediate", "dead_token_401", "iss", "metadata", "revoke_kills_both",
+                  "narrow_scope", "refresh_scope_strict", "offline_access"})
 DOT = frozenset({"loopback", "rotation_immediate", "refresh_scope_strict", "offline_access"})
 
 
@@ -368,6 +460,26 @@ def doorkeeper_tls(**switches: Any) -> Callable[..., DoorkeeperServer]:
 
 def dot(**switches: Any) -> Callable[..., DotServer]:
     return lambda folder, **variant: DotServer(folder, redirect_uris=[LOOPBACK], **{**switches, **variant}).start()
+
+
+def require_node_stack() -> None:
+    require(node_stack_available(), "the oidc-provider test server")
+
+
+def oidc(*, client_key: bool = False, **switches: Any) -> Callable[..., OidcServer]:
+    """oidc-provider; with client_key, its private_key_jwt client too, whose key a user keeps in a 0600 file."""
+    def start(folder: Path, **variant: Any) -> OidcServer:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = EcKey.generate()
+        server = OidcServer(folder, **{**switches, **variant}, **({"private_key_jwk": key.public_jwk()}
+                                                                   if client_key else {}))
+        if client_key:
+            server.client_key, server.client_key_file = key, folder / "client-key.pem"
+            descriptor = os.open(server.client_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w", encoding="ascii") as file:
+                file.write(key.pem())
+        return server.start()
+    return start
 
 
 PROFILES: list[Profile] = [
@@ -404,6 +516,12 @@ PROFILES: list[Profile] = [
                    "wrong_iss", "omitted_iss"},
             dot(strict=True, narrow_scopes=("write",), revoke_access_tokens=False), DotTarget, require_dot_stack,
             variants={"wrong_iss": {"iss": "wrong", "wrong_iss": MIXUP_ISS}, "omitted_iss": {"iss": "omit"}}),
+    # oidc-provider (issue 16): no out-of-band page; refresh tokens rotated, a reused one kills its grant; iss in
+    # every authorization response, errors included; discovery. PAR offered, pushed by oidc-pkjwt only.
+    Profile("oidc", "oidc", OIDC, oidc(), OidcTarget, require_node_stack),
+    Profile("oidc-public", "oidc", OIDC | {"public_client"}, oidc(), OidcTarget, require_node_stack),
+    Profile("oidc-pkjwt", "oidc", OIDC | {"private_key_jwt", "par"}, oidc(client_key=True), OidcTarget,
+            require_node_stack),
 ]
 
 

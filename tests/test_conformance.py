@@ -2,7 +2,7 @@
 
 fetch_memos.py runs as its own process in a pseudo-terminal against a real test server (tests/profiles.py:
 Doorkeeper in both rotation modes, with OIDC discovery and strict; django-oauth-toolkit with its bare 403,
-with the RFC 6750 challenge and strict),
+with the RFC 6750 challenge and strict; oidc-provider with a confidential, a public and a private_key_jwt client),
 configured through its settings alone; a person logs in through the server's real pages. Assertions are on
 what a user sees (exit code, stdout, stderr), what reached the server (its access log), what the token file
 holds, and what the tokens can still do at the server.
@@ -86,12 +86,27 @@ def exchanges(server, mark: int, runs: int = 1) -> list:
     return entries[runs:]
 
 
-def redirect_uri_of(url: str) -> str:
-    return parse_qs(urlsplit(url).query)["redirect_uri"][0]
+def authorization_request(target: Target, url: str) -> dict[str, list[str]]:
+    """The parameters of the authorization request behind the URL the person opens: its query; or, when the
+    request was pushed (RFC 9126 section 4: the URL carries only client_id and request_uri), the parameters the
+    server received in the pushed body, from its access log (the last request it accepted: pushed just now)."""
+    query = parse_qs(urlsplit(url).query)
+    if "request_uri" not in query:
+        return query
+    assert set(query) == {"client_id", "request_uri"}, url
+    pushed = [e for e in target.access_log() if e.path == path_of(target.par_endpoint) and e.status == 201]
+    return {key: value if isinstance(value, list) else [value] for key, value in pushed[-1].params.items()}
+
+
+def redirect_uri_of(target: Target, url: str) -> str:
+    return authorization_request(target, url)["redirect_uri"][0]
 
 
 def client_auth_of(target: Target) -> str:
-    """How the script authenticates at the token and revocation endpoints: HTTP Basic, or none (public)."""
+    """How the script authenticates at the token and revocation endpoints: HTTP Basic, a signed JWT
+    (RFC 7523; the server's log names it private_key_jwt), or none (a public client)."""
+    if target.has("private_key_jwt"):
+        return "private_key_jwt"
     return "none" if target.has("public_client") else "basic"
 
 
@@ -133,6 +148,7 @@ def logout_after_a_refresh(target: Target, tmp_path: Path, expired: bool) -> tup
 # --- first run, warm run ---------------------------------------------------------------------------
 
 
+@needs(lacks=("par",))  # reads the authorization request's parameters from the URL: pushed, they are not in it
 def test_first_run_authorizes_and_prints_the_json(client, mode):
     server = client.server
     mark = server.log_mark()
@@ -204,7 +220,7 @@ def test_pasting_the_address_the_person_landed_on_works(client, mode):
     assert_clean(result, secrets_of(client, client.token()), typed=result.typed)
 
 
-@needs(lacks=("oob",))
+@needs(lacks=("oob", "par"))  # pushed, the oob redirect URI is refused at the PAR endpoint: no page at all
 def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp_path):
     """A user who keeps the default redirect URI gets the server's error page and no code to paste: giving up
     at the prompt ends the run; pasting that page's address (the authorization request itself) names oob and
@@ -228,7 +244,7 @@ def test_without_an_oob_page_the_person_gets_no_code_and_is_told_why(target, tmp
 
     assert len(pages) == 2
     for page in pages:
-        assert "invalid_request" in page and "redirect uri" in page.lower()
+        assert target.refuses_the_redirect_uri(page), page
     assert gave_up.exit_code == 3
     assert gave_up.stdout == ""
     assert "no code was entered (end of input)" in gave_up.stderr
@@ -371,6 +387,7 @@ def test_end_of_input_at_the_prompt_exits_3(client):
     assert "end of input" in result.stderr
 
 
+@needs(lacks=("private_key_jwt",))  # a client that signs with its key has no secret to get wrong
 def test_wrong_client_secret_is_a_configuration_error(client):
     result = client.run(env=client.env(CLIENT_SECRET="wrong-secret"))
 
@@ -397,7 +414,7 @@ def test_listener_binds_loopback_only_and_gives_up_in_time(loopback):
     seen = {}
 
     def person(url):
-        port = urlsplit(redirect_uri_of(url)).port
+        port = urlsplit(redirect_uri_of(loopback.server, url)).port
         with socket.socket() as probe:
             seen["reachable"] = probe.connect_ex(("127.0.0.1", port)) == 0
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
@@ -420,7 +437,7 @@ def test_a_forged_redirect_with_a_wrong_state_is_refused(loopback):
     answers = []
 
     def person(url):
-        redirect = redirect_uri_of(url)
+        redirect = redirect_uri_of(server, url)
         answers.append(requests.get(f"{redirect}?code=forged&state=not-ours", timeout=5))
         answers.append(requests.get(f"{redirect}?code=forged", timeout=5))
         return loopback.person.authorize(url)
@@ -747,7 +764,7 @@ def test_a_scope_added_to_the_configuration_needs_a_new_authorization(authorized
     assert_json(result)
     assert "Authorizing again" in result.stderr
     [url] = result.authorize_urls
-    assert parse_qs(urlsplit(url).query)["scope"] == ["read write"]
+    assert authorization_request(server, url)["scope"] == ["read write"]
     assert [e.grant_type for e in exchanges(server, mark)] == ["authorization_code"]
     new = authorized.token()
     assert new["fetch_memos"]["scope"] == ["read", "write"]
@@ -834,8 +851,9 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     """RFC 8414: CLIENT_ID (and a secret) and OAUTH_ISSUER are all the script is told."""
     server = client.server
     configured = {key for key in client.env() if key.startswith(("OAUTH_", "CLIENT_", "MEMOS_"))}
-    assert configured <= {"CLIENT_ID", "CLIENT_SECRET", "OAUTH_ISSUER", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT",
-                          "OAUTH_LOGIN_TIMEOUT", "OAUTH_REDIRECT_URI"}
+    # besides the issuer, how the client authenticates (a secret or a key file) and whether it pushes: no URL
+    assert configured <= {"CLIENT_ID", "CLIENT_SECRET", "OAUTH_CLIENT_KEY", "OAUTH_ISSUER", "OAUTH_TOKEN_FILE",
+                          "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT", "OAUTH_REDIRECT_URI", "OAUTH_PAR"}
     mark = server.log_mark()
 
     result = client.run()
@@ -926,8 +944,9 @@ def test_offline_access_asks_for_consent(client):
 
     assert_json(result)
     [url] = result.authorize_urls
-    query = parse_qs(urlsplit(url).query)
+    query = authorization_request(server, url)  # pushed: what the server received in the pushed body
     assert (query["prompt"], query["scope"]) == (["consent"], ["read offline_access"])
-    assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
+    if "request_uri" not in parse_qs(urlsplit(url).query):  # pushed, the browser's request carries request_uri only
+        assert authorize_requests(server, mark)[0].params.get("prompt") == "consent"
     assert client.token()["refresh_token"]
     assert_clean(result, secrets_of(client), typed=result.typed)
