@@ -2606,9 +2606,11 @@ class MemoSession:
         self.oauth.register_compliance_hook("refresh_token_response", check)
         self.oauth.register_compliance_hook("refresh_token_request", _without_scope)
         self.dpop = DPoP()  # the grant's key and nonces (RFC 9449); empty unless the grant is DPoP-bound
+        # A DPoP proof goes to the token endpoint (RFC 9449 section 5) and the PAR endpoint (section 10.1) only.
         self.client_auth = _client_auth_class()(settings)  # revocation: no request extras, no DPoP proof
         self.par_auth = _client_auth_class()(settings, dpop=self.dpop)  # PAR: the extras are in its body already
         self.token_auth = _client_auth_class()(settings, extras=request_extras(settings), dpop=self.dpop)
+        self.device_auth = _client_auth_class()(settings, extras=request_extras(settings))  # device authorization
         self.asked_scope: tuple[str, ...] = settings.scope
         self.pushed = False  # the last authorization request went by PAR (RFC 9126)
         # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
@@ -2839,10 +2841,13 @@ class MemoSession:
     def post_form(self, url: str, data: Mapping[str, str], *, extras: bool = True,
                   proof: bool = False) -> requests.Response:
         """A POST with the client authenticated and no bearer token (device flow; revocation and PAR with
-        extras=False; PAR with proof=True, which carries a DPoP proof as token requests do)."""
+        extras=False; PAR with proof=True, which carries a DPoP proof as token endpoint requests do)."""
         import requests
 
-        auth = self.token_auth if extras else self.par_auth if proof else self.client_auth
+        if extras:
+            auth = self.token_auth if url == self.settings.token_url else self.device_auth
+        else:
+            auth = self.par_auth if proof else self.client_auth
         try:
             with _oauthlib_transport(self.settings):
                 return self.oauth.post(url, data=data, timeout=self.settings.timeout, withhold_token=True, auth=auth)

@@ -243,3 +243,24 @@ def test_a_bearer_token_is_used_as_issued(unbound: OidcServer, tmp_path: Path) -
     assert "DPoP" not in status.stdout
     for result in (first, warm, status):
         never_printed(result, unbound)
+
+
+def test_the_device_flow_polls_with_proofs(bound: OidcServer, tmp_path: Path) -> None:
+    """RFC 9449 section 5 with RFC 8628: each poll of the token endpoint carries a new proof of one key; the device
+    authorization request (not a token request) carries none."""
+    env = dpop_env(bound, tmp_path)
+
+    def approve(url: str) -> None:
+        Person().approve_device(url)
+
+    mark = bound.log_mark()
+    result = run_script("--device", "--no-browser", env=env, person=approve, timeout=90)
+    assert_json(result)
+    jkt = stored_jkt(tmp_path)
+    records = log_of(bound, mark, "device_authorization", "token", "api")
+    assert [r["dpop"] for r in records if r["kind"] == "device_authorization"] == [False]
+    polls = [r for r in records if r["kind"] == "token"]
+    assert polls and polls[-1]["status"] == 200 and polls[-1]["response"]["token_type"] == "DPoP"
+    assert {r["grant_type"] for r in polls} == {"urn:ietf:params:oauth:grant-type:device_code"}
+    assert_proofs_sound(bound, [r for r in records if r["kind"] != "device_authorization"], jkt)
+    never_printed(result, bound)
