@@ -2074,7 +2074,7 @@ def _transport_class() -> type:
             deadline = time.monotonic() + settings.timeout
             kwargs.update(allow_redirects=False, stream=True)
             first = url
-            auth = kwargs.get("auth")
+            auth = kwargs.get("auth") or self.auth  # the request's (ClientAuth), else the session's (DPoPAuth)
             dpop = getattr(auth, "dpop", None)
             nonce_retried = False
             for _hop in range(MAX_REDIRECTS + 2):
@@ -2794,6 +2794,10 @@ class MemoSession:
         """
         import requests
 
+        if self.dpop and getattr(self.oauth.auth, "dpop", None) is not self.dpop:
+            # The session's auth (in place of requests-oauthlib's no-op), not the request's: its auto refresh takes
+            # a request's auth away for the refresh request, and the API call after it would go without a proof.
+            self.oauth.auth = _dpop_auth_class()(self.dpop)
         adapter = self.oauth.get_adapter(url)
         configured = adapter.max_retries
         spent = 0
@@ -2804,8 +2808,7 @@ class MemoSession:
                 try:
                     with _oauthlib_transport(self.settings):
                         # read whole (and bounded) inside: a break in the body is retried too
-                        response = self.oauth.get(url, timeout=self.settings.timeout, limit=MAX_API_BYTES,
-                                                  **({"auth": _dpop_auth_class()(self.dpop)} if self.dpop else {}))
+                        response = self.oauth.get(url, timeout=self.settings.timeout, limit=MAX_API_BYTES)
                     spent += len(response.raw.retries.history) if response.raw.retries else 0
                     break
                 except requests.exceptions.ChunkedEncodingError as exc:

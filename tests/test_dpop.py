@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,15 @@ def stored_jkt(folder: Path) -> str:
     return fetch_memos.jwk_thumbprint(stored_grant(folder)[fetch_memos.META_KEY]["dpop"]["jwk"])
 
 
+def expire_locally(folder: Path) -> None:
+    """The stored access token's expires_at a minute ago, as the script itself writes the file."""
+    import fetch_memos
+
+    grant = stored_grant(folder)
+    grant["expires_at"] = time.time() - 60
+    fetch_memos.write_private_file(folder / "token.pickle", pickle.dumps(grant))
+
+
 def proofs_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["dpop"]]
 
@@ -128,6 +138,14 @@ def test_first_warm_refresh_status_and_logout(bound: OidcServer, tmp_path: Path)
         ("api", None, 401), ("token", "refresh_token", 200), ("api", None, 200)]  # aged at the server only
     assert stored_jkt(tmp_path) == jkt  # the same key: a refresh keeps the binding
 
+    expire_locally(tmp_path)  # requests-oauthlib's own refresh, before the API call
+    auto_mark = bound.log_mark()
+    auto = run(env)
+    assert_json(auto, quiet=True)
+    assert [(r["kind"], r["grant_type"], r["status"], r["dpop"]) for r in log_of(bound, auto_mark)] == [
+        ("token", "refresh_token", 200, True), ("api", None, 200, True)]
+    assert stored_jkt(tmp_path) == jkt
+
     logout = run(env, "--logout")
     assert logout.exit_code == 0, logout.output
     assert "Logged out" in logout.stderr
@@ -139,7 +157,7 @@ def test_first_warm_refresh_status_and_logout(bound: OidcServer, tmp_path: Path)
     refused = [r for r in records if r["kind"] in ("token", "api") and r["status"] >= 400]
     # the probe's made-up code, and the aged token: no proof was ever refused
     assert [(r["kind"], r["error"]) for r in refused] == [("token", "invalid_grant"), ("api", "invalid_token")]
-    for result in (first, warm, status, refreshed, logout):
+    for result in (first, warm, status, refreshed, auto, logout):
         never_printed(result, bound)
 
 
