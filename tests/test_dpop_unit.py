@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -27,9 +26,10 @@ import requests
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from test_fapi_unit import _no_terminal, decode, session_of, settings_of  # noqa: F401 - _no_terminal: autouse
 
 import fetch_memos
-from fetch_memos import DPoP, MemoSession, TokenStore
+from fetch_memos import DPoP, TokenStore
 
 from runner import (  # own_secrets: an autouse fixture
     ACCESS,
@@ -47,33 +47,10 @@ PAR_URL = SERVER + "/oauth/par"
 AUTHORIZE_URL = SERVER + "/oauth/authorize"
 
 
-@pytest.fixture(autouse=True)
-def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-
-
 @pytest.fixture
 def environ(tmp_path: Path) -> dict[str, str]:
     return {"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": CLIENT_SECRET, "OAUTH_SERVER_URL": SERVER,
             "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), "OAUTH_TIMEOUT": "10", "OAUTH_DPOP": "1"}
-
-
-def settings_of(environ: dict[str, str], *flags: str, **extra: str) -> fetch_memos.Settings:
-    args = fetch_memos.build_parser().parse_args(["--env-file", os.devnull, *flags])
-    return fetch_memos.load_settings(args, {**environ, **extra})
-
-
-def session_of(settings: fetch_memos.Settings) -> MemoSession:
-    return MemoSession(settings, TokenStore(settings.token_file))
-
-
-def decode(jws: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    """(header, claims, signature, signing input) of a compact JWS."""
-    def part(text: str) -> bytes:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-    header, claims, signature = jws.split(".")
-    return json.loads(part(header)), json.loads(part(claims)), part(signature), f"{header}.{claims}".encode()
 
 
 def verify(proof: str) -> tuple[dict[str, Any], dict[str, Any]]:
