@@ -2398,10 +2398,12 @@ def dpop_proof(private_jwk: Mapping[str, str], sign: Callable[[bytes], bytes], m
     if nonce:
         claims["nonce"] = nonce
     if access_token:
-        claims["ath"] = _b64url(hashlib.sha256(access_token.encode("ascii")).digest())
+        claims["ath"] = _b64url(hashlib.sha256(access_token.encode("utf-8")).digest())  # ASCII in any real token
     signing_input = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode("utf-8"))
                              for part in (header, claims))
-    return f"{signing_input}.{_b64url(sign(signing_input.encode('ascii')))}"
+    proof = f"{signing_input}.{_b64url(sign(signing_input.encode('ascii')))}"
+    remember_secret(proof)  # good for one request only, and still never shown
+    return proof
 
 
 class DPoP:
@@ -2667,10 +2669,13 @@ class MemoSession:
         stays one request (RFC 9449 section 8.2). Only onto the very token held: another run may have refreshed."""
         if not (self.dpop and self.dpop.changed and self.token.get("access_token")):
             return
-        with self.store.locked():
-            stored = self.store.load()
-            if stored is not None and _same_token(stored, self.token):
-                self._save(self.token)
+        try:
+            with self.store.locked():
+                stored = self.store.load()
+                if stored is not None and _same_token(stored, self.token):
+                    self._save(self.token)
+        except FetchMemosError as exc:  # the file busy or unreadable: the next run just meets the nonce demand
+            log.debug("the new DPoP nonce was not saved: %s", exc)
 
     def start_grant(self) -> None:
         """A new authorization: with OAUTH_DPOP=1 a new key pair (RFC 9449 section 5), else no DPoP."""

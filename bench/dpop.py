@@ -1,6 +1,6 @@
 """What a warm DPoP run (RFC 9449) costs next to a warm Bearer run of the same script, against the same server.
 
-    .venv/bin/python bench/dpop.py [--rounds 30] [--warmup 2] [--seed 1] [--instructions]
+    .venv/bin/python bench/dpop.py [--rounds 30] [--warmup 2] [--seed 1] [--instructions] [--script PATH]
 
 Issue 16's target: a warm DPoP run is exactly one request while the nonce holds, and costs at most 1.15x a warm
 Bearer run. Needs the Node stack of the oidc-provider test server (tests/servers/oidc.py), which offers DPoP but
@@ -48,6 +48,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--script", type=Path, default=REPO / "fetch_memos.py", help="the copy of the script to run")
     parser.add_argument("--instructions", action="store_true", help="also count instructions under valgrind")
     options = parser.parse_args()
     ok, why = node_stack_available()
@@ -72,10 +73,10 @@ def main() -> int:
                 requests.get(Person().authorize(url), timeout=10)
 
             first = run_script("--env-file", str(env_file), "--loopback", "--no-browser", env=env(kind),
-                               person=open_url, cwd=folder, timeout=90)
+                               person=open_url, cwd=folder, timeout=90, script=options.script.resolve())
             if first.exit_code != 0:
                 raise SystemExit(f"bench/dpop.py: the first {kind} run failed:\n{first.output}")
-        argv = (options.python, str(REPO / "fetch_memos.py"), "--env-file", str(env_file))
+        argv = (options.python, str(options.script.resolve()), "--env-file", str(env_file))
         walls: dict[str, list[float]] = {kind: [] for kind in KINDS}
         cpus: dict[str, list[float]] = {kind: [] for kind in KINDS}
         requests_made: dict[str, set[str]] = {kind: set() for kind in KINDS}
