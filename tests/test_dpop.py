@@ -85,6 +85,15 @@ def expire_locally(folder: Path) -> None:
     fetch_memos.write_private_file(folder / "token.pickle", pickle.dumps(grant))
 
 
+def warm_run_imports_cryptography(env: dict[str, str]) -> bool:
+    """One warm run under `python -X importtime` (PYTHONPROFILEIMPORTTIME): did it import the package?"""
+    result = run_script(env={**env, "PYTHONPROFILEIMPORTTIME": "1"}, tty=False, timeout=60)
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert "import time:" in result.stderr  # the listing is there to be read
+    return any(line.rsplit("|", 1)[-1].strip().split(".")[0] == "cryptography"
+               for line in result.stderr.splitlines() if line.startswith("import time:"))
+
+
 def proofs_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["dpop"]]
 
@@ -125,6 +134,7 @@ def test_first_warm_refresh_status_and_logout(bound: OidcServer, tmp_path: Path)
     warm = run(env)
     assert_json(warm, quiet=True)
     assert [(r["kind"], r["status"], r["auth"]) for r in log_of(bound, warm_mark)] == [("api", 200, "dpop")]
+    assert warm_run_imports_cryptography(env)  # a DPoP run signs: it needs the package
 
     status = run_script("--status", env=env, timeout=30)
     assert status.exit_code == 0
@@ -257,6 +267,8 @@ def test_a_bearer_token_is_used_as_issued(unbound: OidcServer, tmp_path: Path) -
     warm = run(env)
     assert_json(warm, quiet=True)
     assert [(r["kind"], r["auth"], r["dpop"]) for r in log_of(unbound, warm_mark)] == [("api", "bearer", False)]
+    assert not warm_run_imports_cryptography(env)  # a Bearer warm run pays nothing for DPoP, OAUTH_DPOP=1 or not
+    assert not warm_run_imports_cryptography({**env, "OAUTH_DPOP": "0"})
     status = run_script("--status", env=env, timeout=30)
     assert "DPoP" not in status.stdout
     for result in (first, warm, status):
