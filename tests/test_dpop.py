@@ -200,7 +200,7 @@ def test_nonces_at_the_token_endpoint_and_at_the_api(strict: OidcServer, tmp_pat
     kept apart and saved, so the next run is one request, and so is a second one within the nonce's life."""
     env = dpop_env(strict, tmp_path)
     mark = strict.log_mark()
-    first = run(env, person=browser(Person()))
+    first = run(env, "--debug", person=browser(Person()))  # --debug too shows no proof, key, nonce or token
     assert_json(first)
     jkt = stored_jkt(tmp_path)
     records = log_of(strict, mark, "token", "par", "api")
@@ -211,6 +211,7 @@ def test_nonces_at_the_token_endpoint_and_at_the_api(strict: OidcServer, tmp_pat
         ("api", 401, "use_dpop_nonce", False), ("api", 200, None, True)]  # the API's nonce is its own: the
     assert "use_dpop_nonce" in records[4]["www_authenticate"]  # authorization server's is never sent there
     assert_proofs_sound(strict, records, jkt)
+    assert first.stderr.count("asked for a DPoP nonce; sending the request again with it") == 2  # --debug's
     nonces = stored_grant(tmp_path)["fetch_memos"]["dpop"]["nonces"]
     assert nonces["as"] and nonces["api"] and nonces["as"] != nonces["api"]
     never_printed(first, strict, nonces["as"], nonces["api"])
