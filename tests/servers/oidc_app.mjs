@@ -370,7 +370,8 @@ function thumbprint(jwk) {
 }
 
 function proofFacts(proof) {
-  const facts = { dpop: !!proof, dpop_nonce: false, dpop_ath: false, dpop_malformed: false };
+  const facts = { dpop: !!proof, dpop_nonce: false, dpop_ath: false, dpop_malformed: false,
+    dpop_jti: null, dpop_htm: null, dpop_htu: null, dpop_jkt: null };
   if (!proof) return facts;
   try {
     const claims = decodeJwt(proof);
