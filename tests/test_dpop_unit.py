@@ -326,3 +326,40 @@ def test_a_bearer_warm_run_does_not_import_cryptography(environ: dict[str, str])
     env = {**environ, "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(fetch_memos.__file__).parent)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_a_code_exchange_refused_for_a_nonce_is_sent_once_more(mock: Any, environ: dict[str, str]) -> None:
+    """The one retry of a token request: the refusal used nothing up (RFC 9449 section 8), so the same code goes
+    again, with a new proof carrying the nonce; then the token is DPoP-bound and kept with its key."""
+    mock.add("POST", TOKEN_URL, status=400, json={"error": "use_dpop_nonce"}, headers={"DPoP-Nonce": "as-1"})
+    mock.add("POST", TOKEN_URL, json={"access_token": ACCESS, "refresh_token": REFRESH, "token_type": "DPoP",
+                                      "expires_in": 3600}, headers={"DPoP-Nonce": "as-2"})
+    settings = settings_of(environ, "--loopback", "8765")
+    session = session_of(settings)
+    session.start_grant()
+    session.authorization_url(AUTHORIZE_URL)
+    token = session.exchange_code("code-UNIT-1")
+    assert token["token_type"] == "DPoP" and len(mock.calls) == 2
+    forms = [parse_qs(call.request.body) for call in mock.calls]
+    assert [form["code"] for form in forms] == [["code-UNIT-1"]] * 2
+    proofs = [verify(call.request.headers["DPoP"])[1] for call in mock.calls]
+    assert "nonce" not in proofs[0] and proofs[1]["nonce"] == "as-1" and proofs[0]["jti"] != proofs[1]["jti"]
+    kept = TokenStore(settings.token_file).load()[fetch_memos.META_KEY]["dpop"]
+    assert kept["nonces"] == {"as": "as-2", "api": ""} and kept["jwk"] == session.dpop.jwk
+
+
+def test_an_api_nonce_demand_is_met_once_and_the_nonce_kept(mock: Any, environ: dict[str, str]) -> None:
+    challenge = {"WWW-Authenticate": 'DPoP error="use_dpop_nonce"', "DPoP-Nonce": "api-1"}
+    mock.add("GET", API_URL, status=401, json={}, headers=challenge)
+    mock.add("GET", API_URL, json=[{"id": 1}], headers={"DPoP-Nonce": "api-1"})
+    settings = settings_of(environ)
+    session = session_of(settings)
+    session.start_grant()
+    session.take_new_token(dpop_token())
+    assert fetch_memos.call_api(session) == [{"id": 1}] and len(mock.calls) == 2
+    for call in mock.calls:
+        assert call.request.headers["Authorization"] == f"DPoP {ACCESS}"
+    proofs = [verify(call.request.headers["DPoP"])[1] for call in mock.calls]
+    assert "nonce" not in proofs[0] and proofs[1]["nonce"] == "api-1"
+    session.keep_nonces()
+    assert TokenStore(settings.token_file).load()[fetch_memos.META_KEY]["dpop"]["nonces"] == {"as": "", "api": "api-1"}
