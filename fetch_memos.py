@@ -2467,7 +2467,8 @@ def dpop_nonce_asked(response: requests.Response, server: str) -> bool:
         return False
     if server == "api":
         challenge = response.headers.get("WWW-Authenticate", "")
-        return response.status_code == 401 and "use_dpop_nonce" in challenge and "dpop" in challenge.lower()
+        dpop_scheme = any(part.strip().lower().startswith("dpop ") for part in challenge.split(","))
+        return response.status_code == 401 and dpop_scheme and "use_dpop_nonce" in challenge
     if response.status_code != 400:
         return False
     refused = oauth_error(response.content)

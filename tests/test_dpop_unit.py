@@ -164,6 +164,9 @@ def test_nonces_are_kept_per_server_and_the_newest_wins() -> None:
     ("as", answer(401, {"DPoP-Nonce": "n"}, {"error": "use_dpop_nonce"}), False),
     ("api", answer(401, {"DPoP-Nonce": "n", "WWW-Authenticate": 'DPoP error="use_dpop_nonce"'}), True),
     ("api", answer(401, {"DPoP-Nonce": "n", "WWW-Authenticate": 'DPoP error="invalid_token"'}), False),
+    ("api", answer(401, {"DPoP-Nonce": "n", "WWW-Authenticate": 'Bearer error="use_dpop_nonce"'}), False),
+    ("api", answer(401, {"DPoP-Nonce": "n", "WWW-Authenticate": 'Bearer realm="x", DPoP algs="ES256", '
+                                                                 'error="use_dpop_nonce"'}), True),
     ("api", answer(400, {"DPoP-Nonce": "n"}, {"error": "use_dpop_nonce"}), False),  # the AS's form, not the API's
 ])
 def test_which_answers_ask_for_a_nonce(server: str, response: requests.Response, asked: bool) -> None:
