@@ -343,6 +343,10 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "endpoint is known, so the browser's URL carries only client_id and request_uri; off: never (default "
             "{default})", _par,
             doc="`auto`: push the authorization request whenever a PAR endpoint is known; `off`: never"),
+    Setting("OAUTH_DPOP", "dpop", "--dpop", "0", "set to 1 to ask for DPoP-bound tokens (RFC 9449): a key pair made "
+            "when authorizing and kept with the token signs a proof for every token request and API call, so a "
+            "stolen token is useless without the key (needs the cryptography package)", _switch, switch=True,
+            doc="ask for DPoP-bound tokens (RFC 9449), see [DPoP](#dpop)"),
     Setting("MEMOS_API_URL", "api_url", "--api-url", "<server>/api/memos/",
             "the protected JSON API (default {default})", _requested_url),
     Setting("OAUTH_SCOPE", "scope", "--scope", "read", "space-separated scopes to ask for (default {default}; with "
@@ -825,8 +829,12 @@ MESSAGES: dict[str, Message] = {
                                      "must be private, as OpenSSH also insists: chmod 600 {path}"),
     "client_key_unusable": Message(2, "the client key OAUTH_CLIENT_KEY={path} cannot sign client assertions: "
                                       "{problem}."),
-    "crypto_missing": Message(2, "private_key_jwt needs the Python package cryptography, which is not installed: "
+    "crypto_missing": Message(2, "{feature} needs the Python package cryptography, which is not installed: "
                                  "`pip install cryptography` (with uv: `uv run --with cryptography fetch_memos.py`)."),
+    # -- DPoP (RFC 9449) ------------------------------------------------------------------------------------------
+    "dpop_not_bound": Message(0, "Note: the token endpoint {url} issued a {token_type} token though DPoP was asked "
+                                 "for (OAUTH_DPOP=1): it does not bind tokens to a key, so this grant's token is "
+                                 "used as issued, without DPoP proofs."),
     "packages_missing": Message(2, "the Python package {package} is not installed: run `uv run fetch_memos.py` "
                                    "(uv installs what the script needs), or `pip install -r requirements.txt` first."),
     "logout_failed": Message(1, "{problem} Not logged out: the grant may still be valid at the server, so the token "
@@ -1278,6 +1286,12 @@ def check_grant(obj: Any) -> dict[str, Any]:
             raise BadTokenFile(f"its {META_KEY} {key} is not text")
     if "scope" in meta and not (isinstance(meta["scope"], list) and all(isinstance(s, str) for s in meta["scope"])):
         raise BadTokenFile(f"its {META_KEY} scope is not a list of text")
+    dpop = meta.get("dpop", {})
+    if not (isinstance(dpop, dict) and all(isinstance(part, dict) and all(isinstance(v, str) for v in part.values())
+                                           for part in dpop.values())):
+        raise BadTokenFile(f"its {META_KEY} dpop entry is not a key and nonces")
+    if dpop.get("jwk") and not all(isinstance(dpop["jwk"].get(name), str) for name in ("kty", "crv", "x", "y", "d")):
+        raise BadTokenFile(f"its {META_KEY} dpop key is not an EC private key")
     if META_KEY in token:
         token[META_KEY] = dict(meta)
     return token
@@ -1589,7 +1603,8 @@ class TokenStore:
         """
         record = {key: value for key, value in token.items() if key != META_KEY}
         record[META_KEY] = {k: v for k, v in meta.items() if k != OTHER_GRANTS} | {"saved_at": time.time()}
-        if self._last_saved is not None and _same_token(self._last_saved, record):
+        if self._last_saved is not None and _same_token(self._last_saved, record) and (
+                self._last_saved[META_KEY].get("dpop") == record[META_KEY].get("dpop")):  # DPoP nonces change alone
             return
         key = _key_of(record)
         with self.locked():
@@ -2096,7 +2111,10 @@ def _transport_class() -> type:
             deadline = time.monotonic() + settings.timeout
             kwargs.update(allow_redirects=False, stream=True)
             first = url
-            for _hop in range(MAX_REDIRECTS + 1):
+            auth = kwargs.get("auth") or self.auth  # the request's (ClientAuth), else the session's (DPoPAuth)
+            dpop = getattr(auth, "dpop", None)
+            nonce_retried = False
+            for _hop in range(MAX_REDIRECTS + 2):
                 kwargs["timeout"] = max(deadline - time.monotonic(), 0.001)
                 try:
                     # A GET's headers are bounded per read: urllib3 retries a GET that timed out, each try a new
@@ -2110,8 +2128,18 @@ def _transport_class() -> type:
                     # whose body gets a whole OAUTH_TIMEOUT of its own
                     deadline = time.monotonic() + settings.timeout
                 if not response.is_redirect:
-                    return read_bounded(response, deadline=deadline, limit=limit, endpoint=endpoint,
-                                        timeout=settings.timeout)
+                    response = read_bounded(response, deadline=deadline, limit=limit, endpoint=endpoint,
+                                            timeout=settings.timeout)
+                    if not dpop:
+                        return response
+                    dpop.saw(response, auth.server)
+                    if nonce_retried or not dpop_nonce_asked(response, auth.server):
+                        return response
+                    # RFC 9449 sections 8 and 9: refused for want of the nonce it now sent, so nothing was used up;
+                    # sent once more, as a new request (the auth makes a new proof, and a new client assertion)
+                    log.debug("the %s asked for a DPoP nonce; sending the request again with it", endpoint)
+                    nonce_retried = True
+                    continue
                 location = urljoin(response.url, response.headers["Location"])
                 response.close()
                 if method == "GET" and same_origin(location, url):
@@ -2289,7 +2317,7 @@ def load_signing_key(path: str) -> tuple[str, Callable[[bytes], bytes]]:
         from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
         from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
     except ImportError:
-        raise fail("crypto_missing") from None
+        raise fail("crypto_missing", feature="private_key_jwt") from None
     data = read_client_key(Path(path))
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -2342,6 +2370,178 @@ def hs256_signer(secret: str) -> Callable[[bytes], bytes]:
     return lambda signing_input: hmac.new(key, signing_input, hashlib.sha256).digest()
 
 
+NONCE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}  # RFC 9449 section 8.1: NQCHAR
+
+
+def dpop_htu(url: str) -> str:
+    """RFC 9449 section 4.2: the request URL without query and fragment, normalized as section 4.3 compares it
+    (RFC 3986 sections 6.2.2 and 6.2.3: scheme and host in lower case, the default port left out, "/" for no path)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    netloc = host if port is None or port == {"http": 80, "https": 443}.get(scheme) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path or '/'}"
+
+
+def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
+    """RFC 7638 section 3: SHA-256 of the key's required members (EC: crv, kty, x, y), sorted, no white space;
+    what a DPoP-bound token's cnf.jkt holds and the authorization request's dpop_jkt sends (RFC 9449 section 10)."""
+    import hashlib
+
+    members = {name: jwk[name] for name in ("crv", "kty", "x", "y")}
+    return _b64url(hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).digest())
+
+
+def _int_b64(value: int) -> str:
+    return _b64url(value.to_bytes(32, "big"))
+
+
+def dpop_signer(private_jwk: Mapping[str, str] | None = None) -> tuple[dict[str, str], Callable[[bytes], bytes]]:
+    """(the private JWK, ES256 sign) of a new P-256 key, or of the one a grant keeps; the only other use of the
+    optional `cryptography` package, imported by DPoP runs alone (RFC 7518 section 3.4: r || s, not DER)."""
+    try:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+    except ImportError:
+        raise fail("crypto_missing", feature="DPoP (OAUTH_DPOP=1)") from None
+    import base64
+
+    if private_jwk is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        numbers = key.private_numbers()
+        private_jwk = {"kty": "EC", "crv": "P-256", "x": _int_b64(numbers.public_numbers.x),
+                       "y": _int_b64(numbers.public_numbers.y), "d": _int_b64(numbers.private_value)}
+    else:
+        d = base64.urlsafe_b64decode(private_jwk["d"] + "=" * (-len(private_jwk["d"]) % 4))
+        key = ec.derive_private_key(int.from_bytes(d, "big"), ec.SECP256R1())
+    remember_secret(private_jwk["d"])
+
+    def sign(signing_input: bytes) -> bytes:
+        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    return dict(private_jwk), sign
+
+
+def dpop_proof(private_jwk: Mapping[str, str], sign: Callable[[bytes], bytes], method: str, url: str, *,
+               nonce: str = "", access_token: str = "", now: float | None = None) -> str:
+    """A DPoP proof (RFC 9449 section 4.2): a JWS of typ dpop+jwt with the public key in its header; a new jti every
+    time, so a retry is a new proof; `nonce` when the server gave one (section 8), `ath` on a resource request
+    (section 7: base64url of the SHA-256 of the access token)."""
+    import hashlib
+
+    header = {"typ": "dpop+jwt", "alg": "ES256",
+              "jwk": {name: private_jwk[name] for name in ("kty", "crv", "x", "y")}}  # never d
+    claims: dict[str, Any] = {"jti": secrets.token_urlsafe(24), "htm": method.upper(), "htu": dpop_htu(url),
+                              "iat": int(time.time() if now is None else now)}
+    if nonce:
+        claims["nonce"] = nonce
+    if access_token:
+        claims["ath"] = _b64url(hashlib.sha256(access_token.encode("utf-8")).digest())  # ASCII in any real token
+    signing_input = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode("utf-8"))
+                             for part in (header, claims))
+    proof = f"{signing_input}.{_b64url(sign(signing_input.encode('ascii')))}"
+    remember_secret(proof)  # good for one request only, and still never shown
+    return proof
+
+
+class DPoP:
+    """One grant's DPoP state: its key (made when authorizing, kept with the token) and the latest nonce of each
+    server. The authorization server's and the API's nonces are kept apart: they may share an origin, and a server
+    refuses a nonce it did not issue (RFC 9449 sections 8 and 9). Empty (no key): the grant is not DPoP-bound."""
+
+    SERVERS = ("as", "api")
+
+    def __init__(self, record: Mapping[str, Any] | None = None) -> None:
+        self.load(record)
+
+    def load(self, record: Mapping[str, Any] | None) -> None:
+        """Take a grant's record (what record() wrote); None or {} for a grant that is not DPoP-bound."""
+        record = record or {}
+        self.jwk: dict[str, str] | None = dict(record["jwk"]) if record.get("jwk") else None
+        self.nonces: dict[str, str] = {server: str((record.get("nonces") or {}).get(server, ""))
+                                       for server in self.SERVERS}
+        self.changed = False  # a nonce changed since the grant was loaded or saved: worth saving
+        self._sign: Callable[[bytes], bytes] | None = None
+        if self.jwk:
+            remember_secret(self.jwk.get("d"))
+
+    def __bool__(self) -> bool:
+        return self.jwk is not None
+
+    def new_key(self) -> None:
+        """RFC 9449 section 5: a new authorization, a new key (and no nonce of the old grant's)."""
+        self.jwk, self._sign = dpop_signer()
+        self.nonces = dict.fromkeys(self.SERVERS, "")
+
+    @property
+    def thumbprint(self) -> str:
+        return jwk_thumbprint(self.jwk) if self.jwk else ""
+
+    def record(self) -> dict[str, Any]:
+        """What the token file keeps (inside the grant's meta: the file is 0600, atomic, locked)."""
+        return {"jwk": dict(self.jwk), "nonces": dict(self.nonces)} if self.jwk else {}
+
+    def proof(self, method: str, url: str, server: str, access_token: str = "") -> str:
+        if self._sign is None:
+            self.jwk, self._sign = dpop_signer(self.jwk)
+        return dpop_proof(self.jwk, self._sign, method, url, nonce=self.nonces[server], access_token=access_token)
+
+    def saw(self, response: requests.Response, server: str) -> str:
+        """Keep the DPoP-Nonce of any answer (section 8.2: the newest replaces the one held); the nonce, or ""."""
+        nonce = response.headers.get("DPoP-Nonce", "")
+        if not nonce or len(nonce) > 1024 or not set(nonce) <= NONCE_CHARS:
+            return ""
+        if nonce != self.nonces[server]:
+            self.nonces[server] = nonce
+            self.changed = True
+        return nonce
+
+
+def dpop_nonce_asked(response: requests.Response, server: str) -> bool:
+    """The server refused the proof for want of its nonce and sent one (RFC 9449 section 8: a 400 use_dpop_nonce
+    from the authorization server; section 9: a 401 whose DPoP challenge says use_dpop_nonce): the request was not
+    served, so it may be sent once more, as a new request with a new proof."""
+    if not response.headers.get("DPoP-Nonce"):
+        return False
+    if server == "api":
+        challenge = response.headers.get("WWW-Authenticate", "")
+        dpop_scheme = any(part.strip().lower().startswith("dpop ") for part in challenge.split(","))
+        return response.status_code == 401 and dpop_scheme and "use_dpop_nonce" in challenge
+    if response.status_code != 400:
+        return False
+    refused = oauth_error(response.content)
+    return refused is not None and refused.error == "use_dpop_nonce"
+
+
+@functools.cache
+def _dpop_auth_class() -> type:
+    """DPoPAuth: the API's side of a DPoP-bound grant (RFC 9449 section 7), as an AuthBase, since oauthlib refuses to
+    add a token whose type is not Bearer or MAC: the session adds it as Bearer, and this turns it into DPoP."""
+    import requests
+
+    class DPoPAuth(requests.auth.AuthBase):
+        server = "api"
+
+        def __init__(self, dpop: DPoP) -> None:
+            self.dpop = dpop
+
+        def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+            scheme, _, access_token = request.headers.get("Authorization", "").partition(" ")
+            if self.dpop and scheme.lower() == "bearer" and access_token:
+                # read from the request, not kept here: requests-oauthlib may have refreshed just before
+                request.headers["Authorization"] = f"DPoP {access_token}"
+                request.headers["DPoP"] = self.dpop.proof(request.method or "GET", request.url or "", self.server,
+                                                          access_token=access_token)
+            return request
+
+    return DPoPAuth
+
+
 @functools.cache
 def _client_auth_class() -> type:
     """ClientAuth, built on first use so that --help and --status never import requests (as _oauth2_session_class).
@@ -2356,7 +2556,11 @@ def _client_auth_class() -> type:
         """Client authentication (RFC 6749 section 2.3.1), one encoder per CLIENT_AUTH_METHODS entry, as Authlib's
         ClientAuth; plus the request extras (request_extras) for the requests that carry them."""
 
-        def __init__(self, settings: Settings, *, extras: Mapping[str, str] | None = None) -> None:
+        server = "as"  # whose DPoP nonce the proofs carry (RFC 9449 section 8)
+
+        def __init__(self, settings: Settings, *, extras: Mapping[str, str] | None = None,
+                     dpop: DPoP | None = None) -> None:
+            self.dpop = dpop  # the grant's DPoP state: a proof on each request while it holds a key
             # one encoder per CLIENT_AUTH_METHODS entry: adding a method is one method here and one name there
             self.encode: Callable[[requests.PreparedRequest], dict[str, str]] = {
                 "basic": self.basic, "post": self.post, "none": self.none, "private_key_jwt": self.private_key_jwt,
@@ -2373,6 +2577,8 @@ def _client_auth_class() -> type:
             self.audience = settings.issuer if settings.issuer_explicit else settings.token_url
 
         def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+            if self.dpop:  # RFC 9449 section 5 (token requests), RFC 9126 with section 10.1 (PAR)
+                request.headers["DPoP"] = self.dpop.proof(request.method or "POST", request.url or "", self.server)
             fields = {**self.encode(request), **self.extras}
             if fields:
                 body = request.body.decode() if isinstance(request.body, bytes) else (request.body or "")
@@ -2445,8 +2651,12 @@ class MemoSession:
         self.oauth.register_compliance_hook("access_token_response", check)
         self.oauth.register_compliance_hook("refresh_token_response", check)
         self.oauth.register_compliance_hook("refresh_token_request", _without_scope)
-        self.client_auth = _client_auth_class()(settings)  # revocation: no request extras
-        self.token_auth = _client_auth_class()(settings, extras=request_extras(settings))
+        self.dpop = DPoP()  # the grant's key and nonces (RFC 9449); empty unless the grant is DPoP-bound
+        # A DPoP proof goes to the token endpoint (RFC 9449 section 5) and the PAR endpoint (section 10.1) only.
+        self.client_auth = _client_auth_class()(settings)  # revocation: no request extras, no DPoP proof
+        self.par_auth = _client_auth_class()(settings, dpop=self.dpop)  # PAR: the extras are in its body already
+        self.token_auth = _client_auth_class()(settings, extras=request_extras(settings), dpop=self.dpop)
+        self.device_auth = _client_auth_class()(settings, extras=request_extras(settings))  # device authorization
         self.asked_scope: tuple[str, ...] = settings.scope
         self.pushed = False  # the last authorization request went by PAR (RFC 9126)
         # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
@@ -2471,7 +2681,13 @@ class MemoSession:
         if asked is not None:  # a stored token says what its grant asked for; a refreshed one keeps that
             self.asked_scope = asked
         remember_secret(self.token.get("access_token"), self.token.get("refresh_token"))
+        meta = self.token.get(META_KEY)
+        if isinstance(meta, dict):  # a stored grant brings its own DPoP key and nonces (a fresh answer keeps ours)
+            self.dpop.load(meta.get("dpop"))
         session_copy = {key: value for key, value in self.token.items() if key != META_KEY}
+        if str(session_copy.get("token_type", "")).lower() == "dpop":
+            # oauthlib adds only Bearer and MAC tokens: it adds this one as Bearer, and DPoPAuth makes it DPoP
+            session_copy["token_type"] = "Bearer"
         if isinstance(session_copy.get("expires_at"), (int, float)):
             session_copy["expires_at"] = session_copy["expires_at"] - refresh_margin(session_copy)
         self.oauth.token = session_copy
@@ -2482,11 +2698,35 @@ class MemoSession:
         instead of sending the request."""
 
     def _save(self, token: Mapping[str, Any]) -> None:
+        meta = token_meta(self.settings, self.asked_scope)
+        if self.dpop:
+            meta["dpop"] = self.dpop.record()
+            self.dpop.changed = False
         try:
-            self.store.save(token, token_meta(self.settings, self.asked_scope))
+            self.store.save(token, meta)
         except TokenNotSaved as exc:
             # The run can still succeed; say so, since the next run cannot reuse this token.
             warn(f"{exc}. The next run will have to authorize again.")
+
+    def keep_nonces(self) -> None:
+        """Save the grant again when a server sent a new DPoP nonce, so the next run's first proof carries it and
+        stays one request (RFC 9449 section 8.2). Only onto the very token held: another run may have refreshed."""
+        if not (self.dpop and self.dpop.changed and self.token.get("access_token")):
+            return
+        try:
+            with self.store.locked():
+                stored = self.store.load()
+                if stored is not None and _same_token(stored, self.token):
+                    self._save(self.token)
+        except FetchMemosError as exc:  # the file busy or unreadable: the next run just meets the nonce demand
+            log.debug("the new DPoP nonce was not saved: %s", exc)
+
+    def start_grant(self) -> None:
+        """A new authorization: with OAUTH_DPOP=1 a new key pair (RFC 9449 section 5), else no DPoP."""
+        if self.settings.dpop:
+            self.dpop.new_key()
+        else:
+            self.dpop.load(None)
 
     # -- getting tokens ------------------------------------------------------------------------
 
@@ -2498,10 +2738,13 @@ class MemoSession:
         if "offline_access" in self.settings.scope:
             # OpenID Connect Core section 11: offline_access is ignored unless consent is asked for.
             extra["prompt"] = "consent"
+        self.pushed = bool(self.settings.par_url) and self.settings.par == "auto"
+        if self.dpop and not self.pushed:
+            # RFC 9449 section 10: binds the code to the key; a pushed request has the PAR request's proof instead
+            extra["dpop_jkt"] = self.dpop.thumbprint
         with _oauthlib_transport(self.settings):
             url, state = self.oauth.authorization_url(authorize_url, state=state, **extra)
         remember_secret(self.oauth._code_verifier)
-        self.pushed = bool(self.settings.par_url) and self.settings.par == "auto"
         if self.pushed:
             url = self.push_authorization_request(url)
         return url, state
@@ -2515,7 +2758,7 @@ class MemoSession:
         """
         parts = urlsplit(url)
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
-        response = self.post_form(self.settings.par_url, params, extras=False)  # the extras are in the URL already
+        response = self.post_form(self.settings.par_url, params, extras=False, proof=True)  # extras: in the URL
         request_uri = pushed_request_uri(self, response)
         return parts._replace(query=urlencode({"client_id": params.get("client_id", self.settings.client_id),
                                                "request_uri": request_uri})).geturl()
@@ -2548,6 +2791,12 @@ class MemoSession:
         """
         token = dict(token)
         self.asked_scope = self.settings.scope
+        token_type = str(token.get("token_type", ""))
+        if self.dpop and token_type.lower() != "dpop":
+            # RFC 9449 section 5: a server that does not bind tokens answers Bearer; the token works as issued
+            shown = _printable(token_type or "untyped", 40)
+            say(MESSAGES["dpop_not_bound"].text.format(url=self.settings.token_url, token_type=shown))
+            self.dpop.load(None)
         granted = granted_scope(token, self.asked_scope)
         missing = [scope for scope in self.asked_scope if scope not in granted]
         if missing:
@@ -2594,6 +2843,10 @@ class MemoSession:
         """
         import requests
 
+        if self.dpop and getattr(self.oauth.auth, "dpop", None) is not self.dpop:
+            # The session's auth (in place of requests-oauthlib's no-op), not the request's: its auto refresh takes
+            # a request's auth away for the refresh request, and the API call after it would go without a proof.
+            self.oauth.auth = _dpop_auth_class()(self.dpop)
         adapter = self.oauth.get_adapter(url)
         configured = adapter.max_retries
         spent = 0
@@ -2637,15 +2890,19 @@ class MemoSession:
             response = self.get(url)
         return response
 
-    def post_form(self, url: str, data: Mapping[str, str], *, extras: bool = True) -> requests.Response:
+    def post_form(self, url: str, data: Mapping[str, str], *, extras: bool = True,
+                  proof: bool = False) -> requests.Response:
         """A POST with the client authenticated and no bearer token (device flow; revocation and PAR with
-        extras=False)."""
+        extras=False; PAR with proof=True, which carries a DPoP proof as token endpoint requests do)."""
         import requests
 
+        if extras:
+            auth = self.token_auth if url == self.settings.token_url else self.device_auth
+        else:
+            auth = self.par_auth if proof else self.client_auth
         try:
             with _oauthlib_transport(self.settings):
-                return self.oauth.post(url, data=data, timeout=self.settings.timeout, withhold_token=True,
-                                       auth=self.token_auth if extras else self.client_auth)
+                return self.oauth.post(url, data=data, timeout=self.settings.timeout, withhold_token=True, auth=auth)
         except requests.exceptions.RequestException as exc:
             raise request_failed(exc, url, self.settings.timeout) from None
 
@@ -3572,6 +3829,7 @@ def authorize(session: MemoSession, settings: Settings, environ: Mapping[str, st
     check_token_folder(settings)
     if settings.par_required and settings.par == "off" and not settings.device_flow:
         raise fail("par_required")
+    session.start_grant()
     if settings.device_flow:  # the device authorization request checks the server and the client itself
         token = authorize_with_device(session, settings, environ)
     elif settings.is_oob:
@@ -3680,6 +3938,8 @@ def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
             session.use({})
             authorize(session, settings, terminal.environ)
             return call_api(session)
+        finally:
+            session.keep_nonces()
     finally:
         session.close()
 
@@ -3769,6 +4029,9 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     else:
         lines.append("Access token:  expiry unknown")
     lines.append(f"Refresh token: {'stored (refreshed automatically)' if token.get('refresh_token') else 'none'}")
+    dpop = meta.get("dpop") or {}
+    if dpop.get("jwk"):  # the key's RFC 7638 thumbprint (the token's cnf.jkt), never the key
+        lines.append(f"DPoP:          bound to the key with thumbprint {jwk_thumbprint(dpop['jwk'])} (RFC 9449)")
     lines += endpoint_lines(settings) + other_grant_lines(store)
     added = scope_added(token, settings)
     if added:

@@ -32,14 +32,14 @@ VARIABLES = [
     "MEMOS_API_URL", "OAUTH_SCOPE", "OAUTH_REDIRECT_URI", "OAUTH_TOKEN_FILE", "OAUTH_TIMEOUT", "OAUTH_LOGIN_TIMEOUT",
     "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_CLIENT_AUTH", "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL",
     "OAUTH_RESOURCE", "OAUTH_DEVICE_FLOW", "OAUTH_CA_BUNDLE",
-    "OAUTH_CLIENT_KEY", "OAUTH_CLIENT_KEY_ID", "OAUTH_PAR", "OAUTH_PAR_URL",  # issue 16
+    "OAUTH_CLIENT_KEY", "OAUTH_CLIENT_KEY_ID", "OAUTH_PAR", "OAUTH_PAR_URL", "OAUTH_DPOP",  # issue 16
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
     "--revoke-url", "--api-url", "--scope", "--redirect-uri", "--token-file", "--timeout", "--login-timeout",
     "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version", "--client-auth", "--issuer",
     "--device-authorization-url", "--resource", "--device",
-    "--client-key", "--client-key-id", "--par", "--par-url",  # issue 16
+    "--client-key", "--client-key-id", "--par", "--par-url", "--dpop",  # issue 16
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 

@@ -219,7 +219,8 @@ class OidcServer:
     Switches, all off by default (oidc_app.mjs's header says how each is made):
     ``require_par`` (RFC 9126 §5), ``dpop_required`` (every client's ``dpop_bound_access_tokens``),
     ``token_nonce`` (DPoP nonces at the token and PAR endpoints), ``api_nonce_ttl`` (> 0: the API's own
-    rotating DPoP nonces), ``resource_metadata`` (RFC 9728 document and challenge parameter),
+    rotating DPoP nonces), ``dpop_off`` (DPoP turned off: proofs ignored, every token Bearer),
+    ``resource_metadata`` (RFC 9728 document and challenge parameter),
     ``registration`` ("open" or "token", with ``initial_access_token``), ``step_up_acr`` / ``step_up_max_age``
     (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node keeps an idle connection
     (None: Node's 5 s, which a client polling every 5-6 s can meet as a reset connection).
@@ -238,6 +239,7 @@ class OidcServer:
     dpop_required: bool = False
     token_nonce: bool = False
     api_nonce_ttl: int = 0
+    dpop_off: bool = False
     private_key_jwk: dict[str, str] | None = None
     more_client_jwks: tuple[dict[str, str], ...] = ()  # more public keys of that client (an RSA one, say)
     client_secret_jwt: bool = False
@@ -294,6 +296,7 @@ class OidcServer:
             "require_par": self.require_par,
             "token_nonce": self.token_nonce,
             "api_nonce_ttl": self.api_nonce_ttl,
+            "dpop_off": self.dpop_off,
             "resource_metadata": self.resource_metadata,
             "registration": self.registration,
             "initial_access_token": self.initial_access_token,
@@ -535,7 +538,8 @@ class OidcServer:
         status, remote_port, grant_type, auth (the Authorization scheme, lower case), client_auth
         (basic / post / none, as the other servers' logs say, or private_key_jwt / client_secret_jwt, at the
         endpoints that authenticate clients), body_keys, query_keys, params (non-secret values), has (secret parameter
-        names), dpop (a proof was sent), dpop_nonce / dpop_ath (the proof carried them), dpop_nonce_sent (the
+        names), dpop (a proof was sent), dpop_nonce / dpop_ath (the proof carried them), dpop_jti / dpop_htm /
+        dpop_htu / dpop_jkt (the proof's jti, htm, htu and its key's RFC 7638 thumbprint), dpop_nonce_sent (the
         answer carried DPoP-Nonce), www_authenticate, error, response (non-secret parts of the answer).
         """
         records = [json.loads(line) for line in self._read_log_lines()[since:] if line.strip()]

@@ -11,6 +11,8 @@
 //   require_par           PAR required for every authorization request (RFC 9126 §5)
 //   token_nonce           DPoP nonces required at the token and PAR endpoints (RFC 9449 §8)
 //   api_nonce_ttl         > 0: the API demands its own DPoP nonces, each living this many seconds (RFC 9449 §9)
+//   dpop_off              DPoP turned off: proofs are ignored and every token is a Bearer token (a server that
+//                         does not bind tokens, RFC 9449 §5)
 //   resource_metadata     the API publishes RFC 9728 metadata and names it in its 401 challenge
 //   registration          "off" | "open" | "token" (RFC 7591; "token": an initial access token is needed)
 //   initial_access_token  the value that "token" registration accepts
@@ -150,7 +152,7 @@ function providerConfig(issuer) {
       introspection: { enabled: true },
       pushedAuthorizationRequests: { enabled: true, requirePushedAuthorizationRequests: !!config.require_par },
       dPoP: {
-        enabled: true,
+        enabled: !config.dpop_off,
         nonceSecret: crypto.randomBytes(32),
         requireNonce: () => !!config.token_nonce,
       },
@@ -359,12 +361,24 @@ function clientAuth(authorization, params) {
   return params.client_secret !== undefined ? 'post' : 'none';
 }
 
+// A proof's jti, htm, htu and key thumbprint (RFC 7638) are logged: none is a secret, and they show that no jti
+// repeats and that every proof of a grant is made with one key.
+function thumbprint(jwk) {
+  if (!jwk || jwk.kty !== 'EC') return null;
+  const members = JSON.stringify({ crv: jwk.crv, kty: jwk.kty, x: jwk.x, y: jwk.y });
+  return crypto.createHash('sha256').update(members).digest('base64url');
+}
+
 function proofFacts(proof) {
-  const facts = { dpop: !!proof, dpop_nonce: false, dpop_ath: false, dpop_malformed: false };
+  const facts = { dpop: !!proof, dpop_nonce: false, dpop_ath: false, dpop_malformed: false,
+    dpop_jti: null, dpop_htm: null, dpop_htu: null, dpop_jkt: null };
   if (!proof) return facts;
   try {
     const claims = decodeJwt(proof);
-    return { ...facts, dpop_nonce: typeof claims.nonce === 'string', dpop_ath: typeof claims.ath === 'string' };
+    const header = decodeProtectedHeader(proof);
+    return { ...facts, dpop_nonce: typeof claims.nonce === 'string', dpop_ath: typeof claims.ath === 'string',
+      dpop_jti: claims.jti ?? null, dpop_htm: claims.htm ?? null, dpop_htu: claims.htu ?? null,
+      dpop_jkt: thumbprint(header.jwk) };
   } catch {
     return { ...facts, dpop_malformed: true };
   }
