@@ -3971,7 +3971,11 @@ def command_fetch(settings: Settings, store: TokenStore, terminal: Terminal) -> 
 
 
 def _when(timestamp: float) -> str:
-    moment = _dt.datetime.fromtimestamp(timestamp).astimezone()
+    """A moment as local time and how far away; a file can hold any number, so one no calendar has is said as is."""
+    try:
+        moment = _dt.datetime.fromtimestamp(timestamp).astimezone()
+    except (ValueError, OverflowError, OSError):  # before year 1, after 9999, or beyond the C library's time_t
+        return f"{timestamp!r} (not a date)"
     delta = int(timestamp - time.time())
     human = duration(abs(delta))
     relative = f"in {human}" if delta >= 0 else f"{human} ago"
