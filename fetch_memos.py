@@ -902,10 +902,10 @@ MESSAGES: dict[str, Message] = {
     "registration_unusable": Message(1, "the registration endpoint {url} answered {answered} without a usable "
                                         "client_id."),
     "step_up_needs_person": Message(
-        3, "the API at {url} asks for a stronger login: {what} (RFC 9470){note}. Authorizing needs a person at a "
+        3, "the API at {url} asks for a stronger login: {asked} (RFC 9470){note}. Authorizing needs a person at a "
            "terminal: run fetch_memos.py interactively once."),
     "step_up_refused": Message(
-        3, "the API at {url} still asks for {what} after a new login that asked for it (RFC 9470){note}; "
+        3, "the API at {url} still asks for {asked} after a new login that asked for it (RFC 9470){note}; "
            "fetch_memos steps up once, not again."),
     # -- the client's key (private_key_jwt, RFC 7523) ------------------------------------------------------------
     "client_key_unreadable": Message(2, "cannot read the client key OAUTH_CLIENT_KEY={path} ({problem})."),
@@ -4069,8 +4069,8 @@ def step_up_words(asked: StepUpRequired, settings: Settings) -> tuple[str, str]:
     wants = [f"acr_values={asked.acr_values}"] if asked.acr_values else []
     if asked.max_age is not None:
         wants.append(f"a login at most {asked.max_age} s old (max_age={asked.max_age})")
-    note = ("; acr_values and max_age are OpenID Connect parameters, which a server may ignore without openid in "
-            "OAUTH_SCOPE, and it lacks openid" if "openid" not in settings.scope else "")
+    note = ("; acr_values and max_age are OpenID Connect parameters, which a server may ignore or refuse without "
+            "openid in OAUTH_SCOPE, and it lacks openid" if "openid" not in settings.scope else "")
     return " and ".join(wants) or "a stronger login", note
 
 
@@ -4086,16 +4086,23 @@ def call_api_stepping_up(session: MemoSession, terminal: Terminal) -> Any:
         url = settings.api_url
         what, note = step_up_words(asked, settings)
         if not terminal.can_authorize:
-            raise fail("step_up_needs_person", url=url, what=what, note=note) from None
+            raise fail("step_up_needs_person", url=url, asked=what, note=note) from None
         say(f"The API asks for a stronger login: {what}; authorizing again with it{note}.")
         stepped = settings._replace(acr_values=asked.acr_values or settings.acr_values,
                                     max_age=asked.max_age if asked.max_age is not None else settings.max_age)
         session.settings = session.oauth.settings = stepped
-        authorize(session, stepped, terminal.environ)
+        try:
+            authorize(session, stepped, terminal.environ)
+        except FetchMemosError as exc:
+            if not note:
+                raise
+            # A server may refuse the parameters outright without openid: the one line says why they were sent.
+            raise type(exc)(f"{str(exc).rstrip('.')}; the API asked for {what} (RFC 9470){note}.",
+                            what=exc.what) from None
     try:
         return call_api(session)
     except StepUpRequired:
-        raise fail("step_up_refused", url=url, what=what, note=note) from None
+        raise fail("step_up_refused", url=url, asked=what, note=note) from None
 
 
 def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
