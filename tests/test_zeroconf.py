@@ -255,11 +255,18 @@ def test_acr_values_up_front(stepping: OidcServer, tmp_path: Path) -> None:
 
 
 # -- refusals (RFC 9728 section 7) ----------------------------------------------------------------------------------
+def refusal(server: OidcServer, tmp_path: Path) -> str:
+    """A first run from the API alone, which must stop with exit 2 and one line, before any browser."""
+    result = run(api_env(server, tmp_path), person=browser(Person()))
+    assert result.authorize_urls == []
+    never_printed(server, result)
+    return assert_fails(result, 2, only=True)
+
+
 def test_resource_metadata_on_another_origin_is_refused(elsewhere: OidcServer, open_api: OidcServer,
                                                         tmp_path: Path) -> None:
     mark, theirs = elsewhere.log_mark(), open_api.log_mark()
-    result = run(api_env(elsewhere, tmp_path), person=browser(Person()))
-    line = assert_fails(result, 2, only=True)
+    line = refusal(elsewhere, tmp_path)
     assert line == (f"fetch_memos: the API at {elsewhere.memos_url} names its resource metadata at "
                     f"{open_api.resource_metadata_url}, on another origin; fetch_memos takes it only from the API's "
                     "own origin (RFC 9728 section 7: a mix-up defence), so nothing was sent there. Set OAUTH_ISSUER "
@@ -271,8 +278,7 @@ def test_resource_metadata_on_another_origin_is_refused(elsewhere: OidcServer, o
 
 def test_a_document_naming_another_resource_is_refused(mismatch: OidcServer, tmp_path: Path) -> None:
     mark = mismatch.log_mark()
-    result = run(api_env(mismatch, tmp_path), person=browser(Person()))
-    line = assert_fails(result, 2, only=True)
+    line = refusal(mismatch, tmp_path)
     assert line == (f"fetch_memos: the protected resource metadata at {mismatch.resource_metadata_url} is for the "
                     f"resource 'https://api.example.com/memos/', not MEMOS_API_URL={mismatch.memos_url} (RFC 9728 "
                     "section 3.3); it was refused, and nothing was sent to the server it names. Set MEMOS_API_URL "
