@@ -19,6 +19,7 @@ import pytest
 from test_fapi import browser, log_of
 
 from runner import assert_clean, assert_fails, assert_json, run_script, script_env
+from servers.doorkeeper import DoorkeeperServer
 from servers.oidc import MFA_ACR, OidcServer, Person, node_stack_available
 
 pytestmark = [pytest.mark.oidc, pytest.mark.timeout(180)]
@@ -149,6 +150,50 @@ def test_from_the_api_alone_to_the_json_and_back(open_api: OidcServer, tmp_path:
         forget.stderr)
     assert not (tmp_path / "token.pickle.clients.json").exists()
     never_printed(open_api, first, warm, status, logout, again, forget)
+
+
+def test_from_the_api_with_a_client_registered_by_hand(open_api: OidcServer, tmp_path: Path) -> None:
+    """MEMOS_API_URL, CLIENT_ID and CLIENT_SECRET only: discovery, no registration; login, warm run, refresh,
+    logout; the client authenticates as configured."""
+    env = api_env(open_api, tmp_path, CLIENT_ID=open_api.client_id, CLIENT_SECRET=open_api.client_secret)
+    mark = open_api.log_mark()
+    first = run(env, "--loopback", person=browser(Person()))
+    assert_json(first)
+    assert registrations(open_api, mark) == []
+    assert [k for k, _ in kinds(open_api, mark, *DISCOVERY)] == ["api", "resource_metadata", "metadata", "api"]
+    mark = open_api.log_mark()
+    assert_json(run(env), quiet=True)
+    assert kinds(open_api, mark) == [("api", 200)]
+    assert open_api.age_tokens(7200) >= 1
+    mark = open_api.log_mark()
+    refreshed = run(env)
+    assert_json(refreshed)
+    assert [(r["grant_type"], r["client_auth"], r["params"]["resource"]) for r in log_of(open_api, mark, "token")] == [
+        ("refresh_token", "basic", open_api.memos_url)]
+    logout = run(env, "--logout")
+    assert logout.exit_code == 0 and "Logged out" in logout.stderr and "registration" not in logout.stderr
+    never_printed(open_api, first, refreshed, logout)
+
+
+@pytest.mark.doorkeeper
+def test_an_api_that_publishes_no_resource_metadata_is_asked_once(rotation: DoorkeeperServer,
+                                                                  tmp_path: Path) -> None:
+    """Doorkeeper publishes none: today's defaults apply (CLIENT_ID required), and the lookup is not repeated."""
+    env = script_env({"MEMOS_API_URL": rotation.memos_url, "CLIENT_ID": rotation.client_id,
+                      "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), "OAUTH_TIMEOUT": "10"})
+    mark = rotation.log_mark()
+    first = run(env, tty=False)
+    assert_fails(first, 3, "no token is stored yet", only=True)
+    assert [(e.path, e.status) for e in rotation.access_log(since=mark)] == [
+        ("/api/memos/", 401), ("/.well-known/oauth-protected-resource/api/memos/", 404)]
+    mark = rotation.log_mark()
+    assert_fails(run(env, tty=False), 3, "no token is stored yet", only=True)
+    assert rotation.access_log(since=mark) == []
+    status = run(env, "--status", tty=False)
+    assert "Issuer:        http://localhost:3801 (from OAUTH_SERVER_URL; no metadata is fetched)" in status.stdout
+    without_client = run(script_env({**env, "CLIENT_ID": ""}), tty=False)
+    assert_fails(without_client, 2, "CLIENT_ID is not set, and the API at", "publishes no resource metadata",
+                 only=True)
 
 
 # -- protected registration (RFC 7591 section 3) -------------------------------------------------------------------
