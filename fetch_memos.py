@@ -18,8 +18,8 @@ reused, and refreshed, on later runs without asking.  `python fetch_memos.py --h
 The file reads top to bottom in the order a run meets things; each banner says what its section owns:
    1. Settings          defaults < .env < environment < flags, validated once
    2. Errors, messages  the catalogue of failures and their exit codes; redaction of secrets
-   3. Files             the token store and the metadata cache (private, atomic, locked)
-   4. Server metadata   RFC 8414 discovery: settings + metadata -> the endpoints a run uses
+   3. Files             the token store, the metadata cache, the client registrations (private, atomic, locked)
+   4. Server metadata   RFC 9728 (from the API alone), RFC 8414, RFC 7591 registration -> endpoints and client
    5. Session           the OAuth2Session, client authentication, refresh; the only code that talks HTTP
    6. Grant rules       what a token answer means; what a stored token is good for
    7. The code grant    PKCE + state, the out-of-band paste or the loopback listener, the code exchange
@@ -63,14 +63,16 @@ __all__ = [
     "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_ANSWER_BYTES", "MAX_API_BYTES", "MAX_GRANTS",
     "MAX_JSON_DEPTH", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS",
     "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS", "AuthorizationError",
-    "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError", "GrantKey",
-    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
-    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "answered",
-    "apply_metadata", "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos", "grant_key",
-    "is_expiring", "is_loopback_host", "load_settings", "main", "metadata_urls", "nested_deeper_than", "oauth_error",
-    "oauth_failure", "parse_pasted", "parse_token_bytes", "print_json", "read_pasted_code", "readable_user_code",
-    "redact", "remember_secret", "request_device_authorization", "resolve_endpoints", "same_origin",
-    "sane_expires_in", "should_open_browser", "terminal_text", "tls_failure", "token_meta", "token_mismatch",
+    "BadTokenFile", "ClientRegistrations", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
+    "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError",
+    "Settings", "StepUpRequired", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError",
+    "WaitingLine", "answered", "apply_metadata", "authorize", "bearer_challenge", "build_parser", "call_api",
+    "check_resource_metadata", "command_status", "fail", "get_memos", "grant_key", "is_expiring", "is_loopback_host",
+    "load_settings", "main", "metadata_urls", "nested_deeper_than", "oauth_error", "oauth_failure", "parse_challenges",
+    "parse_pasted", "parse_token_bytes", "print_json", "read_pasted_code", "readable_user_code", "redact",
+    "register_client", "registered_client", "registration_request", "remember_secret", "request_device_authorization",
+    "resolve_endpoints", "resource_metadata_url", "same_origin", "sane_expires_in", "should_open_browser",
+    "step_up_challenge", "terminal_text", "tls_failure", "token_meta", "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
@@ -1966,7 +1968,8 @@ class ClientRegistrations:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Server metadata (RFC 8414): settings + the issuer's metadata -> the endpoints a run uses.
+# 4. Server metadata: the API's protected resource metadata (RFC 9728) when starting from the API alone, the
+#    issuer's metadata (RFC 8414), dynamic client registration (RFC 7591) -> the endpoints and client a run uses.
 # ---------------------------------------------------------------------------------------------
 
 METADATA_MAX_AGE = 24 * 3600  # seconds a cached copy is trusted; servers rarely move their endpoints
