@@ -891,6 +891,10 @@ MESSAGES: dict[str, Message] = {
         2, "CLIENT_ID is not set, and the API at {api} publishes no resource metadata (RFC 9728) naming a server "
            "that could register fetch_memos. Set CLIENT_ID (and CLIENT_SECRET) in .env with the client credentials "
            "of your OAuth application, and OAUTH_SERVER_URL or OAUTH_ISSUER."),
+    "registration_forgotten": Message(
+        2, "the server {issuer} no longer accepts the client {client_id} that fetch_memos registered itself (kept in "
+           "{path}); it has most likely forgotten it. Run fetch_memos.py --logout --forget-client, then run again to "
+           "register anew."),
     "registration_needs_token": Message(
         2, "the registration endpoint {url} answered 401: the server registers clients only with an initial access "
            "token (RFC 7591 section 3). Set OAUTH_INITIAL_ACCESS_TOKEN in .env (or the environment) to the one its "
@@ -4297,6 +4301,10 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
             still_valid = revoke_tokens(session, settings)
         except ServerError as exc:  # down, unreachable, failing: say plainly that nothing ended
             raise fail("logout_failed", problem=str(exc), path=store.path) from None
+        except ConfigError as exc:
+            if not (settings.forget_client and registration_unknown(settings, exc)):
+                raise
+            still_valid, dead = None, True  # the server forgot the client we registered: no grant of it lives on
         kept = store.remove()  # this grant only: the file, and its lock, go with the last one
         removed = (f"its token removed from {store.path} (which keeps the grants for {', '.join(kept)})" if kept
                    else f"{store.path} removed")
@@ -4313,6 +4321,14 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
         return 0
     finally:
         session.close()
+
+
+CLIENT_REFUSALS = ("client_rejected", "client_secret_missing", "client_kept")
+
+
+def registration_unknown(settings: Settings, exc: FetchMemosError) -> bool:
+    """The server refused the client that fetch_memos registered itself: it has most likely forgotten it."""
+    return settings.client_registered_at is not None and exc.what in CLIENT_REFUSALS
 
 
 def forget_registration(settings: Settings) -> None:
@@ -4472,7 +4488,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if not settings.client_id and args.command == "logout" and settings.issuer_explicit:
             raise fail("no_registration", issuer=settings.issuer)
         store = TokenStore(settings.token_file, grant_key(settings.token_url, settings.client_id, settings.api_url))
-        return command.run(settings, store, terminal)
+        try:
+            return command.run(settings, store, terminal)
+        except ConfigError as exc:
+            if not registration_unknown(settings, exc) or settings.forget_client:
+                raise
+            raise fail("registration_forgotten", issuer=settings.issuer, client_id=settings.client_id,
+                       path=ClientRegistrations(settings.token_file).path) from None
     except FetchMemosError as exc:
         print(f"fetch_memos: {terminal_text(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -10,6 +10,7 @@ recent login (max_age); one whose API wants a stronger login (acr); and two that
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,6 +151,38 @@ def test_from_the_api_alone_to_the_json_and_back(open_api: OidcServer, tmp_path:
         forget.stderr)
     assert not (tmp_path / "token.pickle.clients.json").exists()
     never_printed(open_api, first, warm, status, logout, again, forget)
+
+
+def test_a_server_that_forgot_the_registration(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """The server restarts and forgets every client: the line says how to register anew, and --logout
+    --forget-client cleans up though the server refuses the client."""
+    started = _server(tmp_path_factory, "zc-forgetful", registration="open")
+    server = next(started)  # the generator holds the server: kept until the end of the test
+    try:
+        env = api_env(server, tmp_path)
+        assert_json(run(env, person=browser(Person())))
+        client_id = client_id_of(server, tmp_path)
+        server.restart()
+        forgot = run(env, person=browser(Person()))
+        line = assert_fails(forgot, 2, only=True)
+        assert line == (f"fetch_memos: the server {server.issuer} no longer accepts the client {client_id} that "
+                        f"fetch_memos registered itself (kept in {tmp_path / 'token.pickle.clients.json'}); it has "
+                        "most likely forgotten it. Run fetch_memos.py --logout --forget-client, then run again to "
+                        "register anew.")
+        cleaned = run(env, "--logout", "--forget-client")
+        assert cleaned.exit_code == 0, cleaned.output
+        assert "Forgot the client registration" in cleaned.stderr
+        assert not (tmp_path / "token.pickle").exists()
+        mark = server.log_mark()
+        assert_json(run(env, person=browser(Person())))
+        assert [r["status"] for r in registrations(server, mark)] == [201]
+    finally:
+        started.close()
+
+
+def client_id_of(server: OidcServer, folder: Path) -> str:
+    """The client id fetch_memos keeps for this server (read from its registrations file)."""
+    return json.loads((folder / "token.pickle.clients.json").read_text())[server.issuer]["client_id"]
 
 
 def test_from_the_api_with_a_client_registered_by_hand(open_api: OidcServer, tmp_path: Path) -> None:
