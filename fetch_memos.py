@@ -4485,8 +4485,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         command = COMMANDS[args.command]
         settings = resolve_endpoints(settings, fetch=command.uses_network)
         settings = registered_client(settings, register=args.command == "fetch")
-        if not settings.client_id and args.command == "logout" and settings.issuer_explicit:
-            raise fail("no_registration", issuer=settings.issuer)
+        if not settings.client_id and args.command == "logout":  # nothing registered: no client to log out
+            raise (fail("no_registration", issuer=settings.issuer) if settings.issuer_explicit else
+                   fail("no_resource_metadata", api=settings.api_url))
         store = TokenStore(settings.token_file, grant_key(settings.token_url, settings.client_id, settings.api_url))
         try:
             return command.run(settings, store, terminal)

@@ -290,3 +290,11 @@ def test_forget_client_goes_with_logout(capsys: pytest.CaptureFixture[str]) -> N
         fetch_memos.main(["--env-file", os.devnull, "--forget-client"], {})
     assert exited.value.code == 2
     assert "--forget-client goes with --logout" in capsys.readouterr().err
+
+
+def test_logout_without_any_client_keeps_todays_message(mock: Any, environ: dict[str, str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    mock.add("GET", API_URL, status=401, headers={"WWW-Authenticate": "Bearer"})
+    mock.add("GET", WELL_KNOWN, status=404)
+    assert fetch_memos.main(["--env-file", os.devnull, "--logout"], environ) == 2
+    assert "CLIENT_ID is not set, and the API at" in capsys.readouterr().err
