@@ -18,8 +18,8 @@ reused, and refreshed, on later runs without asking.  `python fetch_memos.py --h
 The file reads top to bottom in the order a run meets things; each banner says what its section owns:
    1. Settings          defaults < .env < environment < flags, validated once
    2. Errors, messages  the catalogue of failures and their exit codes; redaction of secrets
-   3. Files             the token store and the metadata cache (private, atomic, locked)
-   4. Server metadata   RFC 8414 discovery: settings + metadata -> the endpoints a run uses
+   3. Files             the token store, the metadata cache, the client registrations (private, atomic, locked)
+   4. Server metadata   RFC 9728 (from the API alone), RFC 8414, RFC 7591 registration -> endpoints and client
    5. Session           the OAuth2Session, client authentication, refresh; the only code that talks HTTP
    6. Grant rules       what a token answer means; what a stored token is good for
    7. The code grant    PKCE + state, the out-of-band paste or the loopback listener, the code exchange
@@ -63,17 +63,20 @@ __all__ = [
     "DEVICE_CLOCK", "DEVICE_POLL_RETRIES", "EXIT_CODES", "MAX_ANSWER_BYTES", "MAX_API_BYTES", "MAX_GRANTS",
     "MAX_JSON_DEPTH", "MAX_TOKEN_FILE_BYTES", "MESSAGES", "METADATA_MAX_AGE", "META_KEY", "OAUTH_ERRORS",
     "OAUTH_ERRORS_WITHOUT_SECRET", "PROMPT_ATTEMPTS", "RETRY_ATTEMPTS", "SETTINGS", "AuthorizationError",
-    "BadTokenFile", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError", "GrantKey",
-    "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError", "Settings",
-    "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError", "WaitingLine", "answered",
-    "apply_metadata", "authorize", "build_parser", "call_api", "command_status", "fail", "get_memos", "grant_key",
-    "is_expiring", "is_loopback_host", "load_settings", "main", "metadata_urls", "nested_deeper_than", "oauth_error",
-    "oauth_failure", "parse_pasted", "parse_token_bytes", "print_json", "read_pasted_code", "readable_user_code",
-    "redact", "remember_secret", "request_device_authorization", "resolve_endpoints", "same_origin",
-    "sane_expires_in", "should_open_browser", "terminal_text", "tls_failure", "token_meta", "token_mismatch",
+    "BadTokenFile", "ClientRegistrations", "Clock", "ConfigError", "DeadGrant", "DevicePoller", "FetchMemosError",
+    "GrantKey", "LoopbackListener", "MemoSession", "MetadataCache", "OAuthError", "PollError", "ServerError",
+    "Settings", "StepUpRequired", "Terminal", "TokenFileBusy", "TokenNotSaved", "TokenStore", "TransientServerError",
+    "WaitingLine", "answered", "apply_metadata", "authorize", "bearer_challenge", "build_parser", "call_api",
+    "check_resource_metadata", "command_status", "fail", "get_memos", "grant_key", "is_expiring", "is_loopback_host",
+    "load_settings", "main", "metadata_urls", "nested_deeper_than", "oauth_error", "oauth_failure",
+    "parse_challenges", "parse_pasted", "parse_token_bytes", "print_json", "read_pasted_code", "readable_user_code",
+    "redact", "register_client", "registered_client", "registration_request", "remember_secret",
+    "request_device_authorization", "resolve_endpoints", "resource_metadata_url", "same_origin", "sane_expires_in",
+    "should_open_browser", "step_up_challenge", "terminal_text", "tls_failure", "token_meta", "token_mismatch",
 ]
 
 OOB_REDIRECT_URI = "urn:ietf:wg:oauth:2.0:oob"
+REGISTERED_REDIRECT_URI = "http://127.0.0.1/callback"  # RFC 8252 section 7.3: the server accepts any port
 DEFAULT_SERVER_URL = "http://localhost:3801"
 DEFAULT_TOKEN_FILE_NAME = "oauth_token.pickle"
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -149,8 +152,18 @@ def _switch(name: str, value: str, load: _Load) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+# The settings that name the authorization server; with none of them set, MEMOS_API_URL alone leads to it (RFC 9728).
+SERVER_SETTINGS = ("OAUTH_ISSUER", "OAUTH_SERVER_URL", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL")
+
+
+def starts_from_api(load: _Load) -> bool:
+    """MEMOS_API_URL is set and nothing names the server: the API's protected resource metadata does (RFC 9728)."""
+    return bool(load.given("MEMOS_API_URL")) and not any(load.given(name) for name in SERVER_SETTINGS)
+
+
 def _client_id(name: str, value: str, load: _Load) -> str:
-    if not value and load.needs_client:
+    # Discovery (OAUTH_ISSUER, or the API alone) may find a registration endpoint (RFC 7591): decided after it.
+    if not value and load.needs_client and not (load.given("OAUTH_ISSUER") or starts_from_api(load)):
         where = "is empty" if name in load.merged else "is not set"
         if load.env_file is not None:  # it exists: copying .env.example over it would be the wrong advice
             raise ConfigError(f"{name} {where}. Fill in {name} (and CLIENT_SECRET) in {load.env_file} with the "
@@ -240,6 +253,15 @@ def _redirect_uri(name: str, value: str, load: _Load) -> str:
     return value
 
 
+def _max_age(name: str, value: str, load: _Load) -> int | None:
+    """OpenID Connect Core section 3.1.2.1: max_age, the most seconds since the person last logged in."""
+    if not value:
+        return None
+    if not value.isdigit() or int(value) > 10**9:
+        raise ConfigError(f"{load.named(name, value)} is not a number of seconds (0 or more).")
+    return int(value)
+
+
 def _token_file(name: str, value: str, load: _Load) -> Path:
     """The default is beside the script; a path that is set is taken from the current folder, ~ expanded."""
     try:
@@ -306,6 +328,11 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
     Setting("OAUTH_CLIENT_KEY_ID", "client_key_id", "--client-key-id", "", "the key's kid, sent in the assertion's "
             "header, for a server that holds several keys of the client (default: none sent)", _text,
             shown_default="unset", doc="the `kid` the assertion's header names (optional)"),
+    Setting("OAUTH_INITIAL_ACCESS_TOKEN", "initial_access_token", "", "", "the initial access token a server that "
+            "protects its dynamic client registration (RFC 7591 section 3) gave you; used only when CLIENT_ID is "
+            "unset. .env or environment only, never a flag", _text, shown_default="unset",
+            doc="the initial access token for a server whose client registration is protected (RFC 7591 §3); "
+            "no flag, because other users can read a command line"),
     Setting("OAUTH_ISSUER", "issuer", "--issuer", "", "the authorization server's issuer identifier. When set, every "
             "endpoint not set below comes from its RFC 8414 metadata (cached beside the token for 24 h), and "
             "an authorization response's iss must be it (RFC 9207). Default: OAUTH_SERVER_URL without a trailing "
@@ -355,9 +382,20 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
     Setting("OAUTH_RESOURCE", "resource", "--resource", "", "resource indicator, RFC 8707: the URL of the API the "
             "token is for, sent on the authorization and token requests (default: none sent)", _optional_url,
             doc="resource indicator (RFC 8707), sent on the authorization, code and refresh requests"),
+    Setting("OAUTH_ACR_VALUES", "acr_values", "--acr-values", "", "authentication context classes to ask the "
+            "server for, space-separated (OpenID Connect acr_values; servers honour it only with openid in "
+            "OAUTH_SCOPE). An API that demands one (RFC 9470 step-up) gets it without this (default: none asked)",
+            _text, shown_default="unset",
+            doc="`acr_values` to ask for up front (a stronger login); an API's step-up challenge (RFC 9470) asks "
+            "for it by itself, see [Starting from the API alone](#starting-from-the-api-alone)"),
+    Setting("OAUTH_MAX_AGE", "max_age", "--max-age", "", "the most seconds since the person's last login that the "
+            "authorization may accept (OpenID Connect max_age; with openid in OAUTH_SCOPE) (default: none asked)",
+            _max_age, shown_default="unset",
+            doc="`max_age` to ask for up front: the login must be at most this many seconds old"),
     Setting("OAUTH_REDIRECT_URI", "redirect_uri", "--redirect-uri", OOB_REDIRECT_URI, "redirect URI registered for "
-            "the app (default {default}; a http://127.0.0.1:PORT/... URI catches the redirect itself)",
-            _redirect_uri,
+            "the app (default {default}; a http://127.0.0.1:PORT/... URI catches the redirect itself; without "
+            "CLIENT_ID, http://127.0.0.1/callback)",
+            _redirect_uri, shown_default=f"`{OOB_REDIRECT_URI}`; without `CLIENT_ID` `http://127.0.0.1/callback`",
             doc="or a loopback URI, see below"),
     Setting("OAUTH_TOKEN_FILE", "token_file", "--token-file", DEFAULT_TOKEN_FILE_NAME, "where the token is kept "
             "(default {default} beside the script; a relative path is relative to the current folder)",
@@ -395,7 +433,12 @@ class Settings(NamedTuple("SettingsFields", [
         ("issuer_required", bool),  # the metadata promised iss in every authorization response (RFC 9207)
         ("par_required", bool),  # the metadata says require_pushed_authorization_requests (RFC 9126 section 5)
         ("endpoint_sources", Mapping[str, str]),  # {"token_url": "explicit" | "metadata" | "default", ...}
-        ("metadata_fetched_at", "float | None")])):
+        ("metadata_fetched_at", "float | None"),
+        ("from_api", bool),  # MEMOS_API_URL alone: the issuer comes from its resource metadata (RFC 9728)
+        ("issuer_via", str),  # the resource metadata URL that named the issuer; "" when OAUTH_ISSUER did
+        ("registration_url", str),  # the metadata's registration_endpoint (RFC 7591); "" for none
+        ("client_registered_at", "float | None"),  # the client id came from our own registration, at this time
+        ("forget_client", bool)])):  # --logout --forget-client
     """Everything a run needs to know, validated; nothing after this re-checks it. A field per row of SETTINGS.
 
     A NamedTuple, not a frozen dataclass: as immutable, and about 10 M instructions cheaper to define on every run.
@@ -583,6 +626,10 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         fields["issuer"] = fields["server_url"].rstrip("/")
     if args.loopback is not None:
         fields["redirect_uri"] = f"http://127.0.0.1:{args.loopback}/callback"
+    elif not fields["client_id"] and not load.given("OAUTH_REDIRECT_URI"):
+        # A registered (or to be registered) client: RFC 8252 section 7.3's loopback redirect, any port; the
+        # out-of-band URI is no redirect a standards server registers.
+        fields["redirect_uri"] = REGISTERED_REDIRECT_URI
     if from_file:  # after validation: a run stopped by a configuration error says only that
         warn_if_others_can_read(env_file, from_file)
     return Settings(
@@ -594,6 +641,11 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         par_required=False,
         endpoint_sources={row.field: "explicit" if load.given(row.variable) else "default" for row in ENDPOINTS},
         metadata_fetched_at=None,
+        from_api=starts_from_api(load),
+        issuer_via="",
+        registration_url="",
+        client_registered_at=None,
+        forget_client=bool(getattr(args, "forget_client", False)),
     )
 
 
@@ -822,6 +874,49 @@ MESSAGES: dict[str, Message] = {
     "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}."),
     "endpoint_not_found": Message(2, "the {endpoint} {url} answered 404 Not Found: there is no such endpoint; check "
                                      "{setting}."),
+    # -- starting from the API (RFC 9728), registering (RFC 7591), step-up (RFC 9470) -------------------------
+    "resource_metadata_elsewhere": Message(
+        2, "the API at {api} names its resource metadata at {url}, on another origin; fetch_memos takes it only "
+           "from the API's own origin (RFC 9728 section 7: a mix-up defence), so nothing was sent there. Set "
+           "OAUTH_ISSUER to the API's authorization server if you trust it."),
+    "resource_mismatch": Message(
+        2, "the protected resource metadata at {url} is for the resource {resource}, not MEMOS_API_URL={api} (RFC "
+           "9728 section 3.3); it was refused, and nothing was sent to the server it names. Set MEMOS_API_URL to "
+           "the API's exact URL, or set OAUTH_ISSUER."),
+    "resource_metadata_unusable": Message(
+        2, "the protected resource metadata at {url} {problem}; set OAUTH_ISSUER to the API's authorization "
+           "server."),
+    "resource_metadata_failed": Message(1, "the API's resource metadata {url} answered {answered}; try again later."),
+    "no_registration": Message(
+        2, "CLIENT_ID is not set, and the server {issuer} offers no dynamic client registration (its metadata names "
+           "no registration_endpoint, RFC 7591). Register an application by hand at the server (a native, public "
+           "client with the redirect URI " + REGISTERED_REDIRECT_URI + ") and set CLIENT_ID in .env."),
+    "no_resource_metadata": Message(
+        2, "CLIENT_ID is not set, and the API at {api} publishes no resource metadata (RFC 9728) naming a server "
+           "that could register fetch_memos. Set CLIENT_ID (and CLIENT_SECRET) in .env with the client credentials "
+           "of your OAuth application, and OAUTH_SERVER_URL or OAUTH_ISSUER."),
+    "registration_forgotten": Message(
+        2, "the server {issuer} no longer accepts the client {client_id} that fetch_memos registered itself (kept in "
+           "{path}); it has most likely forgotten it. Run fetch_memos.py --logout --forget-client, then run again to "
+           "register anew."),
+    "registration_needs_token": Message(
+        2, "the registration endpoint {url} answered 401: the server registers clients only with an initial access "
+           "token (RFC 7591 section 3). Set OAUTH_INITIAL_ACCESS_TOKEN in .env (or the environment) to the one its "
+           "operator gave you, or set CLIENT_ID."),
+    "registration_token_rejected": Message(
+        2, "the registration endpoint {url} rejected OAUTH_INITIAL_ACCESS_TOKEN ({answered}{detail}); check it, "
+           "or set CLIENT_ID."),
+    "registration_refused": Message(
+        2, "the registration endpoint {url} refused to register fetch_memos: {error}{detail}. Register an "
+           "application by hand and set CLIENT_ID."),
+    "registration_unusable": Message(1, "the registration endpoint {url} answered {answered} without a usable "
+                                        "client_id."),
+    "step_up_needs_person": Message(
+        3, "the API at {url} asks for a stronger login: {asked} (RFC 9470){note}. Authorizing needs a person at a "
+           "terminal: run fetch_memos.py interactively once."),
+    "step_up_refused": Message(
+        3, "the API at {url} still asks for {asked} after a new login that asked for it (RFC 9470){note}; "
+           "fetch_memos steps up once, not again."),
     # -- the client's key (private_key_jwt, RFC 7523) ------------------------------------------------------------
     "client_key_unreadable": Message(2, "cannot read the client key OAUTH_CLIENT_KEY={path} ({problem})."),
     "client_key_untrusted": Message(2, "the client key OAUTH_CLIENT_KEY={path} was refused: {why}."),
@@ -1809,14 +1904,96 @@ class MetadataCache:
             warn(f"the server metadata could not be cached in {self.path} ({exc.strerror or exc}); each run "
                  "will fetch it again.")
 
+    def load_resource(self, api_url: str, now: float | None = None) -> dict[str, Any] | None:
+        """The API's protected resource metadata (RFC 9728) as last found, while fresh: {"issuer": ""} when the API
+        published none, so an API without it is not asked again on every run."""
+        now = time.time() if now is None else now
+        try:
+            with os.fdopen(open_trusted(self.path), "rb") as handle:
+                record = json.loads(handle.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
+        except (UntrustedFile, OSError, ValueError):
+            return None  # load() warns about an untrusted file
+        found = record.get("protected_resource") if isinstance(record, dict) else None
+        if not isinstance(found, dict) or found.get("api_url") != api_url:
+            return None
+        fetched_at = found.get("fetched_at")
+        if isinstance(fetched_at, bool) or not isinstance(fetched_at, (int, float)):
+            return None
+        if not now - METADATA_MAX_AGE < fetched_at <= now + 300:
+            return None
+        if not all(isinstance(found.get(key, ""), str) for key in ("issuer", "resource", "url")):
+            return None
+        return found
+
     def forget(self) -> None:
         """An endpoint taken from the metadata failed: the next run asks the server again."""
         with contextlib.suppress(OSError):
             self.path.unlink()
 
 
+class ClientRegistrations:
+    """The clients this script registered itself (RFC 7591), by issuer, in a private file beside the token file.
+
+    Beside the token, guarded as it is (0600, atomic, refused when others could have written it): a registered
+    client secret is a secret. Not inside the token file, because a registration outlives its tokens: --logout
+    ends the grant and keeps the client, so the next login needs no new registration (--forget-client drops it).
+    """
+
+    def __init__(self, token_file: Path) -> None:
+        self.path = token_file.with_name(token_file.name + ".clients.json")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with os.fdopen(open_trusted(self.path), "rb") as handle:
+                data = json.loads(handle.read(MAX_TOKEN_FILE_BYTES + 1).decode("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except UntrustedFile as exc:
+            warn(f"the client registrations in {self.path} were not used: {exc}.")
+            return {}
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def load(self, issuer: str, now: float | None = None) -> dict[str, Any] | None:
+        """This issuer's registration, or None: none, damaged, or its client secret expired (RFC 7591 section 3.2.1:
+        client_secret_expires_at, 0 for never)."""
+        record = self._read().get(issuer)
+        if not isinstance(record, dict) or not isinstance(record.get("client_id"), str) or not record["client_id"]:
+            return None
+        secret, expires = record.get("client_secret", ""), record.get("client_secret_expires_at", 0)
+        if not isinstance(secret, str) or isinstance(expires, bool) or not isinstance(expires, (int, float)):
+            return None
+        if secret and expires and expires <= (time.time() if now is None else now):
+            return None
+        remember_secret(secret)
+        return record
+
+    def save(self, issuer: str, record: Mapping[str, Any]) -> None:
+        data = self._read()
+        data[issuer] = dict(record)
+        try:
+            write_private_file(self.path, json.dumps(data, indent=1).encode("utf-8"))
+        except OSError as exc:
+            warn(f"the client registration could not be kept in {self.path} ({exc.strerror or exc}); the next run "
+                 "will register again.")
+
+    def forget(self, issuer: str) -> bool:
+        """Drop this issuer's registration (the file with the last one); whether there was one."""
+        data = self._read()
+        if data.pop(issuer, None) is None:
+            return False
+        if data:
+            write_private_file(self.path, json.dumps(data, indent=1).encode("utf-8"))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        return True
+
+
 # ---------------------------------------------------------------------------------------------
-# 4. Server metadata (RFC 8414): settings + the issuer's metadata -> the endpoints a run uses.
+# 4. Server metadata: the API's protected resource metadata (RFC 9728) when starting from the API alone, the
+#    issuer's metadata (RFC 8414), dynamic client registration (RFC 7591) -> the endpoints and client a run uses.
 # ---------------------------------------------------------------------------------------------
 
 METADATA_MAX_AGE = 24 * 3600  # seconds a cached copy is trusted; servers rarely move their endpoints
@@ -1837,6 +2014,136 @@ def metadata_urls(issuer: str) -> list[str]:
     base = f"{parts.scheme}://{parts.netloc}{path}"
     candidates = [f"{parts.scheme}://{parts.netloc}{_AS_METADATA}{path}", base + _AS_METADATA, base + _OIDC_METADATA]
     return list(dict.fromkeys(candidates))
+
+
+_RESOURCE_METADATA = "/.well-known/oauth-protected-resource"
+MAX_CHALLENGE_CHARS = 8192  # a WWW-Authenticate header longer than this is read only this far
+
+
+def parse_challenges(header: str) -> list[tuple[str, dict[str, str]]]:
+    """The challenges of a WWW-Authenticate header (RFC 9110 section 11.6.1): [(scheme lower-cased, {param: value})].
+
+    A server's text: bounded, and never trusted further than a value compared or sanitized before it is shown.
+    A token68 or anything else unparsable is skipped, never an error.
+    """
+    import re
+
+    token = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+    item = re.compile(rf'\s*({token})(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*))?\s*(?:,|(?=\s)|$)')
+    challenges: list[tuple[str, dict[str, str]]] = []
+    text, pos = header[:MAX_CHALLENGE_CHARS], 0
+    while pos < len(text):
+        match = item.match(text, pos)
+        if match is None or match.end() == pos:
+            pos += 1  # a stray character: skip it
+            continue
+        pos = match.end()
+        name, value = match.group(1), match.group(2)
+        if value is None:
+            challenges.append((name.lower(), {}))
+        elif challenges:
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            challenges[-1][1].setdefault(name.lower(), value)
+    return challenges
+
+
+def bearer_challenge(response: requests.Response) -> dict[str, str]:
+    """The parameters of a 401's Bearer (or DPoP, RFC 9449) challenge; {} without one."""
+    for scheme, params in parse_challenges(response.headers.get("WWW-Authenticate", "")):
+        if scheme in ("bearer", "dpop"):
+            return params
+    return {}
+
+
+def resource_metadata_url(api_url: str) -> str:
+    """RFC 9728 section 3.1: the well-known name inserted between the host and the API URL's path."""
+    parts = urlsplit(api_url)
+    path = "" if parts.path == "/" else parts.path
+    return parts._replace(path=_RESOURCE_METADATA + path, fragment="").geturl()
+
+
+def check_resource_metadata(document: object, url: str, api_url: str) -> str:
+    """The issuer a protected resource metadata document names, or the refusal (RFC 9728 sections 3.2, 3.3, 7)."""
+    if not isinstance(document, dict):
+        raise fail("resource_metadata_unusable", url=url, problem="is not a JSON object")
+    resource = document.get("resource")
+    if resource != api_url:
+        # Section 3.3: the resource must be the URL the metadata was found for, the API's, exactly; a document
+        # naming another resource (served by someone else, or an attacker) must not choose our server.
+        raise fail("resource_mismatch", url=url, resource=_printable(repr(resource), 200), api=api_url)
+    servers = document.get("authorization_servers")
+    if not isinstance(servers, list) or not servers or not isinstance(servers[0], str) or not servers[0]:
+        raise fail("resource_metadata_unusable", url=url, problem="names no authorization server "
+                   "(authorization_servers)")
+    return servers[0]
+
+
+def fetch_resource_metadata(settings: Settings) -> dict[str, Any]:
+    """Find the API's authorization server from the API alone (RFC 9728): its 401 challenge's resource_metadata,
+    else the well-known URL. {"issuer": ""} when the API publishes none (today's defaults apply)."""
+    import requests
+
+    api = settings.api_url
+    session = transport_session(settings)
+    context = " (asking the API for its authorization server, RFC 9728)"
+    try:
+        try:
+            response = session.get(api, headers={"Accept": "application/json"}, limit=MAX_METADATA_BYTES,
+                                   endpoint="API", follow=False)
+        except requests.exceptions.RequestException as exc:
+            raise request_failed(exc, api, settings.timeout, context) from None
+        named = bearer_challenge(response).get("resource_metadata", "") if response.status_code == 401 else ""
+        if named:
+            if not same_origin(named, api):  # section 7: only the API we were told about chooses its server
+                raise fail("resource_metadata_elsewhere", api=api, url=_printable(named, 200))
+            url = _check_url("the API's resource_metadata", named, settings.allow_insecure_http)
+        else:
+            url = resource_metadata_url(api)
+        try:
+            response = session.get(url, headers={"Accept": "application/json"}, limit=MAX_METADATA_BYTES,
+                                   endpoint="resource metadata", follow=False)
+        except requests.exceptions.RequestException as exc:
+            raise request_failed(exc, url, settings.timeout, context) from None
+    finally:
+        session.close()
+    log.debug("GET %s -> %s", url, response.status_code)
+    none = {"api_url": api, "fetched_at": time.time(), "issuer": "", "url": url}
+    if response.status_code >= 500:
+        raise fail("resource_metadata_failed", url=url, answered=answered(response))
+    try:
+        document = response.json() if response.status_code == 200 else None
+    except ValueError:
+        document = None
+    if document is None:
+        if named:  # the API named it: a document that is not there is the API's mistake, not "none published"
+            raise fail("resource_metadata_unusable", url=url, problem=f"answered {answered(response)}, not JSON")
+        return none
+    issuer = check_resource_metadata(document, url, api)
+    try:
+        valid_issuer_setting(issuer, settings.allow_insecure_http)
+    except ConfigError:
+        raise fail("resource_metadata_unusable", url=url, problem=f"names the authorization server "
+                   f"{_printable(issuer, 200)}, which is no https URL of an issuer (or plain http to a remote "
+                   "host)") from None
+    return {**none, "issuer": issuer, "resource": document["resource"]}
+
+
+def use_resource_metadata(settings: Settings, found: Mapping[str, Any]) -> Settings:
+    """Continue as with OAUTH_ISSUER set to the server the API named; its resource is the resource indicator
+    (RFC 8707) unless OAUTH_RESOURCE says otherwise."""
+    server = origin_url(found["issuer"])
+    defaults = {row.field: row.default.replace("<server>", server) for row in ENDPOINTS
+                if settings.source(row.field) == "default" and row.default}
+    return settings._replace(**defaults, issuer=found["issuer"], issuer_explicit=True, server_url=server,
+                             resource=settings.resource or found["resource"], issuer_via=found["url"])
+
+
+def issuer_named(settings: Settings) -> str:
+    """How messages name the issuer: the setting, or the resource metadata that named it."""
+    if settings.issuer_via:
+        return f"the authorization server {settings.issuer} (named by {settings.issuer_via})"
+    return f"OAUTH_ISSUER={settings.issuer}"
 
 
 def fetch_metadata(settings: Settings) -> dict[str, Any]:
@@ -1867,12 +2174,18 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
             continue
         if document.get("issuer") != settings.issuer:
             # Section 3.3: metadata naming another issuer must not be used (it could send us anywhere).
-            raise ConfigError(f"the server metadata at {url} names the issuer {document.get('issuer')!r}, not "
-                              f"OAUTH_ISSUER={settings.issuer} (RFC 8414 section 3.3); set OAUTH_ISSUER to the "
-                              "server's issuer identifier, exactly as it is written.")
+            # RFC 9728 section 7: the same rule refuses an authorization server the API named that is not it.
+            advice = ("it was refused (a mix-up defence, RFC 9728 section 7); set OAUTH_ISSUER if you trust the "
+                      "server" if settings.issuer_via else "set OAUTH_ISSUER to the server's issuer identifier, "
+                      "exactly as it is written")
+            raise ConfigError(f"the server metadata at {url} names the issuer "
+                              f"{_printable(repr(document.get('issuer')), 200)}, not {issuer_named(settings)} (RFC "
+                              f"8414 section 3.3); {advice}.")
         endpoints = {row.metadata: document[row.metadata] for row in ENDPOINTS
                      if isinstance(document.get(row.metadata), str) and document[row.metadata]}
+        registration = document.get("registration_endpoint")
         return {"issuer": settings.issuer, "fetched_at": time.time(), "url": url, "endpoints": endpoints,
+                "registration_endpoint": registration if isinstance(registration, str) else "",
                 "authorization_response_iss_parameter_supported":
                     document.get("authorization_response_iss_parameter_supported") is True,
                 "require_pushed_authorization_requests":
@@ -1880,7 +2193,7 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
     where = ", ".join(tried)
     if server_failed:
         raise ServerError(f"the server failed to answer with its metadata (tried {where}); try again later.")
-    raise ConfigError(f"no authorization server metadata found for OAUTH_ISSUER={settings.issuer} (tried {where}); "
+    raise ConfigError(f"no authorization server metadata found for {issuer_named(settings)} (tried {where}); "
                       "check OAUTH_ISSUER, or unset it and set the endpoints (OAUTH_AUTHORIZE_URL, OAUTH_TOKEN_URL, "
                       "...) yourself.")
 
@@ -1895,6 +2208,10 @@ def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:
             continue
         changes[row.field] = _check_url(f"the metadata's {row.metadata}", url, settings.allow_insecure_http)
         sources[row.field] = "metadata"
+    registration = record.get("registration_endpoint")
+    if isinstance(registration, str) and registration:
+        changes["registration_url"] = _check_url("the metadata's registration_endpoint", registration,
+                                                 settings.allow_insecure_http)
     return settings._replace(**changes, endpoint_sources=sources, metadata_fetched_at=record["fetched_at"],
                    issuer_required=bool(record.get("authorization_response_iss_parameter_supported")),
                    par_required=record.get("require_pushed_authorization_requests") is True)
@@ -1904,16 +2221,115 @@ def resolve_endpoints(settings: Settings, *, fetch: bool = True) -> Settings:
     """Without OAUTH_ISSUER: the settings as they are, and no request. With it: endpoints from the metadata,
     from the cache while it is fresh (so a warm run makes one request, the API call), else from the server.
     `fetch=False` (for --status) never touches the network."""
+    cache = MetadataCache(settings.token_file)
+    found = None
+    if settings.from_api:  # MEMOS_API_URL alone: the API names its server (RFC 9728), or publishes nothing
+        found = cache.load_resource(settings.api_url)
+        if found is None:
+            if not fetch:
+                return settings
+            found = fetch_resource_metadata(settings)
+            cache.save({"protected_resource": found})  # "none published" too: not asked again on every run
+        if not found["issuer"]:
+            return settings
+        settings = use_resource_metadata(settings, found)
     if not settings.issuer_explicit:
         return settings
-    cache = MetadataCache(settings.token_file)
     record = cache.load(settings.issuer)
     if record is None:
         if not fetch:
             return settings
         record = fetch_metadata(settings)
-        cache.save(record)
+        cache.save({**record, "protected_resource": found} if found else record)
     return apply_metadata(settings, record)
+
+
+REGISTERED_CLIENT = {  # RFC 7591 section 2: a native app, public, PKCE and a loopback redirect (RFC 8252)
+    "client_name": "fetch_memos", "application_type": "native", "token_endpoint_auth_method": "none",
+    "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+}
+# RFC 7591 token_endpoint_auth_method -> OAUTH_CLIENT_AUTH, for a server that registered us otherwise than asked
+_REGISTERED_AUTH = {"none": "none", "client_secret_basic": "basic", "client_secret_post": "post"}
+
+
+def registration_request(settings: Settings) -> dict[str, Any]:
+    """The client metadata sent to the registration endpoint (RFC 7591 section 3.1)."""
+    parts = urlsplit(settings.redirect_uri)
+    redirect = parts._replace(netloc=parts.hostname or "").geturl() if parts.port == 0 else settings.redirect_uri
+    return {**REGISTERED_CLIENT, "redirect_uris": [redirect]}
+
+
+def register_client(settings: Settings) -> dict[str, Any]:
+    """Register fetch_memos at the server (RFC 7591 section 3) and return what is kept: never redirected, bounded."""
+    import requests
+
+    url = settings.registration_url
+    headers = {"Accept": "application/json"}
+    if settings.initial_access_token:
+        remember_secret(settings.initial_access_token)
+        headers["Authorization"] = f"Bearer {settings.initial_access_token}"
+    session = transport_session(settings)
+    try:
+        response = session.post(url, json=registration_request(settings), headers=headers, endpoint="registration "
+                                "endpoint")
+    except requests.exceptions.RequestException as exc:
+        raise request_failed(exc, url, settings.timeout, " (registering the client, RFC 7591)") from None
+    finally:
+        session.close()
+    log.debug("POST %s -> %s", url, response.status_code)
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):
+        remember_secret(answer.get("client_secret"), answer.get("registration_access_token"))
+    refused = oauth_error(answer) if isinstance(answer, dict) else None
+    if response.status_code in (401, 403):
+        if not settings.initial_access_token:
+            raise fail("registration_needs_token", url=url)
+        raise fail("registration_token_rejected", url=url, answered=answered(response),
+                   detail=f": {refused.error}" if refused else "")
+    if response.status_code >= 500:
+        raise fail("endpoint_down", endpoint="registration endpoint", url=url, answered=answered(response))
+    if refused is not None and response.status_code >= 400:
+        raise fail("registration_refused", url=url, error=refused.error, detail=refused.detail)
+    client_id = answer.get("client_id") if isinstance(answer, dict) else None
+    if response.status_code not in (200, 201) or not isinstance(client_id, str) or not client_id.isprintable():
+        raise fail("registration_unusable", url=url, answered=answered(response))
+    secret = answer.get("client_secret")
+    expires = answer.get("client_secret_expires_at")
+    method = answer.get("token_endpoint_auth_method")
+    return {"client_id": client_id, "registered_at": time.time(), "registration_endpoint": url,
+            "client_secret": secret if isinstance(secret, str) else "",
+            "client_secret_expires_at": expires if isinstance(expires, int) and not isinstance(expires, bool) else 0,
+            "client_auth": _REGISTERED_AUTH.get(method, "none") if isinstance(method, str) and secret else "none"}
+
+
+def use_registration(settings: Settings, record: Mapping[str, Any]) -> Settings:
+    return settings._replace(client_id=record["client_id"], client_secret=record.get("client_secret", ""),
+                             client_auth=record.get("client_auth", "none"),
+                             client_registered_at=record.get("registered_at") or 0.0)
+
+
+def registered_client(settings: Settings, *, register: bool) -> Settings:
+    """Without CLIENT_ID: the client registered at this issuer before, else (register) a new registration.
+
+    A later run never registers again while it holds one; without CLIENT_ID or a registration endpoint there is
+    no client, and the person is told how to register one by hand.
+    """
+    if settings.client_id:
+        return settings
+    registrations = ClientRegistrations(settings.token_file)
+    record = registrations.load(settings.issuer) if settings.issuer_explicit else None
+    if record is None and register:
+        if not settings.issuer_explicit:
+            raise fail("no_resource_metadata", api=settings.api_url)
+        if not settings.registration_url:
+            raise fail("no_registration", issuer=settings.issuer)
+        record = register_client(settings)
+        registrations.save(settings.issuer, record)
+        say(f"Registered fetch_memos as a client of {settings.issuer} (client id {record['client_id']}; RFC 7591).")
+    return use_registration(settings, record) if record is not None else settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2103,7 +2519,7 @@ def _transport_class() -> type:
             return merged
 
         def request(self, method: str, url: str, *args: Any, limit: int = MAX_ANSWER_BYTES, endpoint: str = "",
-                    **kwargs: Any) -> requests.Response:
+                    follow: bool = True, **kwargs: Any) -> requests.Response:
             from urllib.parse import urljoin
 
             settings = self.settings
@@ -2142,7 +2558,7 @@ def _transport_class() -> type:
                     continue
                 location = urljoin(response.url, response.headers["Location"])
                 response.close()
-                if method == "GET" and same_origin(location, url):
+                if method == "GET" and follow and same_origin(location, url):
                     url = location
                     continue
                 answer = f"{response.status_code} {_printable(response.reason or '', 60)}".rstrip()
@@ -2150,6 +2566,8 @@ def _transport_class() -> type:
                 if url == settings.revoke_url:
                     raise fail("revocation_redirected", url=url, answered=answer, location=shown)
                 why = ("a request carrying credentials is never sent on" if method != "GET" else
+                       "what names the authorization server is never taken from a redirect (RFC 9728)" if not follow
+                       else
                        "it leads to plain http" if urlsplit(url).scheme == "https" and location.startswith("http:")
                        else
                        "it leads to another origin")
@@ -2620,6 +3038,35 @@ def _insufficient_scope(response: requests.Response) -> bool:
     return "insufficient_scope" in response.headers.get("WWW-Authenticate", "")
 
 
+class StepUpRequired(AuthorizationError):
+    """The API wants a stronger or more recent login (RFC 9470): caught to authorize again with what it asks for."""
+
+    def __init__(self, acr_values: str, max_age: int | None) -> None:
+        super().__init__("step-up", what="step_up")
+        self.acr_values = acr_values
+        self.max_age = max_age
+
+
+def step_up_challenge(response: requests.Response) -> StepUpRequired | None:
+    """RFC 9470 section 3: a 401 whose Bearer challenge says insufficient_user_authentication, with acr_values
+    and/or max_age (sanitized: they are sent back to the server and shown to the person)."""
+    params = bearer_challenge(response)
+    if params.get("error") != "insufficient_user_authentication":
+        return None
+    acr = " ".join(value for value in params.get("acr_values", "").split() if value.isprintable())[:500]
+    max_age = params.get("max_age", "")
+    seconds = int(max_age) if max_age.isdigit() and len(max_age) < 10 else None
+    return StepUpRequired(acr, seconds)
+
+
+def login_demands(settings: Settings) -> dict[str, str]:
+    """acr_values and max_age for the authorization request (OpenID Connect Core section 3.1.2.1; RFC 9470)."""
+    demands = {"acr_values": settings.acr_values} if settings.acr_values else {}
+    if settings.max_age is not None:
+        demands["max_age"] = str(settings.max_age)
+    return demands
+
+
 class MemoSession:
     """The HTTP session of one run: an OAuth2Session plus the rules of when and how to refresh.
 
@@ -2738,6 +3185,7 @@ class MemoSession:
         if "offline_access" in self.settings.scope:
             # OpenID Connect Core section 11: offline_access is ignored unless consent is asked for.
             extra["prompt"] = "consent"
+        extra.update(login_demands(self.settings))
         self.pushed = bool(self.settings.par_url) and self.settings.par == "auto"
         if self.dpop and not self.pushed:
             # RFC 9449 section 10: binds the code to the key; a pushed request has the PAR request's proof instead
@@ -2884,6 +3332,10 @@ class MemoSession:
         insufficient_scope is treated the same way.
         """
         response = self.get(url)
+        if response.status_code == 401:
+            step_up = step_up_challenge(response)
+            if step_up is not None:  # RFC 9470: a refresh keeps the same login; only a new authorization helps
+                raise step_up
         if response.status_code == 401 or (response.status_code == 403 and not _insufficient_scope(response)):
             log.debug("the API rejected the token (%s); refreshing once", response.status_code)
             self.refresh()
@@ -3920,6 +4372,47 @@ def call_api(session: MemoSession) -> Any:
     return api_json(session.get_with_one_refresh(url), url)
 
 
+def step_up_words(asked: StepUpRequired, settings: Settings) -> tuple[str, str]:
+    """(what the API asks for, a note when the scope lacks openid) in words, for one line."""
+    wants = [f"acr_values={asked.acr_values}"] if asked.acr_values else []
+    if asked.max_age is not None:
+        wants.append(f"a login at most {asked.max_age} s old (max_age={asked.max_age})")
+    note = ("; acr_values and max_age are OpenID Connect parameters, which a server may ignore or refuse without "
+            "openid in OAUTH_SCOPE, and it lacks openid" if "openid" not in settings.scope else "")
+    return " and ".join(wants) or "a stronger login", note
+
+
+def call_api_stepping_up(session: MemoSession, terminal: Terminal) -> Any:
+    """call_api, and on an RFC 9470 challenge one new authorization with what the API asks for, then one retry.
+
+    Never a loop: a second challenge after stepping up is an error.
+    """
+    try:
+        return call_api(session)
+    except StepUpRequired as asked:
+        settings = session.settings
+        url = settings.api_url
+        what, note = step_up_words(asked, settings)
+        if not terminal.can_authorize:
+            raise fail("step_up_needs_person", url=url, asked=what, note=note) from None
+        say(f"The API asks for a stronger login: {what}; authorizing again with it{note}.")
+        stepped = settings._replace(acr_values=asked.acr_values or settings.acr_values,
+                                    max_age=asked.max_age if asked.max_age is not None else settings.max_age)
+        session.settings = session.oauth.settings = stepped
+        try:
+            authorize(session, stepped, terminal.environ)
+        except FetchMemosError as exc:
+            if not note:
+                raise
+            # A server may refuse the parameters outright without openid: the one line says why they were sent.
+            raise type(exc)(f"{str(exc).rstrip('.')}; the API asked for {what} (RFC 9470){note}.",
+                            what=exc.what) from None
+    try:
+        return call_api(session)
+    except StepUpRequired:
+        raise fail("step_up_refused", url=url, asked=what, note=note) from None
+
+
 def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
     """Get the memos, authorizing first when there is no usable token and a person is here."""
     session = MemoSession(settings, store)
@@ -3932,12 +4425,12 @@ def get_memos(settings: Settings, store: TokenStore, terminal: Terminal) -> Any:
         else:
             session.use(token)
         try:
-            return call_api(session)
+            return call_api_stepping_up(session, terminal)
         except DeadGrant as exc:
             authorize_again(terminal, str(exc))
             session.use({})
             authorize(session, settings, terminal.environ)
-            return call_api(session)
+            return call_api_stepping_up(session, terminal)
         finally:
             session.keep_nonces()
     finally:
@@ -3984,7 +4477,12 @@ def _when(timestamp: float) -> str:
 
 def endpoint_lines(settings: Settings) -> list[str]:
     """The issuer, and each endpoint with where it came from (a setting, the metadata, or the default)."""
-    if settings.issuer_explicit:
+    if settings.issuer_via:
+        fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
+                   else "metadata not fetched yet; the next run fetches it")
+        lines = [f"Issuer:        {settings.issuer} (named by the API's resource metadata {settings.issuer_via}, "
+                 f"RFC 9728; {fetched})"]
+    elif settings.issuer_explicit:
         fetched = (f"metadata cached {_when(settings.metadata_fetched_at)}" if settings.metadata_fetched_at
                    else "metadata not fetched yet; the next run fetches it")
         lines = [f"Issuer:        {settings.issuer} (OAUTH_ISSUER; {fetched})"]
@@ -4002,6 +4500,15 @@ def endpoint_lines(settings: Settings) -> list[str]:
     return lines
 
 
+def registration_lines(settings: Settings) -> list[str]:
+    """The client this script registered itself (RFC 7591), and how to forget it."""
+    if settings.client_registered_at is None:
+        return []
+    when = _when(settings.client_registered_at)
+    return [f"Registered:    client {settings.client_id} registered at {settings.issuer} {when} (RFC 7591; kept in "
+            f"{ClientRegistrations(settings.token_file).path}; --logout --forget-client drops it)"]
+
+
 def other_grant_lines(store: TokenStore) -> list[str]:
     """The other servers the token file holds grants for: used when the settings point there again."""
     others = store.other_servers()
@@ -4013,7 +4520,8 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     token = store.load()
     if token is None:  # exit 3, as `gh auth status` says "not logged in" with a failure
         write_stdout(terminal_text("\n".join([f"No token stored in {store.path}. Run fetch_memos.py to authorize.",
-                                              *endpoint_lines(settings), *other_grant_lines(store)])) + "\n")
+                                              *registration_lines(settings), *endpoint_lines(settings),
+                                              *other_grant_lines(store)])) + "\n")
         return 3
     meta = token.get(META_KEY) or {}
     if not settings.client_id:  # --status runs without CLIENT_ID: judge the token by its own
@@ -4036,7 +4544,7 @@ def command_status(settings: Settings, store: TokenStore, terminal: Terminal) ->
     dpop = meta.get("dpop") or {}
     if dpop.get("jwk"):  # the key's RFC 7638 thumbprint (the token's cnf.jkt), never the key
         lines.append(f"DPoP:          bound to the key with thumbprint {jwk_thumbprint(dpop['jwk'])} (RFC 9449)")
-    lines += endpoint_lines(settings) + other_grant_lines(store)
+    lines += registration_lines(settings) + endpoint_lines(settings) + other_grant_lines(store)
     added = scope_added(token, settings)
     if added:
         lines.append(f"Note:          the next run authorizes again: {added}.")
@@ -4090,6 +4598,7 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
     token = store.load()
     if token is None:
         say(f"No token stored in {store.path}; nothing to revoke.")
+        forget_registration(settings)
         return 0
     session = MemoSession(settings, store, token)
     try:
@@ -4102,6 +4611,10 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
             still_valid = revoke_tokens(session, settings)
         except ServerError as exc:  # down, unreachable, failing: say plainly that nothing ended
             raise fail("logout_failed", problem=str(exc), path=store.path) from None
+        except ConfigError as exc:
+            if not (settings.forget_client and registration_unknown(settings, exc)):
+                raise
+            still_valid, dead = None, True  # the server forgot the client we registered: no grant of it lives on
         kept = store.remove()  # this grant only: the file, and its lock, go with the last one
         removed = (f"its token removed from {store.path} (which keeps the grants for {', '.join(kept)})" if kept
                    else f"{store.path} removed")
@@ -4114,9 +4627,31 @@ def command_logout(settings: Settings, store: TokenStore, terminal: Terminal) ->
             say(f"The grant was already dead at the server; revoked what was held, and {removed}.")
         else:
             say(f"Logged out: the grant was revoked at {settings.server_url} and {removed}.")
+        forget_registration(settings)
         return 0
     finally:
         session.close()
+
+
+CLIENT_REFUSALS = ("client_rejected", "client_secret_missing", "client_kept")
+
+
+def registration_unknown(settings: Settings, exc: FetchMemosError) -> bool:
+    """The server refused the client that fetch_memos registered itself: it has most likely forgotten it."""
+    return settings.client_registered_at is not None and exc.what in CLIENT_REFUSALS
+
+
+def forget_registration(settings: Settings) -> None:
+    """--logout keeps a registered client (the next login reuses it); --forget-client drops it here. The server
+    may keep it: RFC 7592's deletion needs a registration access token, which fetch_memos does not keep."""
+    if settings.client_registered_at is None:
+        return
+    if not settings.forget_client:
+        say(f"The client registration ({settings.client_id}) is kept for the next login; --logout --forget-client "
+            "drops it.")
+    elif ClientRegistrations(settings.token_file).forget(settings.issuer):
+        say(f"Forgot the client registration {settings.client_id} at {settings.issuer}; the next run registers "
+            "anew.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4180,6 +4715,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(as `gh auth status`); needs no CLIENT_ID")
     commands.add_argument("--logout", dest="command", action="store_const", const="logout",
                           help="revoke the grant at the server (RFC 7009) and delete the token file")
+    parser.add_argument("--forget-client", action="store_true",
+                        help="with --logout: also forget the client fetch_memos registered itself (RFC 7591); "
+                             "the next run registers anew")
     parser.add_argument("--env-file", metavar="PATH", help="read settings from this file instead of .env beside "
                                                            "the script")
     for key, setting in SETTINGS.items():
@@ -4244,7 +4782,10 @@ REQUIRED_MODULES = ("requests", "requests_oauthlib", "oauthlib", "dotenv", "urll
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one command; the only place that prints errors and decides the exit code."""
     environ = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.forget_client and args.command != "logout":
+        parser.error("--forget-client goes with --logout")
     debug = args.debug
     try:
         settings = load_settings(args, environ)
@@ -4253,8 +4794,18 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         terminal = Terminal(can_authorize=person_can_authorize(settings, sys.stdin), environ=environ)
         command = COMMANDS[args.command]
         settings = resolve_endpoints(settings, fetch=command.uses_network)
+        settings = registered_client(settings, register=args.command == "fetch")
+        if not settings.client_id and args.command == "logout":  # nothing registered: no client to log out
+            raise (fail("no_registration", issuer=settings.issuer) if settings.issuer_explicit else
+                   fail("no_resource_metadata", api=settings.api_url))
         store = TokenStore(settings.token_file, grant_key(settings.token_url, settings.client_id, settings.api_url))
-        return command.run(settings, store, terminal)
+        try:
+            return command.run(settings, store, terminal)
+        except ConfigError as exc:
+            if not registration_unknown(settings, exc) or settings.forget_client:
+                raise
+            raise fail("registration_forgotten", issuer=settings.issuer, client_id=settings.client_id,
+                       path=ClientRegistrations(settings.token_file).path) from None
     except FetchMemosError as exc:
         print(f"fetch_memos: {terminal_text(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code

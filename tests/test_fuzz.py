@@ -224,7 +224,7 @@ def check_settings(env_file: Path, environ: dict[str, str], argv: list[str]) -> 
     except ConfigError:
         return
     assert isinstance(result, fetch_memos.Settings)
-    assert result.client_id
+    assert result.client_id or result.from_api or result.issuer_explicit  # else discovery may register one
     assert result.client_auth in ("basic", "post", "none")
     assert result.client_secret or result.client_auth == "none"  # no secret: a public client
     assert result.scope

@@ -33,6 +33,7 @@ VARIABLES = [
     "OAUTH_ALLOW_INSECURE_HTTP", "OAUTH_CLIENT_AUTH", "OAUTH_ISSUER", "OAUTH_DEVICE_AUTHORIZATION_URL",
     "OAUTH_RESOURCE", "OAUTH_DEVICE_FLOW", "OAUTH_CA_BUNDLE",
     "OAUTH_CLIENT_KEY", "OAUTH_CLIENT_KEY_ID", "OAUTH_PAR", "OAUTH_PAR_URL", "OAUTH_DPOP",  # issue 16
+    "OAUTH_INITIAL_ACCESS_TOKEN", "OAUTH_ACR_VALUES", "OAUTH_MAX_AGE",  # issue 17
 ]
 FLAGS = [
     "--status", "--logout", "--env-file", "--client-id", "--server-url", "--authorize-url", "--token-url",
@@ -40,6 +41,7 @@ FLAGS = [
     "--allow-insecure-http", "--loopback", "--no-browser", "--debug", "--version", "--client-auth", "--issuer",
     "--device-authorization-url", "--resource", "--device",
     "--client-key", "--client-key-id", "--par", "--par-url", "--dpop",  # issue 16
+    "--forget-client", "--acr-values", "--max-age",  # issue 17
 ]
 HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 

@@ -220,7 +220,8 @@ class OidcServer:
     ``require_par`` (RFC 9126 §5), ``dpop_required`` (every client's ``dpop_bound_access_tokens``),
     ``token_nonce`` (DPoP nonces at the token and PAR endpoints), ``api_nonce_ttl`` (> 0: the API's own
     rotating DPoP nonces), ``dpop_off`` (DPoP turned off: proofs ignored, every token Bearer),
-    ``resource_metadata`` (RFC 9728 document and challenge parameter),
+    ``resource_metadata`` (RFC 9728 document and challenge parameter; ``challenge_metadata_url`` /
+    ``resource_metadata_resource`` make the challenge name another URL / the document another resource),
     ``registration`` ("open" or "token", with ``initial_access_token``), ``step_up_acr`` / ``step_up_max_age``
     (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node keeps an idle connection
     (None: Node's 5 s, which a client polling every 5-6 s can meet as a reset connection).
@@ -244,6 +245,8 @@ class OidcServer:
     more_client_jwks: tuple[dict[str, str], ...] = ()  # more public keys of that client (an RSA one, say)
     client_secret_jwt: bool = False
     resource_metadata: bool = False
+    challenge_metadata_url: str | None = None  # the challenge names this instead (another origin: a mix-up test)
+    resource_metadata_resource: str | None = None  # the document's resource instead of the API's URL (§3.3 test)
     registration: str = "off"
     initial_access_token: str | None = None  # "token" registration without one: a random one
     step_up_acr: str | None = None
@@ -298,6 +301,8 @@ class OidcServer:
             "api_nonce_ttl": self.api_nonce_ttl,
             "dpop_off": self.dpop_off,
             "resource_metadata": self.resource_metadata,
+            "challenge_metadata_url": self.challenge_metadata_url,
+            "resource_metadata_resource": self.resource_metadata_resource,
             "registration": self.registration,
             "initial_access_token": self.initial_access_token,
             "step_up_acr": self.step_up_acr,

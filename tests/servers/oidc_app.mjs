@@ -14,6 +14,8 @@
 //   dpop_off              DPoP turned off: proofs are ignored and every token is a Bearer token (a server that
 //                         does not bind tokens, RFC 9449 §5)
 //   resource_metadata     the API publishes RFC 9728 metadata and names it in its 401 challenge
+//   challenge_metadata_url the resource_metadata the challenge names instead of the API's own (a mix-up test)
+//   resource_metadata_resource  the `resource` the document names instead of the API's URL (RFC 9728 §3.3 test)
 //   registration          "off" | "open" | "token" (RFC 7591; "token": an initial access token is needed)
 //   initial_access_token  the value that "token" registration accepts
 //   step_up_acr           the API answers insufficient_user_authentication (RFC 9470) unless the token's
@@ -177,7 +179,9 @@ function providerConfig(issuer) {
 function challenge(ctx, scheme, error, description, extra = {}) {
   const params = { error, error_description: description, ...extra };
   if (scheme === 'DPoP') params.algs = DPOP_ALGS.join(' ');
-  if (config.resource_metadata) params.resource_metadata = resourceMetadataUrl(ctx.state.issuer);
+  if (config.resource_metadata) {
+    params.resource_metadata = config.challenge_metadata_url ?? resourceMetadataUrl(ctx.state.issuer);
+  }
   const rendered = Object.entries(params).map(([k, v]) => `${k}="${v}"`).join(', ');
   ctx.status = 401;
   ctx.set('WWW-Authenticate', `${scheme} ${rendered}`);
@@ -464,7 +468,7 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
       else if (ctx.path === '/.well-known/oauth-protected-resource/api/memos/' && config.resource_metadata) {
         ctx.type = 'application/json';
         ctx.body = {
-          resource: ctx.state.apiUrl,
+          resource: config.resource_metadata_resource ?? ctx.state.apiUrl,
           authorization_servers: [issuer],
           scopes_supported: ['read'],
           bearer_methods_supported: ['header'],
