@@ -824,7 +824,7 @@ MESSAGES: dict[str, Message] = {
     "par_required": Message(2, "the server requires pushed authorization requests (its metadata says "
                                "require_pushed_authorization_requests, RFC 9126 section 5), and OAUTH_PAR=off; set "
                                "OAUTH_PAR=auto (the default)."),
-    "par_refused": Message(3, "the server refused the pushed authorization request at {url}: {error}{detail}."),
+    "par_refused": Message(3, "the server refused the pushed authorization request at {url}: {error}{detail}.{hint}"),
     "par_answer_unusable": Message(1, "the pushed authorization request endpoint {url} answered {answered} without a "
                                       "usable request_uri; check OAUTH_PAR_URL (or set OAUTH_PAR=off)."),
     "request_uri_expired": Message(3, "the pushed authorization request expired at the server (or was already used) "
@@ -3513,6 +3513,10 @@ NO_CODE_HINT = (f"If the server showed an invalid-redirect-URI page, it does not
                 "(copy and paste): register http://127.0.0.1/callback as a redirect URI of the application and run "
                 "with --loopback (or set OAUTH_REDIRECT_URI=http://127.0.0.1:PORT/callback).")
 
+PAR_OOB_HINT = (f"If it is the redirect URI: {OOB_REDIRECT_URI} (copy and paste) is one this server may not accept; "
+                "register http://127.0.0.1/callback as a redirect URI of the application and run with --loopback (or "
+                "set OAUTH_REDIRECT_URI=http://127.0.0.1:PORT/callback).")
+
 
 def pushed_request_uri(session: MemoSession, response: requests.Response) -> str:
     """The request_uri of a PAR endpoint's answer (RFC 9126 section 2.2: 201 and JSON); else what went wrong."""
@@ -3531,8 +3535,11 @@ def pushed_request_uri(session: MemoSession, response: requests.Response) -> str
         refused = oauth_error(answer)  # section 2.3: RFC 6749 section 5.2's error answer
         if refused is None:
             raise fail("par_answer_unusable", url=url, answered=answered(response))
+        # The out-of-band URI is no redirect most standards servers register; refused here, there is no page to
+        # paste from, so the hint the paste gives (NO_CODE_HINT) is said now.
+        oob = session.redirect_uri == OOB_REDIRECT_URI and refused.error in ("invalid_request", "invalid_redirect_uri")
         raise oauth_failure("par", refused, url, has_secret=settings.has_credentials,
-                         signs=settings.signs_assertions)
+                            signs=settings.signs_assertions, hint=f" {PAR_OOB_HINT}" if oob else "")
     request_uri = answer.get("request_uri")
     if not isinstance(request_uri, str) or not request_uri.isprintable() or not 0 < len(request_uri) <= 2000:
         raise fail("par_answer_unusable", url=url, answered=answered(response))

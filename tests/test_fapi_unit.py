@@ -319,6 +319,21 @@ def test_each_par_failure_is_one_message(mock: Any, environ: dict[str, str], ans
     assert fragment in str(failed.value) and "\x1b" not in str(failed.value)
 
 
+@pytest.mark.parametrize(("redirect", "hinted"), [([], True), (["--loopback", "8765"], False)])
+def test_a_refused_push_with_the_oob_redirect_names_loopback(mock: Any, environ: dict[str, str], redirect: list[str],
+                                                            hinted: bool) -> None:
+    """The out-of-band URI refused at the PAR endpoint: no page to paste from, so the paste's hint is said here."""
+    mock.add("POST", PAR_URL, status=400, json={"error": "invalid_request", "error_description": "bad redirect_uri"})
+    settings = settings_of(environ, *redirect, OAUTH_PAR_URL=PAR_URL)
+    with pytest.raises(FetchMemosError) as failed:
+        session_of(settings).authorization_url(AUTHORIZE_URL)
+    said = str(failed.value)
+    assert (failed.value.what, failed.value.exit_code) == ("par_refused", 3)
+    assert said.startswith(f"the server refused the pushed authorization request at {PAR_URL}: invalid_request "
+                           "(bad redirect_uri).")
+    assert ("urn:ietf:wg:oauth:2.0:oob" in said and "--loopback" in said) is hinted
+
+
 def test_metadata_names_the_par_endpoint_and_whether_it_is_required(mock: Any, environ: dict[str, str]) -> None:
     mock.add("GET", SERVER + "/.well-known/oauth-authorization-server", json={
         "issuer": ISSUER, "authorization_endpoint": AUTHORIZE_URL, "token_endpoint": TOKEN_URL,
