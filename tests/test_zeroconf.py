@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from test_fapi import browser, log_of
@@ -362,3 +363,36 @@ def test_a_document_naming_another_resource_is_refused(mismatch: OidcServer, tmp
                     "section 3.3); it was refused, and nothing was sent to the server it names. Set MEMOS_API_URL "
                     "to the API's exact URL, or set OAUTH_ISSUER.")
     assert kinds(mismatch, mark) == [("api", 401), ("resource_metadata", 200)]
+
+
+# -- with issue 16's pieces: a registered client, PAR required, DPoP with nonces ----------------------------------
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
+    """Open registration, PAR required, DPoP nonces at the token endpoint and the API's own."""
+    yield from _server(tmp_path_factory, "zc-strict", registration="open", require_par=True, token_nonce=True,
+                       api_nonce_ttl=120)
+
+
+def test_a_registered_client_pushes_and_binds_its_token(strict: OidcServer, tmp_path: Path) -> None:
+    """Issue 17 with issue 16: from MEMOS_API_URL and OAUTH_DPOP=1 alone, the client registers, pushes its request,
+    gets a DPoP-bound token through the nonces, and the warm run is one request."""
+    env = api_env(strict, tmp_path, OAUTH_DPOP="1")
+    mark = strict.log_mark()
+    first = run(env, person=browser(Person()))
+    assert_json(first)
+    (registration,) = registrations(strict, mark)
+    assert registration["status"] == 201
+    [url] = first.authorize_urls
+    assert sorted(parse_qs(urlsplit(url).query)) == ["client_id", "request_uri"]  # pushed (RFC 9126)
+    pushed = [r for r in log_of(strict, mark, "par") if r["status"] == 201]
+    assert len(pushed) == 1 and pushed[0]["dpop"]  # with a proof (RFC 9449 section 10)
+    exchange = [r for r in log_of(strict, mark, "token") if r["status"] == 200]
+    assert [(r["grant_type"], r["dpop"], r["client_auth"]) for r in exchange] == [
+        ("authorization_code", True, "none")]
+    assert [(r["status"], r["auth"]) for r in log_of(strict, mark, "api")][-1] == (200, "dpop")
+
+    mark = strict.log_mark()
+    warm = run(env, tty=False)
+    assert_json(warm, quiet=True)
+    assert [(r["kind"], r["status"], r["auth"]) for r in log_of(strict, mark)] == [("api", 200, "dpop")]
+    never_printed(strict, first, warm)
