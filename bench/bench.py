@@ -61,6 +61,7 @@ import fetch_memos  # noqa: E402 - the safe token reader, as the tests use it
 
 from runner import run_script, script_env  # noqa: E402
 from servers.doorkeeper import MEMO_MESSAGE, BrowserPerson, DoorkeeperServer, ruby_stack_available  # noqa: E402
+from servers.harness import AccessEntry  # noqa: E402
 
 HTTP_STACK = ("requests", "urllib3", "oauthlib", "requests_oauthlib")
 WARM_RATIO_TARGET = 1.03  # issue 11: python -m fetch_memos, warm, by median wall time
@@ -177,9 +178,9 @@ def expire_token(path: Path) -> str:
     return token["access_token"]
 
 
-def describe(entry: dict[str, Any]) -> str:
-    grant = f" {entry['grant_type']}" if entry.get("grant_type") else ""
-    return f"{entry.get('method')} {entry.get('path')}{grant} {entry.get('status')}"
+def describe(entry: AccessEntry) -> str:
+    grant = f" {entry.grant_type}" if entry.grant_type else ""
+    return f"{entry.method} {entry.path}{grant} {entry.status}"
 
 
 def check_output(kind: Kind, child: Child) -> str:
@@ -257,7 +258,7 @@ class Bench:
         child = run_child((self.python, *kind.argv), self.env(kind.token), self.folder, rss=True)
         entries = self.server.access_log(since=mark)
         sample = Sample(round_number, child.wall_ms, child.cpu_ms, child.rss_kb, child.exit_code, len(entries),
-                        len({entry.get("remote_port") for entry in entries}), [describe(e) for e in entries],
+                        len({entry.remote_port for entry in entries}), [describe(e) for e in entries],
                         check_output(kind, child))
         if old_access is not None:
             token = read_token(token_file)
