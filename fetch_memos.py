@@ -387,7 +387,7 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             "OAUTH_SCOPE). An API that demands one (RFC 9470 step-up) gets it without this (default: none asked)",
             _text, shown_default="unset",
             doc="`acr_values` to ask for up front (a stronger login); an API's step-up challenge (RFC 9470) asks "
-            "for it by itself, see [Starting from the API alone](#starting-from-the-api-alone)"),
+            "for it by itself, see [Zero configuration](#zero-configuration-starting-from-the-api-alone)"),
     Setting("OAUTH_MAX_AGE", "max_age", "--max-age", "", "the most seconds since the person's last login that the "
             "authorization may accept (OpenID Connect max_age; with openid in OAUTH_SCOPE) (default: none asked)",
             _max_age, shown_default="unset",
@@ -872,6 +872,23 @@ MESSAGES: dict[str, Message] = {
     "needs_person": Message(3, "{reason} Authorizing needs a person at a terminal: run fetch_memos.py interactively "
                                "once."),
     "revocation_failed": Message(1, "revoking at {url} failed with {answered}{code}."),
+    # -- files and server metadata (sections 3 and 4) -----------------------------------------------------------
+    "token_file_not_a_file": Message(2, "cannot read the token file {path}: {why}. Point OAUTH_TOKEN_FILE at a file."),
+    "token_file_unreadable": Message(2, "cannot read the token file {path}: {problem}. Fix its permissions, or point "
+                                        "OAUTH_TOKEN_FILE elsewhere."),
+    "token_file_stuck": Message(2, "the token file {path} is not usable and could not be set aside: {problem}. Move it "
+                                   "away by hand."),
+    "metadata_issuer_mismatch": Message(2, "the server metadata at {url} names the issuer {found}, not {expected} (RFC "
+                                           "8414 section 3.3); set OAUTH_ISSUER to the server's issuer identifier, "
+                                           "exactly as it is written."),
+    "named_server_mismatch": Message(2, "the server metadata at {url} names the issuer {found}, not {expected} (RFC "
+                                        "8414 section 3.3); it was refused (a mix-up defence, RFC 9728 section 7); set "
+                                        "OAUTH_ISSUER if you trust the server."),
+    "metadata_server_failed": Message(1, "the server failed to answer with its metadata (tried {tried}); try again "
+                                         "later."),
+    "metadata_not_found": Message(2, "no authorization server metadata found for {issuer} (tried {tried}); check "
+                                     "OAUTH_ISSUER, or unset it and set the endpoints (OAUTH_AUTHORIZE_URL, "
+                                     "OAUTH_TOKEN_URL, ...) yourself."),
     "endpoint_not_found": Message(2, "the {endpoint} {url} answered 404 Not Found: there is no such endpoint; check "
                                      "{setting}."),
     # -- starting from the API (RFC 9728), registering (RFC 7591), step-up (RFC 9470) -------------------------
@@ -1662,15 +1679,11 @@ class TokenStore:
             return []
         except UntrustedFile as exc:
             if not exc.regular:  # a directory, FIFO or device is not ours to move (it may be /dev/null)
-                raise ConfigError(f"cannot read the token file {self.path}: {exc}. Point OAUTH_TOKEN_FILE at a "
-                                  "file.") from None
+                raise fail("token_file_not_a_file", path=self.path, why=exc) from None
             self._refuse(str(exc))
             return []
         except OSError as exc:
-            raise ConfigError(
-                f"cannot read the token file {self.path}: {exc.strerror or exc}. Fix its permissions, or "
-                "point OAUTH_TOKEN_FILE elsewhere."
-            ) from None
+            raise fail("token_file_unreadable", path=self.path, problem=exc.strerror or exc) from None
         with os.fdopen(fd, "rb") as handle:
             mode = os.fstat(fd).st_mode
             data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
@@ -1754,8 +1767,7 @@ class TokenStore:
         try:
             os.replace(self.path, aside)  # renames a symlink itself, never its target
         except OSError as exc:
-            raise ConfigError(f"the token file {self.path} is not usable and could not be set aside: "
-                              f"{exc.strerror or exc}. Move it away by hand.") from None
+            raise fail("token_file_stuck", path=self.path, problem=exc.strerror or exc) from None
         if sys.platform != "win32":
             self._make_private(aside)
         return aside
@@ -2175,12 +2187,8 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
         if document.get("issuer") != settings.issuer:
             # Section 3.3: metadata naming another issuer must not be used (it could send us anywhere).
             # RFC 9728 section 7: the same rule refuses an authorization server the API named that is not it.
-            advice = ("it was refused (a mix-up defence, RFC 9728 section 7); set OAUTH_ISSUER if you trust the "
-                      "server" if settings.issuer_via else "set OAUTH_ISSUER to the server's issuer identifier, "
-                      "exactly as it is written")
-            raise ConfigError(f"the server metadata at {url} names the issuer "
-                              f"{_printable(repr(document.get('issuer')), 200)}, not {issuer_named(settings)} (RFC "
-                              f"8414 section 3.3); {advice}.")
+            raise fail("named_server_mismatch" if settings.issuer_via else "metadata_issuer_mismatch", url=url,
+                       found=_printable(repr(document.get("issuer")), 200), expected=issuer_named(settings))
         endpoints = {row.metadata: document[row.metadata] for row in ENDPOINTS
                      if isinstance(document.get(row.metadata), str) and document[row.metadata]}
         registration = document.get("registration_endpoint")
@@ -2192,10 +2200,8 @@ def fetch_metadata(settings: Settings) -> dict[str, Any]:
                     document.get("require_pushed_authorization_requests") is True}
     where = ", ".join(tried)
     if server_failed:
-        raise ServerError(f"the server failed to answer with its metadata (tried {where}); try again later.")
-    raise ConfigError(f"no authorization server metadata found for {issuer_named(settings)} (tried {where}); "
-                      "check OAUTH_ISSUER, or unset it and set the endpoints (OAUTH_AUTHORIZE_URL, OAUTH_TOKEN_URL, "
-                      "...) yourself.")
+        raise fail("metadata_server_failed", tried=where)
+    raise fail("metadata_not_found", issuer=issuer_named(settings), tried=where)
 
 
 def apply_metadata(settings: Settings, record: Mapping[str, Any]) -> Settings:

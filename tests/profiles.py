@@ -79,6 +79,10 @@ FEATURES = {
                        "0600 PEM file), no CLIENT_SECRET",
     "par": "the metadata offers PAR (RFC 9126) and the client pushes (OAUTH_PAR=auto): the URL the person opens "
            "carries client_id and request_uri only (without it the client is given OAUTH_PAR=off if PAR is offered)",
+    "resource_metadata": "the API's 401 names its RFC 9728 metadata (the server's own), which names the API and "
+                         "this server: MEMOS_API_URL with CLIENT_ID and CLIENT_SECRET is a whole configuration",
+    "foreign_resource_metadata": "a variant whose RFC 9728 document names another resource than the API (DOT's "
+                                 "default: the URL it is mounted under), which a client must not use (9728 3.3)",
     "wrong_iss": "a variant of the server sends an iss that names another issuer (the mix-up attack)",
     "omitted_iss": "a variant of the server promises iss in its metadata but sends none",
     "error_without_iss": "its error redirects (access_denied) carry no iss, though its metadata promises iss",
@@ -506,9 +510,13 @@ PROFILES: list[Profile] = [
     # The device scenarios run here only: the other DOT profiles' switches do not touch the device grant.
     Profile("dot", "dot", DOT | {"dead_token_403", "revoke_kills_both", "write_scope", *DEVICE_VARIANTS},
             dot(), DotTarget, require_dot_stack, variants=DEVICE_VARIANTS),
+    # DOT's own RFC 9728 view answers the API's 401 (its challenge names the document); the document names the
+    # API as DOT's OAUTH2_PROTECTED_RESOURCE_IDENTIFIER says, or (the variant) DOT's default, its mount URL.
     Profile("dot-challenge", "dot",
-            DOT | {"dead_token_401", "insufficient_scope_challenge", "revoke_kills_both", "write_scope"},
-            dot(bearer_challenge=True), DotTarget, require_dot_stack),
+            DOT | {"dead_token_401", "insufficient_scope_challenge", "revoke_kills_both", "write_scope",
+                   "resource_metadata", "foreign_resource_metadata"},
+            dot(bearer_challenge=True, resource_is_api=True), DotTarget, require_dot_stack,
+            variants={"foreign_resource_metadata": {"resource_is_api": False}}),
     # DOT strict: RFC 8414 metadata, iss, the public client, S256 only; and scopes narrowed, and access tokens
     # that cannot be revoked while their grant lives (revoking the refresh token first removes them: 200).
     Profile("dot-strict", "dot",

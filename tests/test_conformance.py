@@ -886,6 +886,99 @@ def test_issuer_only_configuration_discovers_the_endpoints_and_caches_them(clien
     assert_clean(status, secrets_of(client))
 
 
+def api_alone(client, **extra):
+    """The client configured from the API's URL alone (RFC 9728): no issuer, no server, no endpoint."""
+    return client.env(MEMOS_API_URL=client.server.memos_url, OAUTH_ISSUER=None, OAUTH_SERVER_URL=None,
+                      OAUTH_AUTHORIZE_URL=None, OAUTH_TOKEN_URL=None, OAUTH_REVOKE_URL=None, **extra)
+
+
+@needs("resource_metadata")
+def test_the_api_alone_with_a_client_registered_by_hand(client):
+    """RFC 9728 with the server's own protected resource metadata: MEMOS_API_URL, CLIENT_ID and CLIENT_SECRET are
+    the whole configuration. The API names the document, the document the server; first run, warm run (one
+    request), refresh and logout, the API's URL sent as the resource indicator (RFC 8707)."""
+    server = client.server
+    env = api_alone(client)
+    mark = server.log_mark()
+    first = client.run(env=env)
+    assert_json(first)
+    log = server.access_log(since=mark)
+    assert [(e.method, e.path, e.status) for e in log[:2]] == [
+        ("GET", path_of(server.memos_url), 401), ("GET", "/o/.well-known/oauth-protected-resource", 200)]
+    assert [e.path for e in log[2:] if "/.well-known/" in e.path][-1] == path_of(server.metadata_url)
+    [exchange] = exchanges(server, mark)
+    assert (exchange.grant_type, exchange.status, exchange.params.get("resource")) == (
+        "authorization_code", 200, server.memos_url)
+
+    mark = server.log_mark()
+    assert_json(client.run(env=env, tty=False), quiet=True)
+    assert [(e.method, e.path, e.status) for e in server.access_log(since=mark)] == [
+        ("GET", path_of(server.memos_url), 200)]  # the documents came from the cache
+
+    old = expire(client)
+    mark = server.log_mark()
+    assert_json(client.run(env=env, tty=False), quiet=True)
+    assert client_calls(server, mark) == [("POST", path_of(server.token_endpoint), "refresh_token", 200),
+                                          ("GET", path_of(server.memos_url), None, 200)]
+
+    token = client.token()
+    status = client.run("--status", env=env, tty=False)
+    assert f"(named by the API's resource metadata {server.base_url}/o/.well-known/oauth-protected-resource, RFC " \
+           "9728;" in status.stdout
+    logout = client.run("--logout", env=env, tty=False)
+    assert logout.exit_code == 0 and "Logged out" in logout.stderr, logout.output
+    assert [e.path for e in server.access_log(since=mark) if e.method == "POST"][-1] == path_of(
+        server.revoke_endpoint)
+    assert not server.token_works(token["access_token"])
+    assert server.refresh_answer(token["refresh_token"]) == (400, "invalid_grant")
+    for result in (first, status, logout):
+        assert_clean(result, secrets_of(client, old, token))
+
+
+@needs("foreign_resource_metadata")
+def test_a_resource_metadata_document_for_another_resource_is_refused(profile, tmp_path):
+    """RFC 9728 section 3.3: a document whose resource is not the API's URL must not be used; refused in one line
+    (exit 2), nothing sent to the server it names, and not cached (said each time)."""
+    server = _with_variant(profile, "foreign_resource_metadata", tmp_path)
+    try:
+        client = conformance_client(server, tmp_path / "client")
+        env = api_alone(client)
+        for _ in range(2):
+            mark = server.log_mark()
+            result = client.run(env=env, tty=False)
+            line = assert_fails(result, 2, "is for the resource", f"not MEMOS_API_URL={server.memos_url}",
+                                "RFC 9728 section 3.3", only=True)
+            assert f"'{server.base_url}/o'" in line
+            assert [(e.method, e.path, e.status) for e in server.access_log(since=mark)] == [
+                ("GET", path_of(server.memos_url), 401), ("GET", "/o/.well-known/oauth-protected-resource", 200)]
+    finally:
+        server.server.stop()
+
+
+@needs(lacks=("resource_metadata",))
+def test_the_api_alone_without_resource_metadata_behaves_as_before_and_asks_once(client):
+    """RFC 9728 (issue 17) on a server that publishes no protected resource metadata: MEMOS_API_URL and CLIENT_ID
+    alone behave as they did before it (today's defaults), and the lookup that found nothing is made once, not on
+    every run (the answer is cached beside the token file)."""
+    server = client.server
+    api = path_of(server.memos_url)
+    env = api_alone(client)
+    mark = server.log_mark()
+    assert_fails(client.run(env=env, tty=False), 3, "no token is stored yet", only=True)
+    assert [(e.method, e.path, e.status) for e in server.access_log(since=mark)] == [
+        ("GET", api, server.dead_token_status), ("GET", "/.well-known/oauth-protected-resource" + api, 404)]
+
+    mark = server.log_mark()
+    assert_fails(client.run(env=env, tty=False), 3, "no token is stored yet", only=True)
+    assert server.access_log(since=mark) == []
+    status = client.run("--status", env=env, tty=False)
+    assert "Issuer:        http://localhost:3801 (from OAUTH_SERVER_URL; no metadata is fetched)" in status.stdout
+    without_client = client.run(env={**env, "CLIENT_ID": ""}, tty=False)
+    assert_fails(without_client, 2, "CLIENT_ID is not set, and the API at", "publishes no resource metadata",
+                 only=True)
+    assert server.access_log(since=mark) == []
+
+
 @needs("public_client")
 def test_a_public_client_authenticates_with_its_client_id_alone(client):
     """RFC 8252 8.4-8.5: no CLIENT_SECRET; client_id in the body, no Authorization header (RFC 6749 2.3, 3.2.1)."""

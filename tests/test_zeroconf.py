@@ -5,7 +5,9 @@ configured with MEMOS_API_URL and a token file only; the person logs in on the s
 (servers.oidc.Person) and their browser follows the redirect to the script's loopback listener. What reached the
 server is read from its access log. Servers, each started once for the module: an API that publishes resource
 metadata with open registration; one whose registration needs an initial access token and whose API wants a
-recent login (max_age); one whose API wants a stronger login (acr); and two that the script must refuse.
+recent login (max_age); one whose API wants a stronger login (acr); and three that the script must refuse. On the
+servers that publish no resource metadata (every conformance profile), the conformance suite's
+test_the_api_alone_without_resource_metadata_behaves_as_before_and_asks_once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import pytest
 from test_fapi import browser, log_of
 
 from runner import assert_clean, assert_fails, assert_json, run_script, script_env
-from servers.doorkeeper import DoorkeeperServer
 from servers.oidc import MFA_ACR, OidcServer, Person, node_stack_available
 
 pytestmark = [pytest.mark.oidc, pytest.mark.timeout(180)]
@@ -72,6 +73,14 @@ def elsewhere(tmp_path_factory: pytest.TempPathFactory, open_api: OidcServer) ->
 def mismatch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
     """No challenge parameter's help: the document names another resource than the API (RFC 9728 §3.3)."""
     yield from _server(tmp_path_factory, "zc-mismatch", resource_metadata_resource="https://api.example.com/memos/")
+
+
+@pytest.fixture(scope="module")
+def misnamed(tmp_path_factory: pytest.TempPathFactory, open_api: OidcServer) -> Iterator[OidcServer]:
+    """The document names open_api as its authorization server, spelled http://localhost:PORT: the metadata found
+    there names its issuer http://127.0.0.1:PORT, another identifier (RFC 8414 section 3.3, RFC 9728 section 7)."""
+    yield from _server(tmp_path_factory, "zc-misnamed",
+                       resource_metadata_servers=(open_api.issuer.replace("127.0.0.1", "localhost"),))
 
 
 def api_env(server: OidcServer, folder: Path, **extra: str) -> dict[str, str]:
@@ -209,27 +218,6 @@ def test_from_the_api_with_a_client_registered_by_hand(open_api: OidcServer, tmp
     never_printed(open_api, first, refreshed, logout)
 
 
-@pytest.mark.doorkeeper
-def test_an_api_that_publishes_no_resource_metadata_is_asked_once(rotation: DoorkeeperServer,
-                                                                  tmp_path: Path) -> None:
-    """Doorkeeper publishes none: today's defaults apply (CLIENT_ID required), and the lookup is not repeated."""
-    env = script_env({"MEMOS_API_URL": rotation.memos_url, "CLIENT_ID": rotation.client_id,
-                      "OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), "OAUTH_TIMEOUT": "10"})
-    mark = rotation.log_mark()
-    first = run(env, tty=False)
-    assert_fails(first, 3, "no token is stored yet", only=True)
-    assert [(e.path, e.status) for e in rotation.access_log(since=mark)] == [
-        ("/api/memos/", 401), ("/.well-known/oauth-protected-resource/api/memos/", 404)]
-    mark = rotation.log_mark()
-    assert_fails(run(env, tty=False), 3, "no token is stored yet", only=True)
-    assert rotation.access_log(since=mark) == []
-    status = run(env, "--status", tty=False)
-    assert "Issuer:        http://localhost:3801 (from OAUTH_SERVER_URL; no metadata is fetched)" in status.stdout
-    without_client = run(script_env({**env, "CLIENT_ID": ""}), tty=False)
-    assert_fails(without_client, 2, "CLIENT_ID is not set, and the API at", "publishes no resource metadata",
-                 only=True)
-
-
 # -- protected registration (RFC 7591 section 3) -------------------------------------------------------------------
 def test_registration_needs_the_initial_access_token(guarded: OidcServer, tmp_path: Path) -> None:
     mark = guarded.log_mark()
@@ -363,6 +351,26 @@ def test_a_document_naming_another_resource_is_refused(mismatch: OidcServer, tmp
                     "section 3.3); it was refused, and nothing was sent to the server it names. Set MEMOS_API_URL "
                     "to the API's exact URL, or set OAUTH_ISSUER.")
     assert kinds(mismatch, mark) == [("api", 401), ("resource_metadata", 200)]
+
+
+
+def test_an_authorization_server_whose_metadata_names_another_issuer_is_refused(misnamed: OidcServer,
+                                                                                open_api: OidcServer,
+                                                                                tmp_path: Path) -> None:
+    """Only its metadata is read: no registration, no pushed request, no token request reaches it."""
+    named = open_api.issuer.replace("127.0.0.1", "localhost")
+    mark, theirs = misnamed.log_mark(), open_api.log_mark()
+    line = refusal(misnamed, tmp_path)
+    assert line.startswith(f"fetch_memos: the server metadata at {named}/.well-known/")
+    assert line.endswith(f" names the issuer '{open_api.issuer}', not the authorization server {named} (named by "
+                         f"{misnamed.resource_metadata_url}) (RFC 8414 section 3.3); it was refused (a mix-up "
+                         "defence, RFC 9728 section 7); set OAUTH_ISSUER if you trust the server.")
+    assert kinds(misnamed, mark) == [("api", 401), ("resource_metadata", 200)]
+    assert {kind for kind, _ in kinds(open_api, theirs)} == {"metadata"}  # nothing but the metadata it refused
+    mark, theirs = misnamed.log_mark(), open_api.log_mark()
+    assert refusal(misnamed, tmp_path) == line  # the refused server's metadata is never cached: refused each run
+    assert kinds(misnamed, mark) == []  # the API's document was right, and is cached
+    assert {kind for kind, _ in kinds(open_api, theirs)} == {"metadata"}
 
 
 # -- with issue 16's pieces: a registered client, PAR required, DPoP with nonces ----------------------------------

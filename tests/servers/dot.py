@@ -151,6 +151,7 @@ class DotServer(ServerProcess):
         username: str = DEFAULT_USERNAME,
         password: str = DEFAULT_PASSWORD,
         bearer_challenge: bool = False,
+        resource_is_api: bool = False,
         startup_timeout: float = 60.0,
         public_client_id: str = DEFAULT_PUBLIC_CLIENT_ID,
         device_client_id: str = DEFAULT_DEVICE_CLIENT_ID,
@@ -177,6 +178,7 @@ class DotServer(ServerProcess):
         self.username = username
         self.password = password
         self.bearer_challenge = bearer_challenge
+        self.resource_is_api = resource_is_api
         self.startup_timeout = startup_timeout
         self.public_client_id = public_client_id
         self.device_client_id = device_client_id
@@ -320,6 +322,7 @@ class DotServer(ServerProcess):
             DEMO_PASSWORD=self.password,
             REDIRECT_URIS=" ".join(self.redirect_uris),
             BEARER_CHALLENGE="1" if self.bearer_challenge else "0",
+            RESOURCE_IS_API="1" if self.resource_is_api else "0",
             PYTHONUNBUFFERED="1",
         )
         env.update(self._switch_env())

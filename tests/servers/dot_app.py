@@ -14,7 +14,11 @@ file: settings, urls, views, seeding and the HTTP server, so the tests only need
                       http://127.0.0.1/callback
     EXIT_WITH_PARENT  "0" keeps the server running after its parent exits (default: it exits too)
     BEARER_CHALLENGE  "1": the API answers 401 + WWW-Authenticate (RFC 6750/9728) on a
-                      bad token instead of DOT's default bare 403
+                      bad token instead of DOT's default bare 403; the challenge names DOT's own
+                      RFC 9728 document, /o/.well-known/oauth-protected-resource
+    RESOURCE_IS_API   "1": that document's ``resource`` is the API's URL (DOT's
+                      OAUTH2_PROTECTED_RESOURCE_IDENTIFIER), as RFC 9728 section 3.3 needs for a
+                      client to use it; unset, DOT's default: the URL it is mounted under (<base>/o)
 
 Seeded beside the confidential client (each DOT application has ONE grant type):
     PUBLIC_CLIENT_ID          public authorization-code client, no secret (PKCE; client_id in the body)
@@ -104,6 +108,7 @@ def _flag(name: str, default: bool = False) -> bool:
 
 
 BEARER_CHALLENGE = _flag("BEARER_CHALLENGE")
+RESOURCE_IS_API = _flag("RESOURCE_IS_API")
 ACCESS_LOG = os.path.join(STATE_DIR, "access.log")
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 PUBLIC_CLIENT_ID = os.environ.get("PUBLIC_CLIENT_ID") or "fetch-memos-public"
@@ -725,6 +730,8 @@ def configure_base_url(base_url: str) -> None:
     BASE_URL = base_url
     provider = settings.OAUTH2_PROVIDER
     provider["OAUTH_DEVICE_VERIFICATION_URI"] = f"{base_url}/o/device/"
+    if RESOURCE_IS_API:
+        provider["OAUTH2_PROTECTED_RESOURCE_IDENTIFIER"] = f"{base_url}/api/memos/"
     if DEVICE_URI_COMPLETE:
         provider["OAUTH_DEVICE_VERIFICATION_URI_COMPLETE"] = f"{base_url}/o/device/?user_code={{user_code}}"
     oauth2_settings.reload()

@@ -16,6 +16,8 @@
 //   resource_metadata     the API publishes RFC 9728 metadata and names it in its 401 challenge
 //   challenge_metadata_url the resource_metadata the challenge names instead of the API's own (a mix-up test)
 //   resource_metadata_resource  the `resource` the document names instead of the API's URL (RFC 9728 §3.3 test)
+//   resource_metadata_servers   the `authorization_servers` the document names instead of this issuer (a mix-up
+//                               test: a server whose metadata names another issuer)
 //   registration          "off" | "open" | "token" (RFC 7591; "token": an initial access token is needed)
 //   initial_access_token  the value that "token" registration accepts
 //   step_up_acr           the API answers insufficient_user_authentication (RFC 9470) unless the token's
@@ -469,7 +471,7 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
         ctx.type = 'application/json';
         ctx.body = {
           resource: config.resource_metadata_resource ?? ctx.state.apiUrl,
-          authorization_servers: [issuer],
+          authorization_servers: config.resource_metadata_servers ?? [issuer],
           scopes_supported: ['read'],
           bearer_methods_supported: ['header'],
           dpop_signing_alg_values_supported: DPOP_ALGS,
