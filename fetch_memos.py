@@ -2345,6 +2345,7 @@ def registered_client(settings: Settings, *, register: bool) -> Settings:
 
 RETRY_ATTEMPTS = 2  # extra tries of an idempotent API GET after a connection error or a 502/503/504
 RETRY_BACKOFF = 0.5  # seconds, doubling
+RETRY_STATUSES = (502, 503, 504)  # a gateway's or an overloaded server's: the request may be sent again
 # What one answer may hold, enforced while reading, so that whatever a server sends the run stays under 100 MB.
 MAX_ANSWER_BYTES = 64 * 1024  # a token, device or revocation answer: a few KiB even with JWTs in it
 MAX_API_BYTES = 4 * 1024 * 1024  # the API's JSON (README: Limits); parsed and printed, still far below 100 MB
@@ -3116,7 +3117,7 @@ class MemoSession:
         # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
         # so a refresh and the API call share one TCP connection.
         retry = Retry(total=RETRY_ATTEMPTS, connect=RETRY_ATTEMPTS, read=RETRY_ATTEMPTS, status=RETRY_ATTEMPTS,
-                      other=0, allowed_methods=frozenset({"GET"}), status_forcelist=(502, 503, 504),
+                      other=0, allowed_methods=frozenset({"GET"}), status_forcelist=RETRY_STATUSES,
                       backoff_factor=RETRY_BACKOFF, raise_on_status=False, respect_retry_after_header=False)
         adapter = requests.adapters.HTTPAdapter(max_retries=retry)
         self.oauth.mount("http://", adapter)
@@ -3293,7 +3294,9 @@ class MemoSession:
         """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired.
 
         One budget of RETRY_ATTEMPTS extra tries covers urllib3's retries (connection errors and
-        502/503/504, before the headers arrive) and ours (a body that breaks off after them).
+        502/503/504, before the headers arrive) and ours (a body that breaks off after them). With a DPoP-bound
+        token every retry is ours: urllib3 would resend the same proof, and a resource server may remember the jti
+        of every proof it has seen (RFC 9449 section 11.1), so each try is a new request with a new proof.
         """
         import requests
 
@@ -3301,29 +3304,44 @@ class MemoSession:
             # The session's auth (in place of requests-oauthlib's no-op), not the request's: its auto refresh takes
             # a request's auth away for the refresh request, and the API call after it would go without a proof.
             self.oauth.auth = _dpop_auth_class()(self.dpop)
+        ours = bool(self.dpop)
         adapter = self.oauth.get_adapter(url)
         configured = adapter.max_retries
         spent = 0
+
+        def again() -> bool:
+            """Spend one try of the budget (after its backoff), or say that none is left."""
+            nonlocal spent
+            if spent >= RETRY_ATTEMPTS:
+                return False
+            spent += 1
+            time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
+            return True
+
         try:
             while True:
-                left = RETRY_ATTEMPTS - spent
+                left = 0 if ours else RETRY_ATTEMPTS - spent
                 adapter.max_retries = configured.new(total=left, connect=left, read=left, status=left)
                 try:
                     with _oauthlib_transport(self.settings):
                         # read whole (and bounded) inside: a break in the body is retried too
                         response = self.oauth.get(url, timeout=self.settings.timeout, limit=MAX_API_BYTES)
                     spent += len(response.raw.retries.history) if response.raw.retries else 0
+                    if ours and response.status_code in RETRY_STATUSES and again():
+                        continue
                     break
                 except requests.exceptions.ChunkedEncodingError as exc:
-                    if spent >= RETRY_ATTEMPTS:
+                    if not again():
                         raise request_failed(exc, url, self.settings.timeout) from None
-                    spent += 1
-                    time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
                 except FetchMemosError:
                     raise
                 except requests.exceptions.RetryError:
                     raise fail("api_kept_failing", url=url, tries=RETRY_ATTEMPTS + 1) from None
                 except requests.exceptions.RequestException as exc:
+                    # what urllib3 retries for a Bearer token (connection errors, timeouts), not TLS refusals
+                    retried = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+                    if ours and retried and not isinstance(exc, requests.exceptions.SSLError) and again():
+                        continue
                     raise request_failed(exc, url, self.settings.timeout) from None
         finally:
             adapter.max_retries = configured

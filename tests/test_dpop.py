@@ -171,6 +171,27 @@ def test_first_warm_refresh_status_and_logout(bound: OidcServer, tmp_path: Path)
         never_printed(result, bound)
 
 
+def test_an_api_that_fails_after_seeing_the_proof_gets_a_new_one(bound: OidcServer, tmp_path: Path) -> None:
+    """The API answers 503 after checking a proof (so it remembers its jti): the retry is a new request with a new
+    proof (RFC 9449 section 11.1), which the API accepts: no refresh, no second login, the JSON."""
+    env = dpop_env(bound, tmp_path)
+    assert_json(run(env, person=browser(Person())))
+    bound.api_unavailable(2)
+    mark = bound.log_mark()
+    result = run(env)
+    assert_json(result, quiet=True)
+    records = log_of(bound, mark)
+    assert [(r["kind"], r["status"]) for r in records] == [("api", 503), ("api", 503), ("api", 200)]
+    jtis = [r["dpop_jti"] for r in records]
+    assert None not in jtis and len(set(jtis)) == 3
+    bound.api_unavailable(3)  # the budget: RETRY_ATTEMPTS more tries, then one line
+    mark = bound.log_mark()
+    failed = run(env)
+    assert_fails(failed, 1, "answered 503", only=True)
+    assert [(r["kind"], r["status"]) for r in log_of(bound, mark)] == [("api", 503)] * 3
+    never_printed(result, bound)
+
+
 def test_a_new_authorization_makes_a_new_key(bound: OidcServer, tmp_path: Path) -> None:
     env = dpop_env(bound, tmp_path)
     assert_json(run(env, person=browser(Person())))

@@ -366,3 +366,40 @@ def test_an_api_nonce_demand_is_met_once_and_the_nonce_kept(mock: Any, environ: 
     assert "nonce" not in proofs[0] and proofs[1]["nonce"] == "api-1"
     session.keep_nonces()
     assert TokenStore(settings.token_file).load()[fetch_memos.META_KEY]["dpop"]["nonces"] == {"as": "", "api": "api-1"}
+
+
+@pytest.mark.parametrize("failure", [requests.exceptions.ConnectionError("reset"),
+                                     requests.exceptions.ReadTimeout("slow"),
+                                     requests.exceptions.ChunkedEncodingError("broken body")])
+def test_a_retried_api_call_of_a_bound_grant_carries_a_new_proof(mock: Any, environ: dict[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 failure: Exception) -> None:
+    """RFC 9449 section 11.1: the API may have seen the proof of a request that failed on the way back, and may
+    remember its jti; every retry of a DPoP-bound GET is a new request with a new proof (urllib3 would resend the
+    same one: its retries are off for such a grant), within the one budget of RETRY_ATTEMPTS."""
+    monkeypatch.setattr(fetch_memos, "RETRY_BACKOFF", 0.0)
+    mock.add("GET", API_URL, body=failure)
+    mock.add("GET", API_URL, status=503, json={})
+    mock.add("GET", API_URL, json=[{"id": 1}])
+    session = session_of(settings_of(environ))
+    session.start_grant()
+    session.take_new_token(dpop_token())
+    assert fetch_memos.call_api(session) == [{"id": 1}]
+    jtis = [verify(call.request.headers["DPoP"])[1]["jti"] for call in mock.calls]
+    assert len(jtis) == 1 + fetch_memos.RETRY_ATTEMPTS == len(set(jtis))
+    adapter = session.oauth.get_adapter(API_URL)
+    assert adapter.max_retries.total == fetch_memos.RETRY_ATTEMPTS  # the Bearer budget is back for the next call
+
+
+def test_a_bound_grant_stops_after_the_budget_with_one_line(mock: Any, environ: dict[str, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch_memos, "RETRY_BACKOFF", 0.0)
+    for _ in range(1 + fetch_memos.RETRY_ATTEMPTS):
+        mock.add("GET", API_URL, body=requests.exceptions.ConnectionError("refused"))
+    session = session_of(settings_of(environ))
+    session.start_grant()
+    session.take_new_token(dpop_token())
+    with pytest.raises(fetch_memos.ServerError) as failed:
+        fetch_memos.call_api(session)
+    assert len(mock.calls) == 1 + fetch_memos.RETRY_ATTEMPTS
+    assert str(failed.value) == f"the connection to {API_URL} broke off before an answer arrived."

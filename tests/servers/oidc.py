@@ -564,6 +564,10 @@ class OidcServer:
         """Pretend ``seconds`` passed for every access token; return how many were aged."""
         return int(self._admin("POST", "age_tokens", seconds=int(seconds))["aged"])
 
+    def api_unavailable(self, count: int = 1) -> None:
+        """The API answers 503 to its next ``count`` requests after checking them (a DPoP proof's jti is then seen)."""
+        self._admin("POST", "api_unavailable", count=int(count))
+
     def expire_pushed_requests(self) -> int:
         """Let every pushed authorization request (RFC 9126) expire now, as its 60 s would; return how many."""
         return int(self._admin("POST", "expire_requests")["expired"])

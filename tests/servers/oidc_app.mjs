@@ -30,7 +30,9 @@
 // Names of parameters only for anything secret (tokens, codes, secrets, assertions, proofs, request_uri).
 //
 // Test-only endpoints under /__test__/: POST age_tokens?seconds=N (access tokens expire N s earlier),
-// POST expire_requests (every pushed authorization request expires now), POST reset (forget grants, tokens and sessions), GET tokens (summaries, no token values),
+// POST expire_requests (every pushed authorization request expires now),
+// POST api_unavailable?count=N (the API answers 503 to the next N requests it has checked, DPoP proof included:
+// a resource server that fails after it has seen the proof's jti), POST reset (forget grants, tokens and sessions), GET tokens (summaries, no token values),
 // GET secrets (every secret the server holds, so a test can check none was printed).
 
 import * as crypto from 'node:crypto';
@@ -109,6 +111,7 @@ function apiNonce() {
 }
 
 const seenProofs = new Map(); // jti -> expiry (ms): the API refuses a replayed proof (RFC 9449 §11.1)
+let apiUnavailable = 0; // the API's next this many checked requests get 503 (POST /__test__/api_unavailable)
 
 // acr_values are voluntary (OIDC Core §3.1.2.1): oidc-provider logs nobody in again for them. For the
 // step-up switch a login whose acr is not the one asked for is redone, as a server demanding it would.
@@ -239,6 +242,12 @@ async function memos(ctx, provider) {
   } else if (kind === 'dpop') {
     return challenge(ctx, 'DPoP', 'invalid_token', 'the access token is not DPoP-bound');
   }
+  if (apiUnavailable > 0) {
+    apiUnavailable -= 1;
+    ctx.status = 503;
+    ctx.body = { error: 'temporarily_unavailable' };
+    return;
+  }
   if (!String(token.scope ?? '').split(' ').includes('read')) {
     ctx.status = 403;
     ctx.set('WWW-Authenticate', `${used} error="insufficient_scope", scope="read"`);
@@ -296,6 +305,9 @@ function admin(ctx) {
     const pushed = entries.filter(({ model }) => model === 'PushedAuthorizationRequest');
     for (const { entry } of pushed) entry.expiresAt = 0;
     ctx.body = { expired: pushed.length };
+  } else if (name === 'api_unavailable' && ctx.method === 'POST') {
+    apiUnavailable = Number(ctx.query.count ?? 1);
+    ctx.body = { count: apiUnavailable };
   } else if (name === 'reset' && ctx.method === 'POST') {
     const gone = entries.filter(({ model }) => model !== 'Client');
     for (const { key } of gone) store.delete(key);
