@@ -372,8 +372,10 @@ SETTINGS: dict[str, Setting] = {row.variable: row for row in (
             doc="`auto`: push the authorization request whenever a PAR endpoint is known; `off`: never"),
     Setting("OAUTH_DPOP", "dpop", "--dpop", "0", "set to 1 to ask for DPoP-bound tokens (RFC 9449): a key pair made "
             "when authorizing and kept with the token signs a proof for every token request and API call, so a "
-            "stolen token is useless without the key (needs the cryptography package)", _switch, switch=True,
-            doc="ask for DPoP-bound tokens (RFC 9449), see [DPoP](#dpop)"),
+            "stolen token is useless without the key (needs the cryptography package). Unset, an API whose "
+            "resource metadata requires DPoP (RFC 9728) gets it; 0 turns that off", _switch, switch=True,
+            doc="ask for DPoP-bound tokens (RFC 9449), see [DPoP](#dpop); unset, an API whose resource metadata "
+            "requires them gets them"),
     Setting("MEMOS_API_URL", "api_url", "--api-url", "<server>/api/memos/",
             "the protected JSON API (default {default})", _requested_url),
     Setting("OAUTH_SCOPE", "scope", "--scope", "read", "space-separated scopes to ask for (default {default}; with "
@@ -435,6 +437,7 @@ class Settings(NamedTuple("SettingsFields", [
         ("endpoint_sources", Mapping[str, str]),  # {"token_url": "explicit" | "metadata" | "default", ...}
         ("metadata_fetched_at", "float | None"),
         ("from_api", bool),  # MEMOS_API_URL alone: the issuer comes from its resource metadata (RFC 9728)
+        ("dpop_explicit", bool),  # OAUTH_DPOP was set: an API's resource metadata does not change it
         ("issuer_via", str),  # the resource metadata URL that named the issuer; "" when OAUTH_ISSUER did
         ("registration_url", str),  # the metadata's registration_endpoint (RFC 7591); "" for none
         ("client_registered_at", "float | None"),  # the client id came from our own registration, at this time
@@ -642,6 +645,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         endpoint_sources={row.field: "explicit" if load.given(row.variable) else "default" for row in ENDPOINTS},
         metadata_fetched_at=None,
         from_api=starts_from_api(load),
+        dpop_explicit=bool(load.given("OAUTH_DPOP")),
         issuer_via="",
         registration_url="",
         client_registered_at=None,
@@ -2138,17 +2142,21 @@ def fetch_resource_metadata(settings: Settings) -> dict[str, Any]:
         raise fail("resource_metadata_unusable", url=url, problem=f"names the authorization server "
                    f"{_printable(issuer, 200)}, which is no https URL of an issuer (or plain http to a remote "
                    "host)") from None
-    return {**none, "issuer": issuer, "resource": document["resource"]}
+    # Section 2: an API that always requires DPoP-bound tokens says so; a Bearer token would be refused there.
+    return {**none, "issuer": issuer, "resource": document["resource"],
+            "dpop_required": document.get("dpop_bound_access_tokens_required") is True}
 
 
 def use_resource_metadata(settings: Settings, found: Mapping[str, Any]) -> Settings:
     """Continue as with OAUTH_ISSUER set to the server the API named; its resource is the resource indicator
-    (RFC 8707) unless OAUTH_RESOURCE says otherwise."""
+    (RFC 8707) unless OAUTH_RESOURCE says otherwise, and DPoP is used when the API requires it (RFC 9728 section 2,
+    dpop_bound_access_tokens_required) unless OAUTH_DPOP says otherwise."""
     server = origin_url(found["issuer"])
     defaults = {row.field: row.default.replace("<server>", server) for row in ENDPOINTS
                 if settings.source(row.field) == "default" and row.default}
+    dpop = settings.dpop if settings.dpop_explicit else settings.dpop or found.get("dpop_required") is True
     return settings._replace(**defaults, issuer=found["issuer"], issuer_explicit=True, server_url=server,
-                             resource=settings.resource or found["resource"], issuer_via=found["url"])
+                             resource=settings.resource or found["resource"], issuer_via=found["url"], dpop=dpop)
 
 
 def issuer_named(settings: Settings) -> str:
@@ -2262,7 +2270,8 @@ def registration_request(settings: Settings) -> dict[str, Any]:
     """The client metadata sent to the registration endpoint (RFC 7591 section 3.1)."""
     parts = urlsplit(settings.redirect_uri)
     redirect = parts._replace(netloc=parts.hostname or "").geturl() if parts.port == 0 else settings.redirect_uri
-    return {**REGISTERED_CLIENT, "redirect_uris": [redirect]}
+    dpop = {"dpop_bound_access_tokens": True} if settings.dpop else {}  # RFC 9449 section 5.2
+    return {**REGISTERED_CLIENT, "redirect_uris": [redirect], **dpop}
 
 
 def register_client(settings: Settings) -> dict[str, Any]:
@@ -2824,7 +2833,8 @@ def _int_b64(value: int) -> str:
     return _b64url(value.to_bytes(32, "big"))
 
 
-def dpop_signer(private_jwk: Mapping[str, str] | None = None) -> tuple[dict[str, str], Callable[[bytes], bytes]]:
+def dpop_signer(private_jwk: Mapping[str, str] | None = None,
+                why: str = "OAUTH_DPOP=1") -> tuple[dict[str, str], Callable[[bytes], bytes]]:
     """(the private JWK, ES256 sign) of a new P-256 key, or of the one a grant keeps; the only other use of the
     optional `cryptography` package, imported by DPoP runs alone (RFC 7518 section 3.4: r || s, not DER)."""
     try:
@@ -2832,7 +2842,7 @@ def dpop_signer(private_jwk: Mapping[str, str] | None = None) -> tuple[dict[str,
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
     except ImportError:
-        raise fail("crypto_missing", feature="DPoP (OAUTH_DPOP=1)") from None
+        raise fail("crypto_missing", feature=f"DPoP ({why})") from None
     import base64
 
     if private_jwk is None:
@@ -2898,9 +2908,10 @@ class DPoP:
     def __bool__(self) -> bool:
         return self.jwk is not None
 
-    def new_key(self) -> None:
-        """RFC 9449 section 5: a new authorization, a new key (and no nonce of the old grant's)."""
-        self.jwk, self._sign = dpop_signer()
+    def new_key(self, why: str = "OAUTH_DPOP=1") -> None:
+        """RFC 9449 section 5: a new authorization, a new key (and no nonce of the old grant's); `why` DPoP is used,
+        for the one line that says the package it needs is missing."""
+        self.jwk, self._sign = dpop_signer(why=why)
         self.nonces = dict.fromkeys(self.SERVERS, "")
 
     @property
@@ -3178,7 +3189,8 @@ class MemoSession:
     def start_grant(self) -> None:
         """A new authorization: with OAUTH_DPOP=1 a new key pair (RFC 9449 section 5), else no DPoP."""
         if self.settings.dpop:
-            self.dpop.new_key()
+            self.dpop.new_key("OAUTH_DPOP=1" if self.settings.dpop_explicit else
+                              "the API requires DPoP-bound tokens: its resource metadata says so, RFC 9728")
         else:
             self.dpop.load(None)
 

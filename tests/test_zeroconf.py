@@ -83,6 +83,12 @@ def misnamed(tmp_path_factory: pytest.TempPathFactory, open_api: OidcServer) -> 
                        resource_metadata_servers=(open_api.issuer.replace("127.0.0.1", "localhost"),))
 
 
+@pytest.fixture(scope="module")
+def dpop_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
+    """Open registration; the API takes DPoP-bound tokens only, and its document says so (RFC 9728 section 2)."""
+    yield from _server(tmp_path_factory, "zc-dpop-only", registration="open", api_requires_dpop=True)
+
+
 def api_env(server: OidcServer, folder: Path, **extra: str) -> dict[str, str]:
     """The whole configuration a new user writes: the API's URL (and where the token goes)."""
     return script_env({"MEMOS_API_URL": server.memos_url, "OAUTH_TOKEN_FILE": str(folder / "token.pickle"),
@@ -371,6 +377,28 @@ def test_an_authorization_server_whose_metadata_names_another_issuer_is_refused(
     assert refusal(misnamed, tmp_path) == line  # the refused server's metadata is never cached: refused each run
     assert kinds(misnamed, mark) == []  # the API's document was right, and is cached
     assert {kind for kind, _ in kinds(open_api, theirs)} == {"metadata"}
+
+
+
+def test_an_api_that_requires_dpop_gets_dpop_bound_tokens_unasked(dpop_only: OidcServer, tmp_path: Path) -> None:
+    """The document says dpop_bound_access_tokens_required (RFC 9728 section 2): with OAUTH_DPOP unset the client
+    registers as a DPoP client (RFC 9449 section 5.2), binds its token, and the warm run is one DPoP request."""
+    env = api_env(dpop_only, tmp_path)
+    mark = dpop_only.log_mark()
+    first = run(env, person=browser(Person()))
+    assert_json(first)
+    (registration,) = registrations(dpop_only, mark)
+    assert registration["status"] == 201 and registration["params"]["dpop_bound_access_tokens"] is True
+    exchange = [r for r in log_of(dpop_only, mark, "token") if r["status"] == 200]
+    assert [(r["dpop"], r["response"]["token_type"]) for r in exchange] == [(True, "DPoP")]
+    assert [(r["status"], r["auth"]) for r in log_of(dpop_only, mark, "api")][-1] == (200, "dpop")
+    status = run(env, "--status", tty=False)
+    assert "DPoP:          bound to the key with thumbprint " in status.stdout
+    mark = dpop_only.log_mark()
+    warm = run(env, tty=False)
+    assert_json(warm, quiet=True)
+    assert [(r["kind"], r["status"], r["auth"]) for r in log_of(dpop_only, mark)] == [("api", 200, "dpop")]
+    never_printed(dpop_only, first, status, warm)
 
 
 # -- with issue 16's pieces: a registered client, PAR required, DPoP with nonces ----------------------------------

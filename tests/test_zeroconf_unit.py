@@ -181,6 +181,33 @@ def test_discovery_is_cached_with_the_metadata(mock: Any, environ: dict[str, str
     assert len(mock.calls) == 3
 
 
+@pytest.mark.parametrize(("required", "setting", "dpop"), [
+    (True, None, True),  # RFC 9728 section 2: the API requires DPoP-bound tokens, and OAUTH_DPOP is unset
+    (True, "0", False),  # the person's OAUTH_DPOP=0 is kept
+    (False, None, False), ("yes", None, False),  # only a JSON true counts
+    (False, "1", True),
+])
+def test_an_api_that_requires_dpop_turns_it_on_unless_oauth_dpop_is_set(
+        mock: Any, environ: dict[str, str], required: object, setting: str | None, dpop: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_discovery(mock, document={"resource": API_URL, "authorization_servers": [AS_URL],
+                                    "dpop_bound_access_tokens_required": required})
+    env = {**environ, **({"OAUTH_DPOP": setting} if setting is not None else {})}
+    settings = fetch_memos.resolve_endpoints(settings_of(env))
+    assert settings.dpop is dpop
+    assert fetch_memos.resolve_endpoints(settings_of(env)).dpop is dpop  # from the cache alike
+    assert ("dpop_bound_access_tokens" in fetch_memos.registration_request(settings)) is dpop  # RFC 9449 5.2
+    if dpop and setting is None:
+        session = fetch_memos.MemoSession(settings, fetch_memos.TokenStore(settings.token_file))
+        monkeypatch.setitem(sys.modules, "cryptography", None)
+        for name in [name for name in sys.modules if name.startswith("cryptography.")]:
+            monkeypatch.delitem(sys.modules, name)
+        with pytest.raises(ConfigError) as refused:
+            session.start_grant()
+        assert str(refused.value).startswith("DPoP (the API requires DPoP-bound tokens: its resource metadata says "
+                                             "so, RFC 9728) needs the Python package cryptography")
+
+
 def test_an_api_without_resource_metadata_keeps_todays_defaults_and_is_asked_once(mock: Any,
                                                                                 environ: dict[str, str]) -> None:
     mock.add("GET", API_URL, status=401, headers={"WWW-Authenticate": 'Bearer realm="Doorkeeper"'})

@@ -223,8 +223,9 @@ class OidcServer:
     ``resource_metadata`` (RFC 9728 document and challenge parameter; ``challenge_metadata_url`` /
     ``resource_metadata_resource`` make the challenge name another URL / the document another resource,
     ``resource_metadata_servers`` the document name other authorization servers),
-    ``registration`` ("open" or "token", with ``initial_access_token``), ``step_up_acr`` / ``step_up_max_age``
-    (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node keeps an idle connection
+    ``api_requires_dpop`` (the API refuses unbound tokens; its RFC 9728 document says
+    dpop_bound_access_tokens_required), ``registration`` ("open" or "token", with ``initial_access_token``),
+    ``step_up_acr`` / ``step_up_max_age`` (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node keeps an idle connection
     (None: Node's 5 s, which a client polling every 5-6 s can meet as a reset connection).
     """
 
@@ -249,6 +250,7 @@ class OidcServer:
     challenge_metadata_url: str | None = None  # the challenge names this instead (another origin: a mix-up test)
     resource_metadata_resource: str | None = None  # the document's resource instead of the API's URL (§3.3 test)
     resource_metadata_servers: tuple[str, ...] | None = None  # its authorization_servers instead of the issuer
+    api_requires_dpop: bool = False  # the API takes DPoP-bound tokens only, and its resource metadata says so
     registration: str = "off"
     initial_access_token: str | None = None  # "token" registration without one: a random one
     step_up_acr: str | None = None
@@ -306,6 +308,7 @@ class OidcServer:
             "challenge_metadata_url": self.challenge_metadata_url,
             "resource_metadata_resource": self.resource_metadata_resource,
             "resource_metadata_servers": self.resource_metadata_servers,
+            "api_requires_dpop": self.api_requires_dpop,
             "registration": self.registration,
             "initial_access_token": self.initial_access_token,
             "step_up_acr": self.step_up_acr,

@@ -18,6 +18,8 @@
 //   resource_metadata_resource  the `resource` the document names instead of the API's URL (RFC 9728 §3.3 test)
 //   resource_metadata_servers   the `authorization_servers` the document names instead of this issuer (a mix-up
 //                               test: a server whose metadata names another issuer)
+//   api_requires_dpop     the API refuses tokens that are not DPoP-bound, and its resource metadata says
+//                         dpop_bound_access_tokens_required: true (RFC 9728 §2)
 //   registration          "off" | "open" | "token" (RFC 7591; "token": an initial access token is needed)
 //   initial_access_token  the value that "token" registration accepts
 //   step_up_acr           the API answers insufficient_user_authentication (RFC 9470) unless the token's
@@ -241,6 +243,8 @@ async function memos(ctx, provider) {
     if (problem) return challenge(ctx, 'DPoP', 'invalid_dpop_proof', problem);
   } else if (kind === 'dpop') {
     return challenge(ctx, 'DPoP', 'invalid_token', 'the access token is not DPoP-bound');
+  } else if (config.api_requires_dpop) {
+    return challenge(ctx, 'DPoP', 'invalid_token', 'this API accepts DPoP-bound access tokens only');
   }
   if (apiUnavailable > 0) {
     apiUnavailable -= 1;
@@ -346,6 +350,7 @@ const LOGGED_PARAMS = new Set([
   'scope', 'resource', 'prompt', 'token_type_hint', 'iss', 'client_id', 'response_type', 'redirect_uri', 'state',
   'code_challenge_method', 'error', 'grant_type', 'client_assertion_type', 'acr_values', 'max_age', 'dpop_jkt',
   'client_name', 'application_type', 'token_endpoint_auth_method', 'grant_types', 'response_types', 'redirect_uris',
+  'dpop_bound_access_tokens',
 ]);
 const KINDS = [
   [/^\/auth(\/|$)/, 'authorization'], [/^\/request$/, 'par'], [/^\/token$/, 'token'],
@@ -487,6 +492,7 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
           scopes_supported: ['read'],
           bearer_methods_supported: ['header'],
           dpop_signing_alg_values_supported: DPOP_ALGS,
+          ...(config.api_requires_dpop ? { dpop_bound_access_tokens_required: true } : {}),
         };
       } else if (ctx.path.startsWith('/__test__/')) admin(ctx);
       else if (/^\/interaction\/[^/]+$/.test(ctx.path) && ctx.method === 'POST' && form.prompt === 'login') {
