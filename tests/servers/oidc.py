@@ -225,8 +225,8 @@ class OidcServer:
     ``resource_metadata_servers`` the document name other authorization servers),
     ``api_requires_dpop`` (the API refuses unbound tokens; its RFC 9728 document says
     dpop_bound_access_tokens_required), ``registration`` ("open" or "token", with ``initial_access_token``),
-    ``step_up_acr`` / ``step_up_max_age`` (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node keeps an idle connection
-    (None: Node's 5 s, which a client polling every 5-6 s can meet as a reset connection).
+    ``step_up_acr`` / ``step_up_max_age`` (RFC 9470 challenge from the API). ``keep_alive_timeout``: seconds Node
+    keeps an idle connection (None: Node's 5 s, which a client polling every 5-6 s can meet as a reset connection).
     """
 
     state_dir: Path
