@@ -865,7 +865,6 @@ MESSAGES: dict[str, Message] = {
                                 "OAUTH_TOKEN_URL."),
     "poll_no_token": Message(1, "the token endpoint {url} answered {status} without a token."),
     # -- the API and the commands -----------------------------------------------------------------------------
-    "api_kept_failing": Message(1, "{url} kept failing after {tries} tries; try again later."),
     "api_rejected_token": Message(1, "the API at {url} rejected a freshly refreshed token (401); check MEMOS_API_URL "
                                      "and the server's token settings."),
     "api_forbidden": Message(1, "the API at {url} refused access (403 Forbidden): the account or the token's scope "
@@ -2555,10 +2554,6 @@ def _transport_class() -> type:
                         response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
                 except _DeadlinePassed:
                     raise fail("answer_too_slow", endpoint=endpoint, url=url, timeout=settings.timeout) from None
-                if response.raw.retries and response.raw.retries.history:
-                    # urllib3 retried (a GET: connection error or 502/503/504): the answer is a new request's,
-                    # whose body gets a whole OAUTH_TIMEOUT of its own
-                    deadline = time.monotonic() + settings.timeout
                 if not response.is_redirect:
                     response = read_bounded(response, deadline=deadline, limit=limit, endpoint=endpoint,
                                             timeout=settings.timeout)
@@ -3097,9 +3092,6 @@ class MemoSession:
     """
 
     def __init__(self, settings: Settings, store: TokenStore, token: Mapping[str, Any] | None = None) -> None:
-        import requests
-        from urllib3.util.retry import Retry
-
         self.settings = settings
         self.store = store
         self.oauth: OAuth2Session = _oauth2_session_class()(
@@ -3124,15 +3116,9 @@ class MemoSession:
         self.device_auth = _client_auth_class()(settings, extras=request_extras(settings))  # device authorization
         self.asked_scope: tuple[str, ...] = settings.scope
         self.pushed = False  # the last authorization request went by PAR (RFC 9126)
-        # Idempotent GETs are retried on connection errors and 502/503/504; a token POST never is
-        # (a code is single-use and a refresh token rotates). One adapter keeps one connection pool,
-        # so a refresh and the API call share one TCP connection.
-        retry = Retry(total=RETRY_ATTEMPTS, connect=RETRY_ATTEMPTS, read=RETRY_ATTEMPTS, status=RETRY_ATTEMPTS,
-                      other=0, allowed_methods=frozenset({"GET"}), status_forcelist=RETRY_STATUSES,
-                      backoff_factor=RETRY_BACKOFF, raise_on_status=False, respect_retry_after_header=False)
-        adapter = requests.adapters.HTTPAdapter(max_retries=retry)
-        self.oauth.mount("http://", adapter)
-        self.oauth.mount("https://", adapter)
+        # requests' adapters never retry (urllib3 would resend a prepared request as it is); the API GET is retried
+        # by get() alone, a token POST never (a code is single-use and a refresh token rotates). One adapter per
+        # scheme keeps one connection pool, so a refresh and the API call share one TCP connection.
         self.oauth.headers["User-Agent"] = f"fetch_memos/{__version__}"
         if token is not None:
             self.use(token)
@@ -3305,10 +3291,10 @@ class MemoSession:
     def get(self, url: str) -> requests.Response:
         """GET with the bearer token; requests-oauthlib refreshes first when the token is (nearly) expired.
 
-        One budget of RETRY_ATTEMPTS extra tries covers urllib3's retries (connection errors and
-        502/503/504, before the headers arrive) and ours (a body that breaks off after them). With a DPoP-bound
-        token every retry is ours: urllib3 would resend the same proof, and a resource server may remember the jti
-        of every proof it has seen (RFC 9449 section 11.1), so each try is a new request with a new proof.
+        An idempotent GET is tried again after a connection error, a timeout, a 502/503/504 or a body that breaks
+        off, RETRY_ATTEMPTS times at most, each a new request: urllib3 is never let retry, because it would resend
+        the prepared request as it is, and a DPoP proof must not be sent twice (a resource server may remember the
+        jti of every proof it has seen, RFC 9449 section 11.1).
         """
         import requests
 
@@ -3316,47 +3302,23 @@ class MemoSession:
             # The session's auth (in place of requests-oauthlib's no-op), not the request's: its auto refresh takes
             # a request's auth away for the refresh request, and the API call after it would go without a proof.
             self.oauth.auth = _dpop_auth_class()(self.dpop)
-        ours = bool(self.dpop)
-        adapter = self.oauth.get_adapter(url)
-        configured = adapter.max_retries
-        spent = 0
-
-        def again() -> bool:
-            """Spend one try of the budget (after its backoff), or say that none is left."""
-            nonlocal spent
-            if spent >= RETRY_ATTEMPTS:
-                return False
-            spent += 1
-            time.sleep(RETRY_BACKOFF * 2 ** (spent - 1))
-            return True
-
-        try:
-            while True:
-                left = 0 if ours else RETRY_ATTEMPTS - spent
-                adapter.max_retries = configured.new(total=left, connect=left, read=left, status=left)
-                try:
-                    with _oauthlib_transport(self.settings):
-                        # read whole (and bounded) inside: a break in the body is retried too
-                        response = self.oauth.get(url, timeout=self.settings.timeout, limit=MAX_API_BYTES)
-                    spent += len(response.raw.retries.history) if response.raw.retries else 0
-                    if ours and response.status_code in RETRY_STATUSES and again():
-                        continue
+        for attempt in range(RETRY_ATTEMPTS + 1):
+            last = attempt == RETRY_ATTEMPTS
+            try:
+                with _oauthlib_transport(self.settings):
+                    # read whole (and bounded) inside: a break in the body is retried too
+                    response = self.oauth.get(url, timeout=self.settings.timeout, limit=MAX_API_BYTES)
+                if last or response.status_code not in RETRY_STATUSES:
                     break
-                except requests.exceptions.ChunkedEncodingError as exc:
-                    if not again():
-                        raise request_failed(exc, url, self.settings.timeout) from None
-                except FetchMemosError:
-                    raise
-                except requests.exceptions.RetryError:
-                    raise fail("api_kept_failing", url=url, tries=RETRY_ATTEMPTS + 1) from None
-                except requests.exceptions.RequestException as exc:
-                    # what urllib3 retries for a Bearer token (connection errors, timeouts), not TLS refusals
-                    retried = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
-                    if ours and retried and not isinstance(exc, requests.exceptions.SSLError) and again():
-                        continue
+            except FetchMemosError:
+                raise
+            except requests.exceptions.RequestException as exc:
+                # connection errors and timeouts, not TLS refusals (a certificate does not get better)
+                retryable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                                             requests.exceptions.ChunkedEncodingError))
+                if last or not retryable or isinstance(exc, requests.exceptions.SSLError):
                     raise request_failed(exc, url, self.settings.timeout) from None
-        finally:
-            adapter.max_retries = configured
+            time.sleep(RETRY_BACKOFF * 2 ** attempt)
         log.debug("GET %s -> %s", url, response.status_code)
         return response
 

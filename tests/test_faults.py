@@ -28,7 +28,7 @@ from servers.doorkeeper import DoorkeeperServer
 pytestmark = [pytest.mark.timeout(120), pytest.mark.doorkeeper]
 
 TIMEOUT = 2.0  # OAUTH_TIMEOUT for every run here
-BACKOFF = 0.5 + 1.0  # urllib3 sleeps 0 s before the first retry, then 2 * 0.5 s; generous on purpose
+BACKOFF = 0.5 + 1.0  # the script sleeps 0.5 s before the first retry, then 1.0 s
 STARTUP = 1.5  # a run's own time: interpreter, imports, one or two requests on a 2-core machine
 
 
