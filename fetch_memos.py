@@ -2548,9 +2548,7 @@ def _transport_class() -> type:
             for _hop in range(MAX_REDIRECTS + 2):
                 kwargs["timeout"] = max(deadline - time.monotonic(), 0.001)
                 try:
-                    # A GET's headers are bounded per read: urllib3 retries a GET that timed out, each try a new
-                    # request, which one alarm for the whole call would cut short.
-                    with headers_deadline(deadline) if method != "GET" else contextlib.nullcontext():
+                    with headers_deadline(deadline):  # one call is one request: urllib3 never retries
                         response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
                 except _DeadlinePassed:
                     raise fail("answer_too_slow", endpoint=endpoint, url=url, timeout=settings.timeout) from None

@@ -175,6 +175,21 @@ def test_a_slow_answer_ends_at_the_whole_request_deadline(rig: Client, proxy: fp
     assert same_grant(rig.token(), stored)
 
 
+
+def test_an_api_answer_whose_headers_dribble_ends_at_the_whole_request_deadline(rig: Client,
+                                                                               proxy: fp.FaultProxy) -> None:
+    """The same for a GET, whose status line and headers alone take longer than OAUTH_TIMEOUT, each piece well
+    within it: one line soon after OAUTH_TIMEOUT (not when the headers are finally in), and not retried."""
+    store(rig, proxy.url)
+    proxy.rule = fp.always(fp.SLOW)
+    proxy.slow_chunk, proxy.slow_delay = 16, 1.0  # the API's headers (some 400 bytes) need ~25 s in all
+    result = run(rig, proxy.url)
+    finished = time.monotonic()
+    assert_one_line(result, rig, 1, f"the API {proxy.url}/api/memos/ did not finish answering within "
+                                    f"OAUTH_TIMEOUT={TIMEOUT:g} s; stopped waiting.")
+    assert [(s.method, s.action) for s in proxy.seen] == [("GET", fp.SLOW)]
+    assert finished - proxy.seen[0].t < 2 * TIMEOUT + STARTUP
+
 # --- token requests are never replayed ---------------------------------------------------------------
 
 LOST = [
