@@ -47,30 +47,24 @@ HTTP_STACK = {"requests", "requests_oauthlib", "oauthlib", "urllib3"}
 
 
 @pytest.fixture
-def empty_env_file(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture
-def load(empty_env_file: Path):
-    """load_settings() as main() calls it, with flags, and an empty .env unless one is given."""
+def load(env_file: Path):
+    """load_settings() as main() calls it, with flags, and an empty .env (conftest's env_file) unless one is given."""
+    empty = env_file
 
     def _load(environ: dict[str, str], *flags: str, env_file: Path | None = None) -> fetch_memos.Settings:
-        argv = ["--env-file", str(env_file or empty_env_file), *flags]
+        argv = ["--env-file", str(env_file or empty), *flags]
         return fetch_memos.load_settings(fetch_memos.build_parser().parse_args(argv), environ)
 
     return _load
 
 
 @pytest.fixture
-def run_main(empty_env_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def run_main(env_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """main() with an empty .env and a token file in tmp_path; returns (exit code, stdout, stderr)."""
 
     def _run(environ: dict[str, str], *flags: str) -> tuple[int, str, str]:
         environ = {"OAUTH_TOKEN_FILE": str(tmp_path / "token.pickle"), **environ}
-        code = fetch_memos.main(["--env-file", str(empty_env_file), *flags], environ)
+        code = fetch_memos.main(["--env-file", str(env_file), *flags], environ)
         out, err = capsys.readouterr()
         assert SECRET not in out + err
         return code, out, err
@@ -734,9 +728,9 @@ def test_token_file_that_is_a_directory_is_a_config_error(run_main, tmp_path: Pa
     assert str(folder) in one_line(err)
 
 
-def test_status_and_logout_are_exclusive(capsys, empty_env_file: Path) -> None:
+def test_status_and_logout_are_exclusive(capsys, env_file: Path) -> None:
     with pytest.raises(SystemExit) as exc:
-        fetch_memos.main(["--env-file", str(empty_env_file), "--status", "--logout"], dict(BASE_ENV))
+        fetch_memos.main(["--env-file", str(env_file), "--status", "--logout"], dict(BASE_ENV))
     assert exc.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
 
