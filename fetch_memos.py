@@ -2153,7 +2153,7 @@ def use_resource_metadata(settings: Settings, found: Mapping[str, Any]) -> Setti
     server = origin_url(found["issuer"])
     defaults = {row.field: row.default.replace("<server>", server) for row in ENDPOINTS
                 if settings.source(row.field) == "default" and row.default}
-    dpop = settings.dpop if settings.dpop_explicit else settings.dpop or found.get("dpop_required") is True
+    dpop = settings.dpop if settings.dpop_explicit else found.get("dpop_required") is True
     return settings._replace(**defaults, issuer=found["issuer"], issuer_explicit=True, server_url=server,
                              resource=settings.resource or found["resource"], issuer_via=found["url"], dpop=dpop)
 
